@@ -1,0 +1,188 @@
+"""Every facegen loss, each a small pure tensor function with its equation.
+
+One reduction throughout: sum over pixels / latent dimensions, mean over the batch, so the
+VAE losses (and the negative ELBO) are in nats per image. GAN losses are means over the batch
+of one score per image. Discriminators/critics return raw scores (logits): the sigmoid lives
+inside the BCE losses, never in the network.
+
+    loss                          equation                           source
+    gaussian_nll                  ½ Σ[((x − μ)/σ)² + log 2πσ²]       Kingma & Welling 2014, seed 000
+    kl_divergence                 −½ Σ(1 + log σ² − μ² − σ²)         Kingma & Welling 2014, seed 000
+    mse_recon                     Σ (x − x_hat)²                     seed 003
+    elbo_loss                     recon_scale·recon + kl_weight·KL   seeds 000, 001, 003
+    d_loss, g_loss                BCE on logits, non-saturating G    Goodfellow 2014, seeds 002-004
+    d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), seed 004
+    critic_loss, critic_gen_loss  E[D(x̃)] − E[D(x)];  −E[D(x̃)]     Arjovsky 2017, seed 002
+    gradient_penalty              E[(‖∇D(x̂)‖₂ − 1)²], λ by caller   Gulrajani 2017, seed 002
+
+Weight clipping (WGAN) is a parameter update, not a loss: it lives beside the training loop.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _batch_mean(t):
+    """Sum each sample's terms (every dim but the first), then average over the batch."""
+    return t.flatten(1).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE: reconstruction, KL, ELBO
+# ---------------------------------------------------------------------------------------------
+
+def gaussian_nll(x, mean, obs_std):
+    """Gaussian negative log-likelihood of x under N(mean, σ²I), σ fixed (Kingma & Welling 2014).
+
+        -log p(x|z) = ½ Σ_pixels [ ((x − mean)/σ)² + log 2πσ² ]
+
+    Reduction: sum over C·H·W, mean over the batch (nats per image).
+    σ = obs_std: a float or a tensor broadcastable to x. It is seed 000's "GNLL var" hyperparameter
+    (Wuga's observation std: 0.01, or 0.1 for the VGG model).
+
+    Seed 000 wrote the GNLL as 0.5·Σ(x − ŷ)² / (var² + log var). That is not a likelihood: for
+    var = 0.01 the denominator var² + log var ≈ −4.6 is negative, so minimising it would *reward*
+    reconstruction error. We compute the real Gaussian NLL above, with σ = var.
+    """
+    var = torch.as_tensor(obs_std, dtype=x.dtype, device=x.device) ** 2     # σ²
+    nll = 0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var))
+    return _batch_mean(nll)
+
+
+def kl_divergence(mu, logvar):
+    """KL( N(mu, diag e^logvar) ‖ N(0, I) ) in closed form (Kingma & Welling 2014, appendix B).
+
+        KL = −½ Σ_latents (1 + logvar − mu² − e^logvar)
+
+    Reduction: sum over latent dimensions, mean over the batch. Seed 000 writes the same formula.
+    """
+    return _batch_mean(-0.5 * (1 + logvar - mu ** 2 - logvar.exp()))
+
+
+def mse_recon(x, x_hat):
+    """Squared-error reconstruction loss (seed 003's autoencoder and VAE use MSE).
+
+        L = Σ_pixels (x − x_hat)²
+
+    Reduction: sum over C·H·W, mean over the batch. Up to constants it is gaussian_nll with
+    σ² = ½; nn.MSELoss's default (mean over pixels too) is this divided by C·H·W.
+    """
+    return _batch_mean((x - x_hat) ** 2)
+
+
+def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
+    """Weighted negative ELBO: L = recon_scale · recon + kl_weight · KL.
+
+    With recon = gaussian_nll (at z ~ q(z|x), a one-sample estimate of −E_q[log p(x|z)]) and both
+    weights 1 this is −ELBO = −E_q[log p(x|z)] + KL(q‖p), nats per image: seed 001's
+    "ELBO = E_q[log q(z|x) − log p(z)] − E_q[log p(x|z)]", a loss to minimise.
+    The weights reproduce the seeds' experiments:
+      seed 000 part 2: "KL × 10, GNLL / 100" -> kl_weight=10, recon_scale=0.01 (then kl_weight=50);
+      seed 001: λ·KL with λ = 1e-5 (1e-3 … 1e-6 explored) -> kl_weight=λ;
+      seed 003: MSE + KLD weight 0.1 / 0.01 (0.2 tried) -> recon = mse_recon, kl_weight=w;
+      β-VAE (Higgins et al. 2017) is kl_weight = β.
+    Only weights (1, 1) with the Gaussian NLL give a bound on −log p(x) in nats.
+    """
+    return recon_scale * recon + kl_weight * kl
+
+
+# ---------------------------------------------------------------------------------------------
+# GAN (binary cross-entropy on logits, non-saturating generator)
+# ---------------------------------------------------------------------------------------------
+
+def d_loss(real_logits, fake_logits):
+    """Discriminator BCE (Goodfellow et al. 2014), D(x) = sigmoid(l):
+
+        L_D = −E[log D(x)] − E[log(1 − D(G(z)))]
+            = mean softplus(−l_real) + mean softplus(l_fake)
+
+    i.e. BCE(real → 1) + BCE(fake → 0), each a mean over its batch (seed 004: "the sum of loss
+    for real and fake"). softplus(l) = log(1 + e^l) never forms sigmoid(l), so it stays finite
+    (and so does its gradient) for logits of any size.
+    """
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_loss(fake_logits):
+    """Non-saturating generator loss (Goodfellow et al. 2014, §3):
+
+        L_G = −E[log D(G(z))] = mean softplus(−l_fake)
+
+    Minimising log(1 − D(G(z))) instead (seed 002's slide) saturates: its gradient vanishes
+    when D confidently rejects the fakes. This is BCE(fake → 1), seed 004's "real labels" trick.
+    """
+    return F.softplus(-fake_logits).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Least-squares GAN (seed 004's "MSE" loss)
+# ---------------------------------------------------------------------------------------------
+
+def d_loss_ls(real_out, fake_out):
+    """Least-squares discriminator loss (LSGAN, Mao et al. 2017, with a = 0, b = c = 1):
+
+        L_D = mean (D(x) − 1)² + mean D(G(z))²     on raw scores (no sigmoid)
+
+    Seed 004: "the loss function ... is MSE; discriminator's loss is the sum of loss for real and
+    fake images". The paper's ½ on each term is dropped because the seed sums the two MSEs.
+    """
+    return ((real_out - 1) ** 2).mean() + (fake_out ** 2).mean()
+
+
+def g_loss_ls(fake_out):
+    """Least-squares generator loss (Mao et al. 2017, c = 1): L_G = mean (D(G(z)) − 1)²."""
+    return ((fake_out - 1) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wasserstein GAN (critic with weight clipping, or with gradient penalty)
+# ---------------------------------------------------------------------------------------------
+
+def critic_loss(real_scores, fake_scores):
+    """WGAN critic loss (Arjovsky et al. 2017, Algorithm 1), to minimise:
+
+        L_D = E[D(G(z))] − E[D(x)]     (mean over each batch)
+
+    −L_D estimates the Wasserstein-1 distance when D is 1-Lipschitz (clipping or a penalty).
+    """
+    return fake_scores.mean() - real_scores.mean()
+
+
+def critic_gen_loss(fake_scores):
+    """WGAN generator loss (Arjovsky et al. 2017): L_G = −E[D(G(z))].
+
+    Seed 002's table writes the G objective as +(1/m) Σ D(G(z)); minimising that would push the
+    fakes *away* from what the critic scores as real. We use the paper's sign.
+    """
+    return -fake_scores.mean()
+
+
+def gradient_penalty(critic, real, fake):
+    """WGAN-GP gradient penalty (Gulrajani et al. 2017, Algorithm 1), *without* λ:
+
+        GP = E_x̂[ (‖∇_x̂ D(x̂)‖₂ − 1)² ],   x̂ = ε x + (1 − ε) x̃,   ε ~ U[0, 1]
+
+    ε is drawn once per sample (shape B×1×1×1) and the norm is taken over all C·H·W values of
+    each sample's gradient: a per-pixel norm is a common bug. Mean over the batch. The caller
+    adds λ·GP to critic_loss (λ = 10 in the paper; seed 002 tried 0.5 and 5).
+
+    create_graph=True keeps the penalty differentiable w.r.t. the critic's parameters. fake is
+    detached: the penalty trains the critic only. The per-sample gradient is only meaningful
+    for a critic without BatchNorm (seed 002: samples in a batch must not interact).
+    """
+    eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), dtype=real.dtype, device=real.device)
+    x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    scores = critic(x_hat)
+    # Σ_i D(x̂_i) has gradient ∇D(x̂_i) in row i, since each score depends on its own sample only.
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    grad_norm = grad.flatten(1).norm(2, dim=1)                              # (B,)
+    return ((grad_norm - 1) ** 2).mean()
+
+
+# name (train.py's --gan-loss) -> (discriminator/critic loss, generator loss)
+GAN_LOSSES = {
+    "bce": (d_loss, g_loss),
+    "ls": (d_loss_ls, g_loss_ls),
+    "wasserstein": (critic_loss, critic_gen_loss),
+}

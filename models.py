@@ -1,0 +1,411 @@
+"""Every facegen architecture, the reparameterisation trick and the seeds' weight init.
+
+Reading order: shared pieces (reparameterize, init_weights, conv_stack) -> autoencoders
+(seeds 000, 001, 003) -> GAN generators and discriminators (seeds 002, 004) -> build_model, the
+one constructor that train.py and facegen.py share.
+
+Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size in
+the code is computed from the image size with the conv arithmetic, never typed in.
+"""
+import math
+
+import torch
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# Registry: names, families, seed defaults
+# ---------------------------------------------------------------------------------------------
+
+MODELS = {
+    "vae": "seed 000 part 1-2 (Wuga VAE): 4 conv 5x5 s2 + BN + ReLU, FC+BN -> (mu, logvar), FC -> convT 5x5 decoder",
+    "vae-vgg": "seed 000 part 3: VGG16 conv encoder (13 conv 3x3, BN, max-pool), mirrored upsample+conv decoder",
+    "vae-in": "seed 001: 8 conv + InstanceNorm + ReLU, FC mu/logvar, FC -> 8 convT + IN decoder, 64x48 faces",
+    "ae": "seed 003 baseline: convolutional autoencoder, depth 3, BN + LeakyReLU, no sampling",
+    "vae-lrelu": "seed 003 VAE: 4 conv + 4 convT, BN + LeakyReLU(0.2), FC mu/logvar",
+    "dcgan": "seeds 002/003/004: DCGAN generator + discriminator (arch 'classic' or 'seed002')",
+    "wgan": "seed 002: DCGAN generator + critic (D with BN, raw score), weight clipping",
+    "wgan-gp": "seed 002: DCGAN generator + critic without BatchNorm (critic_norm 'none' or 'layer')",
+    "vaegan": "seed 003: the vae-lrelu net + 5-layer conv discriminator (BN, LeakyReLU)",
+}
+FAMILY = {"vae": "autoencoder", "vae-vgg": "autoencoder", "vae-in": "autoencoder",
+          "ae": "autoencoder", "vae-lrelu": "autoencoder", "dcgan": "adversarial",
+          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan"}
+DEFAULT_LATENT = {"vae": 64, "vae-vgg": 512, "vae-in": 64, "ae": 128, "vae-lrelu": 128,
+                  "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128}
+ARCHS = ("classic", "seed002")
+DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+CRITIC_NORMS = ("none", "layer")
+
+_SIZES = {name: [(64, 64), (32, 32)] for name in MODELS}
+_SIZES["vae-in"] = [(64, 48), (32, 24), (64, 64), (32, 32)]   # seed 001 trains on 64x48 (H x W)
+
+
+def supported_sizes(name):
+    """Image sizes (H, W) that build_model accepts for `name` (each one is tested)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return list(_SIZES[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reparameterisation trick and weight init (exactly one of each)
+# ---------------------------------------------------------------------------------------------
+
+def reparameterize(mu, logvar):
+    """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013).
+
+    Sampling z ~ N(mu, sigma^2) is not differentiable in (mu, sigma); drawing the noise eps
+    separately makes z a deterministic, differentiable function of mu and logvar. Uses the
+    global RNG, so torch.manual_seed makes it reproducible.
+    """
+    eps = torch.randn_like(mu)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def init_weights(module):
+    """Seed 000 (Wuga) and DCGAN init, for `model.apply(init_weights)`.
+
+    Conv, ConvTranspose, Linear:  w ~ N(0, 0.02^2),  b = 0.
+    BatchNorm (1d, 2d):           gamma ~ N(1, 0.02^2),  beta = 0.
+    InstanceNorm / GroupNorm keep PyTorch's gamma = 1, beta = 0: the seeds state the rule for
+    BatchNorm only.
+    """
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def count_params(module):
+    """Number of scalar parameters in `module`."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks: one conv-stack builder that also computes the output shape
+# ---------------------------------------------------------------------------------------------
+
+def _norm(kind, c):
+    """Normalisation over c channels. 'layer' is GroupNorm(1, C): each sample normalised over its
+    own C x H x W with a per-channel affine (the WGAN-GP paper's layer norm), so a sample's
+    output never depends on the rest of the batch and the gradient penalty stays per-sample."""
+    return {"batch": [nn.BatchNorm2d(c)],
+            "instance": [nn.InstanceNorm2d(c, affine=True)],   # affine: learned gamma, beta like BN
+            "layer": [nn.GroupNorm(1, c)],
+            "none": []}[kind]
+
+
+def _act(kind):
+    return {"relu": [nn.ReLU()], "lrelu": [nn.LeakyReLU(0.2)], "tanh": [nn.Tanh()], None: []}[kind]
+
+
+def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_first=True):
+    """Layers [conv -> norm -> act] for every entry of `spec`; returns (nn.Sequential, out shape).
+
+    shape: input (C, H, W). spec entries: (c_out, k, stride, pad) for a conv, or
+    (c_out, k, stride, pad, output_pad) for a transposed conv (transpose=True), or "pool"
+    (2x2 max-pool) / "up" (x2 nearest upsampling). norm_first=False leaves the first conv
+    without normalisation (DCGAN discriminators). Output sizes follow the conv arithmetic:
+        conv:  H' = floor((H + 2p - k) / s) + 1
+        convT: H' = (H - 1) s - 2p + k + output_pad
+    """
+    c, h, w = shape
+    layers, n_conv = [], 0
+    for entry in spec:
+        if entry == "pool":
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+            continue
+        if entry == "up":
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            h, w = 2 * h, 2 * w
+            continue
+        c_out, k, s, p, *op = entry
+        if transpose:
+            op = op[0] if op else 0
+            layers.append(nn.ConvTranspose2d(c, c_out, k, s, p, output_padding=op))
+            h, w = ((n - 1) * s - 2 * p + k + op for n in (h, w))
+        else:
+            layers.append(nn.Conv2d(c, c_out, k, s, p))
+            h, w = ((n + 2 * p - k) // s + 1 for n in (h, w))
+        layers += _norm(norm if (norm_first or n_conv) else "none", c_out) + _act(act)
+        c, n_conv = c_out, n_conv + 1
+    return nn.Sequential(*layers), (c, h, w)
+
+
+def _project(z_dim, shape, norm, act):
+    """z (B, z_dim) -> Linear -> reshape to `shape` (C, H, W) -> norm -> act.
+    The DCGAN 'project and reshape'; the norm is per channel, after the reshape."""
+    return [nn.Linear(z_dim, math.prod(shape)), nn.Unflatten(1, shape)] + _norm(norm, shape[0]) + _act(act)
+
+
+class Generator(nn.Sequential):
+    """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]. GAN generators and VAE decoders."""
+
+    def __init__(self, latent_dim, *layers):
+        super().__init__(*layers)
+        self.latent_dim = latent_dim
+
+
+class Discriminator(nn.Sequential):
+    """x (B, 3, H, W) -> raw score (B,): a logit for the BCE/LS losses, a critic value for the
+    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable)."""
+
+    def forward(self, x):
+        return super().forward(x).reshape(len(x))   # (B, 1, 1, 1) -> (B,)
+
+
+class VAE(nn.Module):
+    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013).
+
+    encoder: x -> flat features; head: features -> [mu, logvar] (B, 2 z), split in half (one
+    Linear to 2z is the same map as seed 001's two Linears for mu and logvar); decoder: a
+    Generator. variational=False is the plain autoencoder: the head outputs the code itself,
+    encode returns (code, None) and forward decodes z = code without sampling.
+    """
+
+    def __init__(self, encoder, head, decoder, variational=True):
+        super().__init__()
+        self.encoder, self.head, self.decoder = encoder, head, decoder
+        self.variational = variational
+        self.latent_dim = decoder.latent_dim
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None)."""
+        h = self.head(self.encoder(x))
+        if not self.variational:
+            return h, None
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z):
+        """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]."""
+        return self.decoder(z)
+
+    def forward(self, x):
+        """x -> (x_hat, mu, logvar); a VAE always samples z = mu + sigma * eps, the AE uses z = mu."""
+        mu, logvar = self.encode(x)
+        z = mu if logvar is None else reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoders
+# ---------------------------------------------------------------------------------------------
+
+def _vae_wuga(size, z):
+    """Seed 000 (Wuga): conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity
+    activation; decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
+    H, W = size
+    enc, (c, h, w) = conv_stack((3, H, W), [
+        (64, 5, 2, 2),      # 64 x 32 x 32
+        (128, 5, 2, 2),     # 128 x 16 x 16
+        (256, 5, 2, 2),     # 256 x 8 x 8
+        (512, 5, 2, 2),     # 512 x 4 x 4
+    ], "batch", "relu")
+    n = c * h * w           # 8192
+    head = nn.Sequential(nn.Linear(n, 2 * z), nn.BatchNorm1d(2 * z))        # [mu, logvar] (2z)
+    start = (256, H // 8, W // 8)                                          # 256 x 8 x 8
+    # output_padding 1 makes a 5x5 s2 p2 convT double exactly (TF 'same' padding in Wuga's code)
+    dec, shape = conv_stack(start, [
+        (256, 5, 2, 2, 1),  # 256 x 16 x 16
+        (128, 5, 2, 2, 1),  # 128 x 32 x 32
+        (32, 5, 2, 2, 1),   # 32 x 64 x 64
+    ], "batch", "relu", transpose=True)
+    out, _ = conv_stack(shape, [(3, 5, 1, 2, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
+    decoder = Generator(z, *_project(z, start, "batch", "relu"), *dec, *out)
+    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
+
+
+def _c3(*channels):
+    """VGG's 3x3 'same' convolutions (stride 1, pad 1) to each of `channels`."""
+    return [(c, 3, 1, 1) for c in channels]
+
+
+def _vae_vgg(size, z):
+    """Seed 000 part 3: VGG16's 13 conv 3x3 in 5 blocks, each block ended by a 2x2 max-pool, as
+    encoder; mirrored decoder of [x2 nearest upsample + 3x3 convs]. The seed shows no norm
+    layers; we add BN after every conv (the seed fought exploding gradients, and BN is what makes
+    a 26-conv net trainable from N(0, 0.02^2) init)."""
+    H, W = size
+    enc, (c, h, w) = conv_stack((3, H, W), [
+        *_c3(64, 64), "pool",           # 64 x 32 x 32
+        *_c3(128, 128), "pool",         # 128 x 16 x 16
+        *_c3(256, 256, 256), "pool",    # 256 x 8 x 8
+        *_c3(512, 512, 512), "pool",    # 512 x 4 x 4
+        *_c3(512, 512, 512), "pool",    # 512 x 2 x 2
+    ], "batch", "relu")
+    head = nn.Linear(c * h * w, 2 * z)                                  # 2048 -> [mu, logvar]
+    dec, shape = conv_stack((c, h, w), [
+        "up", *_c3(512, 512, 512),      # 512 x 4 x 4
+        "up", *_c3(512, 512, 256),      # 256 x 8 x 8
+        "up", *_c3(256, 256, 128),      # 128 x 16 x 16
+        "up", *_c3(128, 64),            # 64 x 32 x 32
+        "up", *_c3(64),                 # 64 x 64 x 64
+    ], "batch", "relu")
+    out, _ = conv_stack(shape, _c3(3), "none", "tanh")                  # 3 x 64 x 64
+    decoder = Generator(z, *_project(z, (c, h, w), "batch", "relu"), *dec, *out)
+    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
+
+
+def _vae_in(size, z):
+    """Seed 001: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar;
+    decoder FC -> reshape -> the mirrored convT stack -> tanh. 32-pixel-high images drop the
+    deepest (256-channel) stage, so 32x24 ends on the same 4x3 grid as 64x48."""
+    H, W = size
+    enc_spec = [
+        (32, 4, 2, 1),      # 32 x 32 x 24
+        (32, 3, 1, 1),      # 32 x 32 x 24
+        (64, 4, 2, 1),      # 64 x 16 x 12
+        (64, 3, 1, 1),      # 64 x 16 x 12
+        (128, 4, 2, 1),     # 128 x 8 x 6
+        (128, 3, 1, 1),     # 128 x 8 x 6
+        (256, 4, 2, 1),     # 256 x 4 x 3
+        (256, 3, 1, 1),     # 256 x 4 x 3
+    ]
+    # seed's Table 2 gives the 256->128 k4 layer stride 1 (4x3 -> 5x4, no doubling); we use stride 2
+    dec_spec = [
+        (256, 3, 1, 1, 0),  # 256 x 4 x 3
+        (128, 4, 2, 1, 0),  # 128 x 8 x 6
+        (128, 3, 1, 1, 0),  # 128 x 8 x 6
+        (64, 4, 2, 1, 0),   # 64 x 16 x 12
+        (64, 3, 1, 1, 0),   # 64 x 16 x 12
+        (32, 4, 2, 1, 0),   # 32 x 32 x 24
+        (32, 3, 1, 1, 0),   # 32 x 32 x 24
+    ]
+    if H < 64:
+        enc_spec, dec_spec = enc_spec[:-2], dec_spec[2:]
+    enc, start = conv_stack((3, H, W), enc_spec, "instance", "relu")    # 256 x 4 x 3
+    head = nn.Linear(math.prod(start), 2 * z)                           # 3072 -> [mu, logvar]
+    dec, shape = conv_stack(start, dec_spec, "instance", "relu", transpose=True)
+    out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 48
+    # seed: "Fully connected layer, Reshape input" with no norm or activation in between
+    decoder = Generator(z, *_project(z, start, "none", None), *dec, *out)
+    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
+
+
+def _conv_ae(size, z, channels, variational):
+    """Seed 003: conv 4x4 s2 p1 + BN + LeakyReLU(0.2) per channel count, a Linear bottleneck
+    (the AE's code, or the VAE's [mu, logvar]), Linear -> reshape + BN + LeakyReLU, then the
+    mirrored convT 4x4 s2 p1 stack -> tanh. Seed 003's figures are not in the text: kernel 4,
+    stride 2, pad 1 (the DCGAN halving layer) and channels 32, 64, ... are our choice."""
+    H, W = size
+    enc, start = conv_stack((3, H, W), [(c, 4, 2, 1) for c in channels],  # vae-lrelu: 32 x 32 x 32,
+                            "batch", "lrelu")                              # ..., 256 x 4 x 4
+    head = nn.Linear(math.prod(start), 2 * z if variational else z)      # 4096 -> [mu, logvar]
+    dec, shape = conv_stack(start, [(c, 4, 2, 1, 0) for c in channels[-2::-1]],  # 128 x 8 x 8,
+                            "batch", "lrelu", transpose=True)                   # ..., 32 x 32 x 32
+    out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
+    decoder = Generator(z, *_project(z, start, "batch", "lrelu"), *dec, *out)
+    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder, variational)
+
+
+AE_CHANNELS = (32, 64, 128)                # depth 3 (seed 003 baseline): 128 x 8 x 8 at 64 px
+VAE_LRELU_CHANNELS = (32, 64, 128, 256)    # 4 conv + 4 convT: 256 x 4 x 4 at 64 px
+
+_AUTOENCODERS = {
+    "vae": _vae_wuga,
+    "vae-vgg": _vae_vgg,
+    "vae-in": _vae_in,
+    "ae": lambda size, z: _conv_ae(size, z, AE_CHANNELS, variational=False),
+    "vae-lrelu": lambda size, z: _conv_ae(size, z, VAE_LRELU_CHANNELS, variational=True),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# GANs: DCGAN generator and discriminator / critic, seed 002 and classic (seed 004) variants
+# ---------------------------------------------------------------------------------------------
+
+def _gan_channels(side):
+    """DCGAN channel plan: 64 maps at side/2, doubling at every halving down to 4 x 4.
+    64 px -> [64, 128, 256, 512]; 32 px -> [64, 128, 256] (one stage fewer)."""
+    return [64 * 2 ** i for i in range(int(math.log2(side)) - 2)]
+
+
+def _generator(side, z, arch):
+    """seed002: z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2 (256, 128, 64, 3) -> tanh.
+    classic (seed 004, Radford et al. 2016): z as z x 1 x 1 -> convT 4x4 s1 p0 -> 512 x 4 x 4,
+    then convT 4x4 s2 p1 up to 3 x 64 x 64, BN + ReLU after all but the last, tanh."""
+    ch = _gan_channels(side)[::-1]                                    # 512, 256, 128, 64
+    if arch == "seed002":
+        head = _project(z, (ch[0], 4, 4), "batch", "relu")           # 512 x 4 x 4
+        body, shape = conv_stack((ch[0], 4, 4), [(c, 5, 2, 2, 1) for c in ch[1:]],
+                                 "batch", "relu", transpose=True)     # 256x8x8, 128x16x16, 64x32x32
+        out, _ = conv_stack(shape, [(3, 5, 2, 2, 1)], "none", "tanh", transpose=True)  # 3 x 64 x 64
+    else:
+        head = [nn.Unflatten(1, (z, 1, 1))]                          # z x 1 x 1
+        body, shape = conv_stack((z, 1, 1), [(ch[0], 4, 1, 0, 0)] + [(c, 4, 2, 1, 0) for c in ch[1:]],
+                                 "batch", "relu", transpose=True)     # 512x4x4, ..., 64x32x32
+        out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
+    return Generator(z, *head, *body, *out)
+
+
+def _discriminator(side, arch, norm):
+    """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
+    layer -> conv 4x4 valid -> 1 x 1 x 1 score. classic: the same with conv 4x4 s2 p1 (5 layers).
+    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample)."""
+    k, p = (5, 2) if arch == "seed002" else (4, 1)
+    body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
+                             norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
+    score, _ = conv_stack(shape, [(1, 4, 1, 0)], "none", None)       # 1 x 1 x 1
+    return Discriminator(*body, *score)
+
+
+# ---------------------------------------------------------------------------------------------
+# build_model: the one constructor train.py and facegen.py share
+# ---------------------------------------------------------------------------------------------
+
+def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None):
+    """Build model `name` for images of `image_size` ((H, W) or an int) with init_weights applied.
+
+    Returns an nn.ModuleDict:
+      autoencoders (vae, vae-vgg, vae-in, ae, vae-lrelu): {"vae": net}
+      dcgan, wgan, wgan-gp:                                {"G": generator, "D": discriminator}
+      vaegan:                                              {"vae": vae-lrelu net, "D": discriminator}
+    latent_dim None -> DEFAULT_LATENT[name]. arch ("classic" | "seed002", None -> DEFAULT_ARCH)
+    applies to dcgan, wgan, wgan-gp only; critic_norm ("none" | "layer", None -> "none") to
+    wgan-gp only; any other model rejects an arch, and a critic_norm other than None/"none".
+    Raises ValueError for an unknown name, unsupported size or bad option.
+    """
+    sizes = supported_sizes(name)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if size not in sizes:
+        got = "x".join(map(str, size))
+        raise ValueError(f"model {name} supports sizes {', '.join(f'{h}x{w}' for h, w in sizes)}; got {got}")
+    z = DEFAULT_LATENT[name] if latent_dim is None else int(latent_dim)
+    if z < 1:
+        raise ValueError(f"latent_dim must be a positive integer; got {latent_dim}")
+    if arch is not None and name not in DEFAULT_ARCH:
+        raise ValueError(f"model {name} has no arch option (only {', '.join(DEFAULT_ARCH)}); got {arch!r}")
+    arch = arch or DEFAULT_ARCH.get(name)
+    if name in DEFAULT_ARCH and arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    critic_norm = critic_norm or "none"
+    if critic_norm not in CRITIC_NORMS or (critic_norm != "none" and name != "wgan-gp"):
+        raise ValueError(f"critic_norm {critic_norm!r}: 'none' or 'layer', and 'layer' only for wgan-gp")
+
+    if FAMILY[name] == "autoencoder":
+        models = {"vae": _AUTOENCODERS[name](size, z)}
+    elif name == "vaegan":
+        # seed 003's D: 5 conv layers, BN, LeakyReLU -- the classic DCGAN discriminator
+        models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z), "D": _discriminator(size[0], "classic", "batch")}
+    else:
+        # seed 002: WGAN-GP removes BatchNorm from the critic (it couples the samples of a batch)
+        norm = critic_norm if name == "wgan-gp" else "batch"
+        models = {"G": _generator(size[0], z, arch), "D": _discriminator(size[0], arch, norm)}
+    models = nn.ModuleDict(models)
+    models.apply(init_weights)
+    return models
+
+
+def generator(models):
+    """The map z (B, latent_dim) -> images (B, 3, H, W) of a built model: VAE decode, or G."""
+    return models["vae"].decode if "vae" in models else models["G"]
+
+
+def latent_dim(models):
+    """Latent size of a built model (what generator(models) expects)."""
+    return (models["vae"] if "vae" in models else models["G"]).latent_dim

@@ -1,0 +1,343 @@
+"""models.py: every architecture at every supported size runs forward and backward with the
+contract's shapes; the seed architectures have the seeds' shapes and parameter counts (checked
+against closed-form counts); reparameterize and init_weights have the right statistics; the
+WGAN-GP critic is per-sample. Small batches, CPU only: the whole file runs in well under a minute."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+import models as M
+from models import (DEFAULT_ARCH, DEFAULT_LATENT, FAMILY, MODELS, build_model, count_params,
+                    generator, init_weights, latent_dim, reparameterize, supported_sizes)
+
+BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _cases():
+    """(name, size, arch, critic_norm) for every model, supported size, arch and critic norm."""
+    for name in MODELS:
+        for size in supported_sizes(name):
+            for arch in (M.ARCHS if name in DEFAULT_ARCH else [None]):
+                for norm in (M.CRITIC_NORMS if name == "wgan-gp" else [None]):
+                    yield pytest.param(name, size, arch, norm,
+                                       id=f"{name}-{size[0]}x{size[1]}-{arch or ''}-{norm or ''}")
+
+
+def _missing_grads(module):
+    return [n for n, p in module.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every model, every supported size: shapes, ranges, gradients reach every parameter
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,size,arch,norm", list(_cases()))
+def test_forward_backward_shapes_and_gradients(name, size, arch, norm):
+    torch.manual_seed(0)
+    B, (H, W) = 2, size
+    models = build_model(name, size, arch=arch, critic_norm=norm)
+    z_dim = latent_dim(models)
+    assert z_dim == DEFAULT_LATENT[name]
+    expected_keys = {"autoencoder": {"vae"}, "vaegan": {"vae", "D"}}.get(FAMILY[name], {"G", "D"})
+    assert set(models.keys()) == expected_keys
+    x = torch.rand(B, 3, H, W) * 2 - 1
+    loss = 0.0
+    if "vae" in models:
+        net = models["vae"]
+        x_hat, mu, logvar = net(x)
+        assert x_hat.shape == (B, 3, H, W) and x_hat.abs().max() <= 1   # tanh output
+        assert mu.shape == (B, z_dim)
+        if name == "ae":
+            assert logvar is None
+        else:
+            assert logvar.shape == (B, z_dim)
+            loss = loss + logvar.sum()
+        loss = loss + (x_hat * torch.randn_like(x_hat)).sum() + mu.sum()
+    if "G" in models:
+        assert models["G"].latent_dim == z_dim
+    x_gen = generator(models)(torch.randn(B, z_dim))
+    assert x_gen.shape == (B, 3, H, W) and x_gen.abs().max() <= 1
+    if "D" in models:
+        d_real, d_fake = models["D"](x), models["D"](x_gen)
+        assert d_real.shape == (B,) and d_fake.shape == (B,)    # raw scores, one per image
+        assert torch.isfinite(d_real).all()
+        loss = loss + d_real.sum() - d_fake.sum()
+    else:
+        loss = loss + x_gen.sum()
+    loss.backward()
+    assert _missing_grads(models) == []
+    print(f"{name} {H}x{W} {arch or ''} {norm or ''}: " +
+          ", ".join(f"{k} {count_params(v):,}" for k, v in models.items()))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unsupported_size_raises_naming_model_sizes_and_size(name):
+    with pytest.raises(ValueError, match=rf"model {re.escape(name)} supports sizes .*64x.*; got 48x40"):
+        build_model(name, (48, 40))
+
+
+def test_bad_names_and_options_raise():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("gan")
+    with pytest.raises(ValueError, match="arch"):
+        build_model("dcgan", 32, arch="stylegan")
+    with pytest.raises(ValueError, match="no arch option"):
+        build_model("vae", 32, arch="classic")
+    with pytest.raises(ValueError, match="critic_norm"):
+        build_model("wgan", 32, critic_norm="layer")
+    with pytest.raises(ValueError, match="critic_norm"):
+        build_model("wgan-gp", 32, critic_norm="batch")
+    with pytest.raises(ValueError, match="latent_dim"):
+        build_model("vae", 32, latent_dim=0)
+
+
+def test_registries_cover_every_model_and_int_size_and_latent_override():
+    assert set(FAMILY) == set(DEFAULT_LATENT) == set(MODELS)
+    assert DEFAULT_ARCH == {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+    assert all((64, 64) in supported_sizes(n) and (32, 32) in supported_sizes(n) for n in MODELS)
+    assert (64, 48) in supported_sizes("vae-in") and (32, 24) in supported_sizes("vae-in")
+    models = build_model("vae-lrelu", 32, latent_dim=16)                 # int size == (32, 32)
+    assert latent_dim(models) == 16 and models["vae"].encode(torch.zeros(2, 3, 32, 32))[0].shape == (2, 16)
+    # default arch: dcgan classic (z reshaped to z x 1 x 1), wgan seed002 (Linear projection)
+    assert isinstance(build_model("dcgan", 32)["G"][0], nn.Unflatten)
+    assert isinstance(build_model("wgan", 32)["G"][0], nn.Linear)
+
+
+def test_vae_samples_but_ae_is_deterministic():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    vae, ae = build_model("vae-lrelu", 32)["vae"], build_model("ae", 32)["vae"]
+    assert not torch.equal(vae(x)[0], vae(x)[0])          # z = mu + sigma * eps, fresh eps
+    assert torch.equal(ae(x)[0], ae(x)[0])                # z = code, no sampling
+    code, none = ae.encode(x)
+    assert none is None and torch.equal(ae(x)[0], ae.decode(code))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed architectures: shapes and closed-form parameter counts
+# ---------------------------------------------------------------------------------------------
+
+def _conv(c_in, c_out, k):          # conv or transposed conv with bias
+    return c_in * c_out * k * k + c_out
+
+
+def _lin(n_in, n_out):
+    return n_in * n_out + n_out
+
+
+def _shape_of(module, x, fn):
+    """Output shape of `module` while `fn(x)` runs (forward hook)."""
+    shapes = []
+    handle = module.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    fn(x)
+    handle.remove()
+    return shapes[0]
+
+
+@pytest.mark.parametrize("z", [64, 512])      # seed 000 part 1 (z 64) and part 2 (z 512)
+def test_seed000_vae_shapes_and_parameter_count(z):
+    net = build_model("vae", (64, 64), latent_dim=z)["vae"]
+    x = torch.zeros(2, 3, 64, 64)
+    assert _shape_of(net.encoder, x, net.encode) == (2, 8192)              # flatten 512 x 4 x 4
+    unflatten = next(m for m in net.decoder if isinstance(m, nn.Unflatten))
+    assert _shape_of(unflatten, torch.zeros(2, z), net.decode) == (2, 256, 8, 8)
+    convs = [m for m in net.encoder if isinstance(m, nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size, m.stride, m.padding) for m in convs] == \
+        [(c, (5, 5), (2, 2), (2, 2)) for c in (64, 128, 256, 512)]
+    assert isinstance(net.head[1], nn.BatchNorm1d) and net.head[1].num_features == 2 * z   # FC.1 + BN
+    convts = [m for m in net.decoder if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.out_channels, m.stride) for m in convts] == [(256, (2, 2)), (128, (2, 2)), (32, (2, 2)), (3, (1, 1))]
+    enc = sum(_conv(a, b, 5) + 2 * b for a, b in [(3, 64), (64, 128), (128, 256), (256, 512)])
+    head = _lin(8192, 2 * z) + 2 * (2 * z)
+    dec = _lin(z, 256 * 8 * 8) + 2 * 256 + \
+        sum(_conv(a, b, 5) + 2 * b for a, b in [(256, 256), (256, 128), (128, 32)]) + _conv(32, 3, 5)
+    print(f"seed-000 vae z={z}: {count_params(net):,} parameters")
+    assert count_params(net) == enc + head + dec
+
+
+def test_dcgan_classic_matches_the_dcgan_paper_count():
+    """Radford et al. G/D at 64 px (pytorch/examples dcgan: G 3,576,704, D 2,765,568 weights
+    without biases); ours keeps conv biases, so add one per output channel."""
+    models = build_model("dcgan", 64, arch="classic")
+    g_w = sum(a * b * 16 for a, b in [(100, 512), (512, 256), (256, 128), (128, 64), (64, 3)]) + 2 * 960
+    d_w = sum(a * b * 16 for a, b in [(3, 64), (64, 128), (128, 256), (256, 512), (512, 1)]) + 2 * 896
+    assert (g_w, d_w) == (3_576_704, 2_765_568)
+    assert count_params(models["G"]) == g_w + 512 + 256 + 128 + 64 + 3
+    assert count_params(models["D"]) == d_w + 64 + 128 + 256 + 512 + 1
+
+
+@pytest.mark.parametrize("arch,side,n_stride2", [("classic", 64, 4), ("classic", 32, 3),
+                                                  ("seed002", 64, 4), ("seed002", 32, 3)])
+def test_gan_layer_plan(arch, side, n_stride2):
+    models = build_model("dcgan", side, arch=arch)
+    k = 5 if arch == "seed002" else 4
+    convts = [m for m in models["G"] if isinstance(m, nn.ConvTranspose2d)]
+    # seed002: Linear + 4 convT 5x5 s2; classic: convT 4x4 s1 (1 -> 4) then 4 convT 4x4 s2
+    assert [m.stride[0] for m in convts] == [1] * (arch == "classic") + [2] * n_stride2
+    assert all(m.kernel_size == (k, k) for m in convts) and convts[-1].out_channels == 3
+    convs = [m for m in models["D"] if isinstance(m, nn.Conv2d)]
+    assert [m.stride[0] for m in convs] == [2] * n_stride2 + [1]
+    assert [m.out_channels for m in convs] == [64 * 2 ** i for i in range(n_stride2)] + [1]
+    assert convs[-1].kernel_size == (4, 4) and convs[-1].padding == (0, 0)
+    assert isinstance(models["D"][1], nn.LeakyReLU) and models["D"][1].negative_slope == 0.2  # no BN first
+
+
+def test_vaegan_discriminator_is_five_conv_bn_lrelu():
+    D = build_model("vaegan", 64)["D"]
+    assert sum(isinstance(m, nn.Conv2d) for m in D) == 5
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D) == 3
+    assert not any(isinstance(m, nn.Sigmoid) for m in D.modules())
+
+
+def test_vae_vgg_is_vgg16():
+    net = build_model("vae-vgg", 32)["vae"]
+    convs = [m for m in net.encoder if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs] == [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    assert all(m.kernel_size == (3, 3) for m in convs)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.encoder) == 5
+    assert sum(isinstance(m, nn.Upsample) for m in net.decoder) == 5
+    assert sum(isinstance(m, nn.Conv2d) for m in net.decoder) == 13
+    assert net.head.in_features == 512 * 1 * 1                    # 32 px: 5 pools -> 1 x 1
+
+
+@pytest.mark.parametrize("size,grid", [((64, 48), (256, 4, 3)), ((32, 24), (128, 4, 3))])
+def test_vae_in_seed001_plan(size, grid):
+    net = build_model("vae-in", size)["vae"]
+    assert _shape_of(net.encoder, torch.zeros(2, 3, *size), net.encode) == (2, math.prod(grid))
+    unflatten = next(m for m in net.decoder if isinstance(m, nn.Unflatten))
+    assert tuple(unflatten.unflattened_size) == grid
+    assert not any(isinstance(m, BN) for m in net.modules())
+    norms = [m for m in net.modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert norms and all(m.affine for m in norms)
+    n_conv = 8 if size[0] == 64 else 6
+    assert sum(isinstance(m, nn.Conv2d) for m in net.encoder) == n_conv
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in net.decoder) == n_conv
+
+
+@pytest.mark.parametrize("name,depth,flat", [("ae", 3, 128 * 8 * 8), ("vae-lrelu", 4, 256 * 4 * 4)])
+def test_seed003_autoencoders(name, depth, flat):
+    net = build_model(name, 64)["vae"]
+    assert [m.stride for m in net.encoder if isinstance(m, nn.Conv2d)] == [(2, 2)] * depth
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in net.decoder) == depth
+    assert all(m.negative_slope == 0.2 for m in net.modules() if isinstance(m, nn.LeakyReLU))
+    assert net.head.in_features == flat
+
+
+# ---------------------------------------------------------------------------------------------
+# reparameterize
+# ---------------------------------------------------------------------------------------------
+
+def test_reparameterize_value_and_gradients_to_mu_and_logvar():
+    mu = torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([[0.0, 1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    z = reparameterize(mu, logvar)
+    torch.manual_seed(3)
+    eps = torch.randn_like(mu)
+    sigma = torch.exp(0.5 * logvar.detach())
+    assert_close(z, mu.detach() + sigma * eps)
+    w = torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64)
+    (w * z).sum().backward()
+    assert_close(mu.grad, w)                                 # dz/dmu = 1
+    assert_close(logvar.grad, w * 0.5 * sigma * eps)         # dz/dlogvar = 0.5 sigma eps
+    assert (logvar.grad != 0).all()
+
+
+def test_reparameterize_moments():
+    n = 200_000
+    mu = torch.tensor([1.5, -2.0, 0.0], dtype=torch.float64).expand(n, 3)
+    logvar = torch.tensor([0.0, math.log(4.0), math.log(0.25)], dtype=torch.float64).expand(n, 3)
+    sigma = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    torch.manual_seed(0)
+    z = reparameterize(mu, logvar)
+    # 5 standard errors: SE(mean) = sigma / sqrt(n), SE(std) ~ sigma / sqrt(2n) for a Gaussian;
+    # a correct sampler fails with probability < 1e-5 whatever the seed, while sigma = exp(logvar)
+    # (std 4 instead of 2) or a dropped mu misses by hundreds of SEs.
+    assert ((z.mean(0) - mu[0]).abs() < 5 * sigma / math.sqrt(n)).all()
+    assert ((z.std(0) - sigma).abs() < 5 * sigma / math.sqrt(2 * n)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# init_weights
+# ---------------------------------------------------------------------------------------------
+
+def _filled(module, value):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
+    return module
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(256, 256, 5), nn.ConvTranspose2d(256, 256, 5), nn.Linear(2048, 1024)])
+def test_init_weights_conv_linear_statistics(layer):
+    _filled(layer, 1.0).apply(init_weights)                 # start far from the target so it can fail
+    w, n = layer.weight, layer.weight.numel()               # ~1.6M / 2.1M weights
+    # mean within 5 SE (0.02 / sqrt(n) ~ 1.6e-5); std within 1 % (SE of std ~ 0.06 %)
+    assert abs(w.mean().item()) < 5 * 0.02 / math.sqrt(n)
+    assert abs(w.std().item() - 0.02) < 0.01 * 0.02
+    assert (layer.bias == 0).all()
+
+
+def test_init_weights_batchnorm_statistics_and_other_norms_default():
+    bn = _filled(nn.BatchNorm2d(8192), 0.5).apply(init_weights)
+    # gamma ~ N(1, 0.02^2) over 8192 channels: mean within 5 SE (1.1e-3), std within 10 % (SE ~0.8 %)
+    assert abs(bn.weight.mean().item() - 1) < 5 * 0.02 / math.sqrt(8192)
+    assert abs(bn.weight.std().item() - 0.02) < 0.1 * 0.02
+    assert (bn.bias == 0).all()
+    bn1 = _filled(nn.BatchNorm1d(4096), 0.5).apply(init_weights)
+    assert abs(bn1.weight.mean().item() - 1) < 0.01 and (bn1.bias == 0).all()
+    # InstanceNorm / GroupNorm: left alone (documented choice: the seeds' rule names BatchNorm only)
+    inorm = _filled(nn.InstanceNorm2d(4, affine=True), 0.5).apply(init_weights)
+    assert (inorm.weight == 0.5).all()
+
+
+def test_build_model_applies_init_weights():
+    torch.manual_seed(0)
+    models = build_model("vae", 64)
+    convs = [m for m in models.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    big = max(convs, key=lambda m: m.weight.numel())         # 256 x 512 x 5 x 5 = 3.3M weights
+    assert abs(big.weight.std().item() - 0.02) < 0.01 * 0.02   # PyTorch's default would be ~0.005
+    assert all((m.bias == 0).all() for m in convs)
+    gammas = torch.cat([m.weight.detach() for m in models.modules() if isinstance(m, BN)])
+    assert abs(gammas.mean().item() - 1) < 0.005 and abs(gammas.std().item() - 0.02) < 0.003
+    assert all((m.bias == 0).all() for m in models.modules() if isinstance(m, BN))
+    inorms = [m for m in build_model("vae-in", (32, 24)).modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in inorms)
+
+
+# ---------------------------------------------------------------------------------------------
+# WGAN-GP critic: no BatchNorm, per-sample outputs (needed for a valid gradient penalty)
+# ---------------------------------------------------------------------------------------------
+
+def _cross_sample_grad(D, x):
+    """|d D(x)_0 / d x_j| summed over the other samples j != 0, in training mode."""
+    D.train()
+    x = x.clone().requires_grad_(True)
+    D(x)[0].backward()
+    return x.grad[1:].abs().sum().item(), x.grad[0].abs().sum().item()
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+@pytest.mark.parametrize("critic_norm", M.CRITIC_NORMS)
+def test_wgan_gp_critic_is_per_sample(arch, critic_norm):
+    torch.manual_seed(0)
+    D = build_model("wgan-gp", 32, arch=arch, critic_norm=critic_norm)["D"]
+    assert not any(isinstance(m, BN) for m in D.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in D.modules()) == (critic_norm == "layer")
+    x = torch.randn(4, 3, 32, 32)
+    other, own = _cross_sample_grad(D, x)
+    assert other == 0 and own > 0
+    assert_close(D(x[:1]), D(x)[:1])                         # alone or in a batch: same score
+
+
+def test_batchnorm_critic_couples_samples():
+    """The check above can fail: the WGAN critic (BN, training mode) mixes the batch."""
+    torch.manual_seed(0)
+    D = build_model("wgan", 32)["D"]
+    assert any(isinstance(m, BN) for m in D.modules())
+    other, _ = _cross_sample_grad(D, torch.randn(4, 3, 32, 32))
+    assert other > 0

@@ -1,0 +1,687 @@
+"""train.py — one command trains every facegen model into a run folder.
+
+    python train.py --model vae                      # seed 000's Wuga VAE on synthetic faces
+    python train.py --model wgan-gp --data anime.zip # seed 002's WGAN-GP on a zip of faces
+    python train.py --resume runs/vae                # continue exactly where it stopped
+
+Reading order: per-model seed defaults -> CLI -> one step per family (autoencoder, GAN, VAE-GAN)
+-> the shared skeleton (data, epochs, logging, pictures, checkpoints) in `train()`.
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import losses
+import models
+
+# -----------------------------------------------------------------------------
+# Seed hyperparameters, one row per --model (SPEC "Models"). A flag given on the command line wins.
+SEED_DEFAULTS = {
+    # seed 000 part 1 (Wuga): GNLL with observation sigma 0.01 + KL, Adam 1e-4, z 64, batch 64, 500 epochs
+    "vae": dict(image_size="64", latent_dim=64, batch_size=64, lr=1e-4, epochs=500,
+                recon="gnll", obs_std=0.01),
+    # seed 000 part 3: VGG16 encoder/decoder, sigma 0.1, lr 1e-5, z 512
+    "vae-vgg": dict(image_size="64", latent_dim=512, batch_size=64, lr=1e-5, epochs=500,
+                    recon="gnll", obs_std=0.1),
+    # seed 001: ELBO = reconstruction + lambda*KL, lambda 1e-5, Adam 1e-3, z 64, random h-flip, 64x48.
+    # The seed's lambdas (1e-3..1e-6) only make sense against a per-pixel *mean* MSE: we use that.
+    "vae-in": dict(image_size="64x48", latent_dim=64, batch_size=64, lr=1e-3, epochs=30,
+                   recon="mse-mean", kl_weight=1e-5, flip=True),
+    # seed 003: autoencoder baseline (MSE), h-flip p=0.5 + colour jitter
+    "ae": dict(image_size="64", latent_dim=128, batch_size=64, lr=1e-3, epochs=50,
+               recon="mse", kl_weight=0.0, flip=True, jitter=0.1),
+    # seed 003: VAE with KLD weight 0.2 / 0.1 / 0.01 relative to a summed MSE (0.1 generated best)
+    "vae-lrelu": dict(image_size="64", latent_dim=128, batch_size=64, lr=1e-3, epochs=50,
+                      recon="mse", kl_weight=0.1, flip=True, jitter=0.1),
+    # seed 002 / 003 / 004: DCGAN, Adam 2e-4 betas (0.5, 0.999), batch 128, BCE (seed 004: --gan-loss ls)
+    "dcgan": dict(image_size="64", latent_dim=100, batch_size=128, lr=2e-4, betas=(0.5, 0.999),
+                  epochs=25, gan_loss="bce", n_critic=1),
+    # seed 002: WGAN, weight clipping 0.01, RMSProp 1e-4 (paper: 5e-5), n_critic 5, batch 128
+    "wgan": dict(image_size="64", latent_dim=100, batch_size=128, lr=1e-4, epochs=50,
+                 optimizer="rmsprop", gan_loss="wasserstein", n_critic=5, clip=0.01),
+    # seed 002: WGAN-GP, lambda 10, n_critic 5 (seed also 2), Adam 1e-4 betas (0, 0.9), batch 128
+    "wgan-gp": dict(image_size="64", latent_dim=100, batch_size=128, lr=1e-4, betas=(0.0, 0.9),
+                    epochs=50, gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
+    # seed 003: VAE-GAN: the seed-003 VAE + a 5-layer D; adversarial + MSE + KLD (0.01)
+    "vaegan": dict(image_size="64", latent_dim=128, batch_size=64, lr=2e-4, betas=(0.5, 0.999),
+                   epochs=50, recon="mse", kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
+}
+COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, recon_scale=1.0,
+                       obs_std=1.0, recon="mse", gan_loss="bce", n_critic=1, clip=0.0,
+                       gp_weight=0.0, flip=False, jitter=0.0, arch=None, critic_norm="none",
+                       seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
+                       amp=False, channels_last=False, compile=False, benchmark=False,
+                       grad_clip=None, checkpoint_every=None, max_steps=None, data=None)
+# Flags that may change on --resume; any other flag must agree with the run's config.json.
+RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
+             "resume", "benchmark", "compile"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def positive(kind):
+    def parse(s):
+        v = kind(s)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        return v
+    return parse
+
+
+def non_negative(s):
+    v = float(s)
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def fraction(s):
+    v = float(s)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return v
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a face VAE or GAN (seeds 000-004). Unset flags take the seed's value "
+                    "for --model (see SEED_DEFAULTS in train.py and the README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--model", choices=sorted(SEED_DEFAULTS), help="what to train (required unless --resume)")
+    g.add_argument("--data", default=None, help="folder or .zip of face images; default: built-in synthetic faces")
+    g.add_argument("--n-synthetic", type=positive(int), default=None, help="how many synthetic faces to draw")
+    g.add_argument("--image-size", default=None, help="int or HxW, e.g. 64 or 64x48 (default: the model's seed size)")
+    g.add_argument("--epochs", type=positive(int), default=None, help="passes over the training set")
+    g.add_argument("--max-steps", type=positive(int), default=None, help="stop after N optimizer steps (generator steps for GANs)")
+    g.add_argument("--batch-size", type=positive(int), default=None, help="global batch size")
+    g.add_argument("--lr", type=positive(float), default=None, help="learning rate (both nets for GANs)")
+    g.add_argument("--latent-dim", type=positive(int), default=None, help="size of z")
+    g.add_argument("--seed", type=int, default=None, help="seeds weights, data split, order and augmentation")
+    g.add_argument("--test-fraction", type=fraction, default=None, help="held-out part of the data (never trains)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
+    g.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
+    g.add_argument("--resume", default=None, help="run folder or checkpoint to continue exactly")
+    g = p.add_argument_group("autoencoders (ae, vae*, vaegan)")
+    g.add_argument("--recon", choices=["gnll", "mse", "mse-mean"], default=None,
+                   help="reconstruction term: Gaussian NLL with --obs-std, summed squared error, or per-pixel mean")
+    g.add_argument("--obs-std", type=positive(float), default=None, help="observation sigma of the Gaussian likelihood (seed 000 'var')")
+    g.add_argument("--kl-weight", type=non_negative, default=None, help="beta / lambda on the KL term (seed 000 part 2: 10 or 50)")
+    g.add_argument("--recon-scale", type=positive(float), default=None, help="factor on the reconstruction term (seed 000 part 2: 0.01 = NLL/100)")
+    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp, vaegan)")
+    g.add_argument("--arch", choices=["classic", "seed002"], default=None, help="DCGAN layout: 5-layer 4x4 (seed 004) or linear + 5x5 (seed 002)")
+    g.add_argument("--critic-norm", choices=["none", "layer"], default=None, help="wgan-gp critic normalisation (no BatchNorm)")
+    g.add_argument("--gan-loss", choices=["bce", "ls", "wasserstein"], default=None, help="bce (non-saturating), ls (seed 004 MSE), wasserstein")
+    g.add_argument("--n-critic", type=positive(int), default=None, help="critic steps per generator step, each on a fresh real batch")
+    g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
+    g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")
+    g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
+    g.add_argument("--beta1", type=float, default=None, help="Adam beta1")
+    g.add_argument("--beta2", type=float, default=None, help="Adam beta2")
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip p=0.5")
+    g.add_argument("--jitter", type=non_negative, default=None, help="colour jitter strength (brightness/contrast/saturation)")
+    g = p.add_argument_group("robustness and logging")
+    g.add_argument("--grad-clip", type=positive(float), default=None, help="clip the global gradient norm (seed 000 part 3's exploding gradients)")
+    g.add_argument("--checkpoint-every", type=positive(int), default=None, help="also write last.pt every N steps (mid-epoch resume)")
+    g.add_argument("--log-every", type=positive(int), default=None, help="steps between progress lines and NaN checks")
+    g.add_argument("--quiet", action="store_true", default=None, help="no progress line, only the per-epoch summary")
+    g = p.add_argument_group("speed")
+    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")
+    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    g.add_argument("--benchmark", action="store_true", default=None, help="time steady-state steps and print images/s, then exit")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill unset flags from the model's seed defaults; returns a plain dict (config.json)."""
+    defaults = dict(COMMON_DEFAULTS, arch=models.DEFAULT_ARCH.get(args.model), **SEED_DEFAULTS[args.model])
+    cfg = {k: v for k, v in vars(args).items() if v is not None}
+    cfg = {**vars(args), **defaults, **cfg}
+    b1, b2 = cfg.pop("beta1", None), cfg.pop("beta2", None)
+    cfg["betas"] = (cfg["betas"][0] if b1 is None else b1, cfg["betas"][1] if b2 is None else b2)
+    cfg["out"] = cfg["out"] or os.path.join("runs", args.model)
+    try:
+        cfg["image_size"] = list(data.parse_size(cfg["image_size"]))
+    except ValueError as e:
+        raise UsageError(str(e))
+    cfg["family"] = models.FAMILY[args.model]
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# One step per family. Each takes the run context and the batches it needs, updates the nets,
+# and returns a dict of detached loss tensors (read back only when logged: no host sync per step).
+
+def reconstruction(cfg, x, x_hat):
+    """The autoencoders' reconstruction term, in nats (gnll) or squared error per image."""
+    if cfg["recon"] == "gnll":
+        return losses.gaussian_nll(x, x_hat, cfg["obs_std"])
+    err = losses.mse_recon(x, x_hat)
+    return err / x[0].numel() if cfg["recon"] == "mse-mean" else err
+
+
+def optimizer_step(run, name, loss):
+    """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped."""
+    opt = run.opt[name]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = None
+    if run.cfg["grad_clip"]:
+        norm = torch.nn.utils.clip_grad_norm_(run.nets[name].parameters(), run.cfg["grad_clip"])
+    opt.step()
+    return norm
+
+
+def autoencoder_step(run, xs):
+    """Maximise the ELBO: loss = recon_scale * recon + beta * KL (AE: beta = 0, no sampling)."""
+    (x,) = xs
+    cfg, vae = run.cfg, run.fwd["vae"]
+    with run.autocast():
+        x_hat, mu, logvar = vae(x)
+    recon = reconstruction(cfg, x, x_hat.float())
+    kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
+    loss = losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
+    norm = optimizer_step(run, "vae", loss)
+    out = {"loss": loss, "recon": recon, "kl": kl}
+    if norm is not None:
+        out["grad_norm"] = norm
+    return out
+
+
+def gan_step(run, xs):
+    """n_critic critic steps, each on a fresh real batch and fresh z, then one generator step.
+
+    DCGAN (bce), LSGAN (ls), WGAN (wasserstein + weight clipping) and WGAN-GP (wasserstein +
+    gradient penalty) differ only in the loss pair from losses.GAN_LOSSES and in --clip/--gp-weight.
+    """
+    cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
+    d_loss_fn, g_loss_fn = losses.GAN_LOSSES[cfg["gan_loss"]]
+    out = {}
+    for x in xs:  # --- D step: maximise log D(x) + log(1 - D(G(z))) (or the critic's E[D(x)] - E[D(G(z))])
+        z = torch.randn(x.shape[0], run.latent_dim, device=x.device)
+        with torch.no_grad(), run.autocast():
+            x_fake = G(z)
+        with run.autocast():
+            d_real, d_fake = D(x).float(), D(x_fake).float()
+        loss_d = d_loss_fn(d_real, d_fake)
+        if cfg["gp_weight"]:
+            gp = losses.gradient_penalty(D, x, x_fake.to(x.dtype))
+            out["gp"] = gp.detach()
+            loss_d = loss_d + cfg["gp_weight"] * gp
+        norm = optimizer_step(run, "D", loss_d)
+        if cfg["clip"]:  # WGAN: w <- clip(w, -c, c) after every critic update (Arjovsky et al., Alg. 1)
+            with torch.no_grad():
+                for p in run.nets["D"].parameters():
+                    p.clamp_(-cfg["clip"], cfg["clip"])
+    # --- G step: maximise log D(G(z)) (non-saturating) or the critic's E[D(G(z))], on fresh z
+    z = torch.randn(xs[-1].shape[0], run.latent_dim, device=xs[-1].device)
+    with run.autocast():
+        d_gen = D(G(z)).float()
+    loss_g = g_loss_fn(d_gen)
+    optimizer_step(run, "G", loss_g)
+    out.update(loss_d=loss_d.detach(), loss_g=loss_g.detach(), **score_stats(cfg, d_real, d_fake))
+    if norm is not None:
+        out["grad_norm"] = norm
+    return out
+
+
+def score_stats(cfg, d_real, d_fake):
+    """What the critic says: D(x), D(G(z)) as probabilities (BCE) or the Wasserstein estimate."""
+    if cfg["gan_loss"] == "wasserstein":
+        return {"wasserstein": (d_real.mean() - d_fake.mean()).detach()}
+    return {"D(x)": torch.sigmoid(d_real).mean().detach(), "D(G(z))": torch.sigmoid(d_fake).mean().detach()}
+
+
+def vaegan_step(run, xs):
+    """Seed 003's VAE-GAN: D sees real x, reconstructions x_hat and decoded noise x_p (BCE);
+    the VAE then minimises adversarial + reconstruction + beta * KL on the same three groups."""
+    (x,) = xs
+    cfg, vae, D = run.cfg, run.fwd["vae"], run.fwd["D"]
+    z_p = torch.randn(x.shape[0], run.latent_dim, device=x.device)
+    with run.autocast():
+        x_hat, mu, logvar = vae(x)
+        x_p = run.nets["vae"].decode(z_p)
+        # --- D step: real -> 1, reconstructions and decoded noise -> 0
+        d_real, d_fake = D(x).float(), D(torch.cat([x_hat, x_p]).detach()).float()
+    loss_d = losses.d_loss(d_real, d_fake)
+    optimizer_step(run, "D", loss_d)
+    # --- VAE step: fool D with x_hat and x_p, reconstruct x, keep q(z|x) near N(0, I)
+    with run.autocast():
+        d_gen = D(torch.cat([x_hat, x_p])).float()
+    recon = reconstruction(cfg, x, x_hat.float())
+    kl = losses.kl_divergence(mu.float(), logvar.float())
+    adv = losses.g_loss(d_gen)
+    loss = adv + losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
+    optimizer_step(run, "vae", loss)
+    return {"loss": loss.detach(), "loss_d": loss_d.detach(), "adv": adv.detach(), "recon": recon.detach(),
+            "kl": kl.detach(), **score_stats(cfg, d_real, d_fake[: x.shape[0]])}
+
+
+STEPS = {"autoencoder": autoencoder_step, "adversarial": gan_step, "wasserstein": gan_step,
+         "vaegan": vaegan_step}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, weights-only, holding everything an exact restart needs.
+
+def save_checkpoint(state, path):
+    """Write to a temp file in the same folder, fsync, then os.replace: a kill at any moment
+    leaves either the old checkpoint or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The one checkpoint loader (train.py --resume and facegen.py). `path` is a checkpoint or a
+    run folder (its last.pt). weights_only=True: a checkpoint can hold tensors and plain
+    containers, never code — one carrying a pickled object is refused, and nothing in it runs."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"refusing to load {path}: not a plain weights-only checkpoint ({first})")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    np.random.set_state(tuple(a.numpy() if torch.is_tensor(a) else a for a in state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Pictures: fixed-noise samples, fixed test reconstructions, the loss curves.
+
+def write_pictures(run, epoch):
+    """Frames of the 'learning fast forward' (seed 000): the same z every epoch; for autoencoders
+    8 fixed test images over their reconstructions (decoded from mu: no sampling noise)."""
+    nets = run.nets
+    was_training = nets.training
+    nets.eval()
+    with torch.no_grad():
+        decode = models.generator(nets)
+        data.save_grid(decode(run.fixed_z).float().cpu(), os.path.join(run.out, "samples", f"epoch_{epoch:03d}.png"))
+        if "vae" in nets:
+            x = run.fixed_x
+            mu, _ = nets["vae"].encode(x)
+            x_hat = nets["vae"].decode(mu)
+            data.save_grid(torch.cat([x, x_hat]).float().cpu(), os.path.join(run.out, "recon", f"epoch_{epoch:03d}.png"),
+                           nrow=x.shape[0])
+    nets.train(was_training)
+
+
+def test_losses(run):
+    """Test-set loss of the autoencoders (eval mode, fixed sampling noise that does not disturb
+    the training RNG, so an interrupted and a straight run stay bitwise equal)."""
+    if "vae" not in run.nets:
+        return {}
+    cfg, vae = run.cfg, run.nets["vae"]
+    vae.eval()
+    totals, n = {}, 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(cfg["seed"])
+        for x in run.test_batches.epoch(0):
+            x_hat, mu, logvar = vae(x)
+            recon = reconstruction(cfg, x, x_hat.float())
+            kl = losses.kl_divergence(mu, logvar) if logvar is not None else torch.zeros((), device=x.device)
+            terms = {"test_loss": losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]),
+                     "test_recon": recon, "test_kl": kl}
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * x.shape[0]
+            n += x.shape[0]
+    vae.train()
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def plot_losses(rows, path, size=(720, 400)):
+    """Loss curves drawn with pillow: one line per column, min-max scaled per panel, with axes,
+    tick labels and a legend (no plotting library: the design card allows torch, numpy, pillow)."""
+    from PIL import Image, ImageDraw
+    keys = [k for k in rows[0] if k not in ("epoch", "step", "images_per_s", "seconds")] if rows else []
+    keys = [k for k in keys if all(r.get(k, "") != "" for r in rows)]
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, W - 150, 20, H - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.text((left + (right - left) // 2 - 15, H - 20), "epoch", fill="black")
+    if not rows or not keys:
+        img.save(path)
+        return
+    ep = [float(r["epoch"]) for r in rows]
+    vals = {k: [float(r[k]) for r in rows] for k in keys}
+    lo = min(min(v) for v in vals.values() if v)
+    hi = max(max(v) for v in vals.values() if v)
+    lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
+    x0, x1 = min(ep), max(ep) if max(ep) > min(ep) else min(ep) + 1
+    px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)
+    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+    for t in range(5):  # y ticks
+        v = lo + (hi - lo) * t / 4
+        d.line([left - 4, py(v), left, py(v)], fill="black")
+        d.text((2, py(v) - 6), f"{v:.3g}", fill="black")
+    for e in sorted(set([x0, x1])):
+        d.text((px(e) - 6, bottom + 4), f"{e:g}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+    for i, k in enumerate(keys):
+        c = colours[i % len(colours)]
+        pts = [(px(e), py(v)) for e, v in zip(ep, vals[k]) if math.isfinite(v)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for p in pts:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.line([right + 10, top + 8 + 16 * i, right + 30, top + 8 + 16 * i], fill=c, width=3)
+        d.text((right + 35, top + 2 + 16 * i), k, fill="black")
+    img.save(path)
+
+
+# -----------------------------------------------------------------------------
+# The shared skeleton.
+
+class Run:
+    """Everything one training run holds: config, nets, optimizers, data, counters."""
+
+    def __init__(self, cfg, resume_state=None):
+        self.cfg = cfg
+        self.out = cfg["out"]
+        want = cfg["device"]
+        if want == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA device is available")
+        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1:
+            if cfg["batch_size"] % self.world:
+                raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {self.world} processes")
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+        size = tuple(cfg["image_size"])
+        # --- nets first: an unsupported image size is refused before any data is decoded
+        torch.manual_seed(cfg["seed"])
+        try:
+            self.nets = models.build_model(cfg["model"], image_size=size, latent_dim=cfg["latent_dim"],
+                                           arch=cfg["arch"], critic_norm=cfg["critic_norm"]).to(self.device)
+        except ValueError as e:
+            raise UsageError(str(e))
+        # --- data: decode once (cached), split 80/20 by seed, iterate on the training device
+        try:
+            images = data.load_images(cfg["data"], size, n_synthetic=cfg["n_synthetic"], seed=cfg["seed"],
+                                      verbose=self.main)
+            train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
+            data.check_enough(len(train_idx), cfg["batch_size"])
+        except data.DataError as e:
+            raise UsageError(str(e))
+        self.batches = data.Batches(images[train_idx], cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
+                                    jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world)
+        test = images[test_idx]
+        self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
+                                         device=self.device, drop_last=False)
+        if cfg["channels_last"]:
+            self.nets = self.nets.to(memory_format=torch.channels_last)
+        self.latent_dim = models.latent_dim(self.nets)
+        self.opt = {k: self.make_optimizer(m.parameters()) for k, m in self.nets.items()}
+        # fixed z and fixed test images for the per-epoch pictures (a private generator)
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        self.fixed_z = torch.randn(64, self.latent_dim, generator=gen).to(self.device)
+        self.fixed_x = next(iter(self.test_batches.epoch(0)))[:8] if len(test) else None
+        # forward callables: DDP-wrapped and/or compiled views of the same nets (state_dicts stay plain)
+        self.fwd = dict(self.nets.items())
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.fwd = {k: DDP(m) for k, m in self.nets.items()}
+        if cfg["compile"]:
+            self.fwd = {k: torch.compile(m) for k, m in self.fwd.items()}
+        self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
+        self.meter, self.meter_n = {}, 0
+        if resume_state is not None:
+            self.load_state(resume_state)
+
+    def make_optimizer(self, params):
+        cfg = self.cfg
+        if cfg["optimizer"] == "rmsprop":
+            return torch.optim.RMSprop(params, lr=cfg["lr"])
+        fused = self.device.type == "cuda"  # one kernel for the whole update; foreach on CPU
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"])
+
+    def state(self):
+        return {"nets": self.nets.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.opt.items()},
+                "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
+                "meter": {k: v.detach().cpu() for k, v in self.meter.items()}, "meter_n": self.meter_n,
+                "rng": rng_state(), "config": self.cfg}
+
+    def load_state(self, st):
+        self.nets.load_state_dict(st["nets"])
+        for k, o in self.opt.items():
+            o.load_state_dict(st["optimizers"][k])
+        self.epoch, self.pos, self.step, self.best = st["epoch"], st["pos"], st["step"], st["best"]
+        self.meter = {k: v.to(self.device) for k, v in st["meter"].items()}
+        self.meter_n = st["meter_n"]
+        set_rng_state(st["rng"])
+
+    def check_finite(self):
+        """NaN/Inf in any accumulated loss or gradient norm: stop before anything is saved."""
+        bad = [k for k, v in self.meter.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at or before step {self.step} "
+                                     f"(epoch {self.epoch + 1}); last good checkpoint kept in {self.out}")
+        for k, m in self.nets.items():
+            if not all(torch.isfinite(p).all() for p in m.parameters()):
+                raise FloatingPointError(f"non-finite weights in {k} at step {self.step}; last good checkpoint kept")
+
+    def checkpoint(self, name="last.pt"):
+        self.check_finite()
+        if self.main:
+            save_checkpoint(self.state(), os.path.join(self.out, name))
+
+
+def prepare_out(out):
+    try:
+        for sub in ("", "samples", "recon"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
+
+
+class Progress:
+    """A progress line that a terminal redraws in place; plain lines every 30 s otherwise."""
+
+    def __init__(self, quiet):
+        self.quiet, self.tty, self.last = quiet, sys.stdout.isatty(), 0.0
+
+    def update(self, text):
+        now = time.time()
+        if self.quiet or (not self.tty and now - self.last < 30):
+            return
+        self.last = now
+        print(("\r" + text[:150].ljust(150)) if self.tty else text, end="" if self.tty else "\n", flush=True)
+
+    def clear(self):
+        if self.tty and not self.quiet:
+            print("\r" + " " * 150 + "\r", end="", flush=True)
+
+
+def fmt(d):
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+def train(run):
+    """The loop every family shares: batches -> family step -> meters -> per-epoch pictures,
+    metrics.csv and checkpoints -> progress.gif. A GAN step takes n_critic batches."""
+    cfg = run.cfg
+    step_fn = STEPS[cfg["family"]]
+    per_step = cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
+    total = cfg["epochs"] * (len(run.batches) // per_step)
+    total = min(total, cfg["max_steps"] or total)
+    metrics_path = os.path.join(run.out, "metrics.csv")
+    rows = read_metrics(metrics_path)
+    progress = Progress(cfg["quiet"] or not run.main)
+    while run.epoch < cfg["epochs"] and run.step < total:
+        t0, n_images, exhausted = time.time(), 0, False
+        it = run.batches.epoch(run.epoch, start=run.pos)
+        while run.step < total:
+            xs = list(itertools.islice(it, per_step))
+            if len(xs) < per_step:
+                exhausted = True
+                break
+            if cfg["channels_last"]:
+                xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+            out = step_fn(run, xs)
+            run.pos, run.step, run.meter_n = run.pos + per_step, run.step + 1, run.meter_n + 1
+            n_images += per_step * cfg["batch_size"]
+            for k, v in out.items():  # device-side sums: nothing is read back per step
+                v = v.detach().float()
+                run.meter[k] = run.meter[k] + v if k in run.meter else v
+            if run.step % cfg["log_every"] == 0:
+                run.check_finite()
+                rate = n_images / max(time.time() - t0, 1e-9)
+                eta = (total - run.step) * per_step * cfg["batch_size"] / max(rate, 1e-9)
+                means = {k: float(v) / run.meter_n for k, v in run.meter.items()}
+                progress.update(f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} "
+                                f"| {rate:.0f} img/s | eta {eta:.0f}s")
+            if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
+                run.checkpoint()
+        exhausted = exhausted or run.pos + per_step > len(run.batches)
+        progress.clear()
+        # --- end of an epoch (or of --max-steps): metrics row, pictures, checkpoints
+        run.check_finite()
+        seconds = time.time() - t0
+        row = {"epoch": run.epoch + 1, "step": run.step}
+        row.update({k: float(v) / max(run.meter_n, 1) for k, v in run.meter.items()})
+        row.update(test_losses(run))
+        row.update(images_per_s=n_images / max(seconds, 1e-9), seconds=seconds)
+        if run.main:
+            rows.append(row)
+            write_metrics(metrics_path, rows)
+            plot_losses(rows, os.path.join(run.out, "loss.png"))
+            write_pictures(run, run.epoch + 1)
+            print(f"epoch {run.epoch + 1}/{cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
+        run.meter, run.meter_n = {}, 0
+        if exhausted:
+            run.epoch, run.pos = run.epoch + 1, 0
+        improved = row.get("test_loss", math.inf) < run.best
+        run.best = min(run.best, row.get("test_loss", math.inf))
+        run.checkpoint("last.pt")
+        if improved:
+            run.checkpoint("best.pt")
+    if run.main:
+        frames = sorted(os.listdir(os.path.join(run.out, "samples")))
+        if frames:
+            data.save_gif([os.path.join(run.out, "samples", f) for f in frames], os.path.join(run.out, "progress.gif"))
+    return rows
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def config_from(args):
+    """Resolve the flags, or on --resume take the run's config and refuse disagreeing flags."""
+    if not args.resume:
+        if not args.model:
+            raise UsageError("--model is required (or --resume a run)")
+        return resolve(args), None
+    state = load_checkpoint(args.resume)
+    saved = state["config"]
+    fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
+    given = {"betas" if k in ("beta1", "beta2") else k for k, v in vars(args).items()
+             if v is not None and k not in RESUMABLE}
+    same = lambda a, b: json.dumps(a) == json.dumps(b)
+    differ = [f"{k} {fresh[k]} (the run has {saved.get(k)})" for k in sorted(given)
+              if not same(fresh[k], saved.get(k))]
+    if differ:
+        raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
+    cfg = dict(saved, resume=args.resume)
+    cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
+    return cfg, state
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg, state = config_from(args)
+        prepare_out(cfg["out"])
+        run = Run(cfg, state)
+        if run.main:
+            with open(os.path.join(run.out, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+        try:
+            train(run)
+        except KeyboardInterrupt:  # Ctrl-C: keep the work, resume later with --resume
+            run.checkpoint()
+            print(f"\ninterrupted at step {run.step}; saved {run.out}/last.pt (resume with --resume {run.out})")
+            return 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"done: {run.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
