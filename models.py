@@ -51,14 +51,15 @@ def supported_sizes(name):
 # Reparameterisation trick and weight init (exactly one of each)
 # ---------------------------------------------------------------------------------------------
 
-def reparameterize(mu, logvar):
+def reparameterize(mu, logvar, eps=None):
     """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013).
 
     Sampling z ~ N(mu, sigma^2) is not differentiable in (mu, sigma); drawing the noise eps
-    separately makes z a deterministic, differentiable function of mu and logvar. Uses the
-    global RNG, so torch.manual_seed makes it reproducible.
+    separately makes z a deterministic, differentiable function of mu and logvar. eps defaults to
+    a draw from the global RNG (torch.manual_seed makes it reproducible); train.py passes its own
+    under DistributedDataParallel so every rank uses its slice of one global draw.
     """
-    eps = torch.randn_like(mu)
+    eps = torch.randn_like(mu) if eps is None else eps
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -185,10 +186,10 @@ class VAE(nn.Module):
         """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]."""
         return self.decoder(z)
 
-    def forward(self, x):
+    def forward(self, x, eps=None):
         """x -> (x_hat, mu, logvar); a VAE always samples z = mu + sigma * eps, the AE uses z = mu."""
         mu, logvar = self.encode(x)
-        z = mu if logvar is None else reparameterize(mu, logvar)
+        z = mu if logvar is None else reparameterize(mu, logvar, eps)
         return self.decode(z), mu, logvar
 
 

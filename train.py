@@ -63,10 +63,10 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        gp_weight=0.0, flip=False, jitter=0.0, arch=None, critic_norm="none",
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=False, compile=False, benchmark=False,
-                       grad_clip=None, checkpoint_every=None, max_steps=None, data=None)
+                       grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None)
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
-             "resume", "benchmark", "compile"}
+             "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last", "fused_adam"}
 
 
 class UsageError(Exception):
@@ -144,7 +144,11 @@ def parse_args(argv=None):
     g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
-    g.add_argument("--benchmark", action="store_true", default=None, help="time steady-state steps and print images/s, then exit")
+    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                   help="one-kernel Adam update (default: on for CUDA)")
+    g.add_argument("--benchmark", action="store_true", default=None,
+                   help="time steady-state steps of the fast path against a plain eager baseline, print images/s and ratios, then exit")
+    g.add_argument("--bench-steps", type=positive(int), default=20, help="timed steps per benchmark variant")
     return p.parse_args(argv)
 
 
@@ -176,16 +180,40 @@ def reconstruction(cfg, x, x_hat):
     return err / x[0].numel() if cfg["recon"] == "mse-mean" else err
 
 
+NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch below
+
+
 def optimizer_step(run, name, loss):
-    """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped."""
-    opt = run.opt[name]
+    """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped.
+
+    NaN/Inf watch with no host sync (nothing is read back per step): kept on the device are the
+    first step at which this update's loss or gradient norm was not finite, and, once per step,
+    the first step at which each running loss term (run.meter) went non-finite.
+    Run.check_finite() reads them back every --log-every steps and before every save, so it
+    names the exact step and term however rarely it runs."""
+    opt, net, clip = run.opt[name], run.nets[name], run.cfg["grad_clip"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = None
-    if run.cfg["grad_clip"]:
-        norm = torch.nn.utils.clip_grad_norm_(run.nets[name].parameters(), run.cfg["grad_clip"])
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        norm = loss.detach().new_zeros(())
+    elif clip:
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)  # only read: the update is unchanged
+    watch = vars(run).setdefault("nonfinite", {"updates": {}, "terms": {}, "at": None})
+    if watch["at"] != run.step and run.meter:  # the meter now holds sums through step run.step
+        watch["at"], keys = run.step, tuple(run.meter)
+        sums = torch.stack([run.meter[k].float().reshape(()) for k in keys])
+        seen = torch.where(torch.isfinite(sums), NEVER, run.step)
+        prev = watch["terms"].get(keys)
+        watch["terms"][keys] = seen if prev is None else torch.minimum(prev, seen)
+    seen = torch.where(torch.isfinite(torch.stack([loss.detach().float().reshape(()), norm.float()])),
+                       NEVER, run.step + 1)  # [loss, gradient] of the step being taken
+    prev = watch["updates"].get(name)
+    watch["updates"][name] = seen if prev is None else torch.minimum(prev, seen)
     opt.step()
-    return norm
+    return norm if clip else None
 
 
 def autoencoder_step(run, xs):
@@ -193,7 +221,7 @@ def autoencoder_step(run, xs):
     (x,) = xs
     cfg, vae = run.cfg, run.fwd["vae"]
     with run.autocast():
-        x_hat, mu, logvar = vae(x)
+        x_hat, mu, logvar = vae(x, run.noise(x.shape[0]))
     recon = reconstruction(cfg, x, x_hat.float())
     kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
     loss = losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
@@ -214,7 +242,7 @@ def gan_step(run, xs):
     d_loss_fn, g_loss_fn = losses.GAN_LOSSES[cfg["gan_loss"]]
     out = {}
     for x in xs:  # --- D step: maximise log D(x) + log(1 - D(G(z))) (or the critic's E[D(x)] - E[D(G(z))])
-        z = torch.randn(x.shape[0], run.latent_dim, device=x.device)
+        z = run.noise(x.shape[0])
         with torch.no_grad(), run.autocast():
             x_fake = G(z)
         with run.autocast():
@@ -230,7 +258,7 @@ def gan_step(run, xs):
                 for p in run.nets["D"].parameters():
                     p.clamp_(-cfg["clip"], cfg["clip"])
     # --- G step: maximise log D(G(z)) (non-saturating) or the critic's E[D(G(z))], on fresh z
-    z = torch.randn(xs[-1].shape[0], run.latent_dim, device=xs[-1].device)
+    z = run.noise(xs[-1].shape[0])
     with run.autocast():
         d_gen = D(G(z)).float()
     loss_g = g_loss_fn(d_gen)
@@ -253,9 +281,9 @@ def vaegan_step(run, xs):
     the VAE then minimises adversarial + reconstruction + beta * KL on the same three groups."""
     (x,) = xs
     cfg, vae, D = run.cfg, run.fwd["vae"], run.fwd["D"]
-    z_p = torch.randn(x.shape[0], run.latent_dim, device=x.device)
+    z_p = run.noise(x.shape[0])
     with run.autocast():
-        x_hat, mu, logvar = vae(x)
+        x_hat, mu, logvar = vae(x, run.noise(x.shape[0]))
         x_p = run.nets["vae"].decode(z_p)
         # --- D step: real -> 1, reconstructions and decoded noise -> 0
         d_real, d_fake = D(x).float(), D(torch.cat([x_hat, x_p]).detach()).float()
@@ -281,8 +309,11 @@ STEPS = {"autoencoder": autoencoder_step, "adversarial": gan_step, "wasserstein"
 # Checkpoints: atomic, weights-only, holding everything an exact restart needs.
 
 def save_checkpoint(state, path):
-    """Write to a temp file in the same folder, fsync, then os.replace: a kill at any moment
-    leaves either the old checkpoint or the new one, never half of one."""
+    """Write to a temp file in the same folder, flush and fsync it, os.replace it over `path`,
+    then fsync the folder: a kill or a power cut at any moment leaves the old checkpoint or the
+    new one, never half of one. If writing fails (disk full, ...) the temp file is removed, the
+    old checkpoint is untouched, and an OSError says so. A SIGKILL can still leave a temp file
+    behind: prepare_out() sweeps those when the run starts again."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
@@ -290,26 +321,56 @@ def save_checkpoint(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the mode any other output file gets
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise OSError(f"could not write the checkpoint {path} ({e.strerror or e}); "
+                          f"the previous one is unchanged") from e
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
 
 
 def load_checkpoint(path, map_location="cpu"):
     """The one checkpoint loader (train.py --resume and facegen.py). `path` is a checkpoint or a
     run folder (its last.pt). weights_only=True: a checkpoint can hold tensors and plain
-    containers, never code — one carrying a pickled object is refused, and nothing in it runs."""
+    containers, never code -- one carrying a pickled object is refused, and nothing in it runs.
+    Every problem is a UsageError (one line, exit code 2)."""
+    import pickle
+    import re
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
+        if not os.path.isfile(path):
+            raise UsageError(f"no checkpoint at {path}: the run stopped before its first checkpoint "
+                             f"(start it again without --resume)")
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"refusing to load {path}: not a plain weights-only checkpoint ({first})")
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met a global (code or a class)
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise UsageError(f"refusing to load {path}: it carries pickled code or objects "
+                         f"({found.group(1) if found else 'not plain tensors and containers'}), which a "
+                         f"facegen checkpoint never does; nothing in it was run")
+    except Exception as e:  # a damaged, truncated or foreign file
+        raise UsageError(f"cannot read the checkpoint {path}: damaged, truncated or not a PyTorch "
+                         f"checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    if not (isinstance(state, dict) and {"nets", "config"} <= state.keys()):
+        raise UsageError(f"{path} is not a facegen checkpoint (it has no nets and config)")
+    return state
 
 
 def rng_state():
@@ -433,7 +494,8 @@ class Run:
         if self.world > 1:
             if cfg["batch_size"] % self.world:
                 raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {self.world} processes")
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
@@ -449,7 +511,7 @@ class Run:
         # --- data: decode once (cached), split 80/20 by seed, iterate on the training device
         try:
             images = data.load_images(cfg["data"], size, n_synthetic=cfg["n_synthetic"], seed=cfg["seed"],
-                                      verbose=self.main)
+                                      verbose=self.main and not cfg["benchmark"])
             train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
             data.check_enough(len(train_idx), cfg["batch_size"])
         except data.DataError as e:
@@ -461,6 +523,8 @@ class Run:
                                          device=self.device, drop_last=False)
         if cfg["channels_last"]:
             self.nets = self.nets.to(memory_format=torch.channels_last)
+        if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
+            self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)  # (CPU/gloo has no SyncBatchNorm)
         self.latent_dim = models.latent_dim(self.nets)
         self.opt = {k: self.make_optimizer(m.parameters()) for k, m in self.nets.items()}
         # fixed z and fixed test images for the per-epoch pictures (a private generator)
@@ -479,12 +543,18 @@ class Run:
         if resume_state is not None:
             self.load_state(resume_state)
 
+    def noise(self, n):
+        """n draws of N(0, I) in latent space: this rank's slice of one draw for the global batch,
+        so N processes see exactly the noise one process would (and 1 process: plain randn)."""
+        eps = torch.randn(n * self.world, self.latent_dim, device=self.device)
+        return eps[self.rank * n:(self.rank + 1) * n]
+
     def make_optimizer(self, params):
         cfg = self.cfg
         if cfg["optimizer"] == "rmsprop":
             return torch.optim.RMSprop(params, lr=cfg["lr"])
-        fused = self.device.type == "cuda"  # one kernel for the whole update; foreach on CPU
-        return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused)
+        fused = cfg["fused_adam"] if cfg["fused_adam"] is not None else self.device.type == "cuda"
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused or None)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"])
@@ -505,14 +575,39 @@ class Run:
         set_rng_state(st["rng"])
 
     def check_finite(self):
-        """NaN/Inf in any accumulated loss or gradient norm: stop before anything is saved."""
-        bad = [k for k, v in self.meter.items() if not torch.isfinite(v).all()]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} at or before step {self.step} "
-                                     f"(epoch {self.epoch + 1}); last good checkpoint kept in {self.out}")
-        for k, m in self.nets.items():
-            if not all(torch.isfinite(p).all() for p in m.parameters()):
-                raise FloatingPointError(f"non-finite weights in {k} at step {self.step}; last good checkpoint kept")
+        """Stop at the first NaN/Inf in a loss term, a loss or a gradient, before anything is saved:
+        reads back what optimizer_step recorded on the device (the exact first step), then checks
+        every weight and buffer. Raises FloatingPointError naming the step and the terms."""
+        watch = vars(self).get("nonfinite") or {"updates": {}, "terms": {}}
+        terms, updates = {}, {}  # term -> first non-finite step; "vae loss"/"D gradient" -> step
+        for keys, rec in watch["terms"].items():
+            for k, s in zip(keys, rec.tolist()):
+                if s < NEVER:
+                    terms[k] = min(s, terms.get(k, s))
+        for k, v in self.meter.items():  # sums through this step, not yet recorded
+            if k not in terms and not torch.isfinite(v).all():
+                terms[k] = self.step
+        for name, rec in watch["updates"].items():
+            for kind, s in zip(("loss", "gradient"), rec.tolist()):
+                if s < NEVER:
+                    updates[f"{name} {kind}"] = s
+        kept = os.path.join(self.out, "last.pt")
+        kept = (f"{kept} still holds the last good checkpoint" if os.path.exists(kept)
+                else "no checkpoint had been written yet")
+        if terms or updates:
+            step = min([*terms.values(), *updates.values()])
+            what = [k for k, s in terms.items() if s == step]
+            where = [u for u, s in updates.items() if s == step]
+            detail = ", ".join(what) + (f" ({', '.join(where)} not finite)" if what and where else "")
+            raise FloatingPointError(
+                f"NaN/Inf in {detail or ', '.join(where)} at step {step} (epoch {self.epoch + 1}); "
+                f"training stopped and nothing non-finite was saved: {kept}. "
+                f"Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
+        for name, m in self.nets.items():
+            ts = [t for t in m.state_dict().values() if t.is_floating_point()]
+            if ts and not torch.stack([torch.isfinite(t).all() for t in ts]).all():
+                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step} "
+                                         f"(epoch {self.epoch + 1}); nothing non-finite was saved: {kept}")
 
     def checkpoint(self, name="last.pt"):
         self.check_finite()
@@ -520,14 +615,22 @@ class Run:
             save_checkpoint(self.state(), os.path.join(self.out, name))
 
 
-def prepare_out(out):
+def prepare_out(out, fresh=False):
+    """Create the run folder (with samples/ and recon/), prove it writable, and sweep the temp
+    files of a checkpoint write that a kill interrupted. A fresh run (fresh=True: not --resume)
+    refuses a folder that already holds a run's last.pt: a run is never overwritten."""
+    if fresh and os.path.isfile(os.path.join(out, "last.pt")):
+        raise UsageError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
+                         f"or train into another --out (or delete the folder)")
     try:
         for sub in ("", "samples", "recon"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):  # per process: DDP ranks race
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 ever writes checkpoints
+            for name in os.listdir(out):
+                if name.startswith(".tmp-") and name.endswith(".pt"):
+                    os.remove(os.path.join(out, name))
     except OSError as e:
         raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
 
@@ -554,12 +657,17 @@ def fmt(d):
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
 
 
+def steps_per_update(cfg):
+    """Batches one optimizer step consumes: n_critic for GANs (a fresh real batch per critic step)."""
+    return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
+
+
 def train(run):
     """The loop every family shares: batches -> family step -> meters -> per-epoch pictures,
     metrics.csv and checkpoints -> progress.gif. A GAN step takes n_critic batches."""
     cfg = run.cfg
     step_fn = STEPS[cfg["family"]]
-    per_step = cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
+    per_step = steps_per_update(cfg)
     total = cfg["epochs"] * (len(run.batches) // per_step)
     total = min(total, cfg["max_steps"] or total)
     metrics_path = os.path.join(run.out, "metrics.csv")
@@ -620,6 +728,87 @@ def train(run):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# --benchmark: steady-state images/s of each speed switch against a plain eager baseline.
+
+BENCH_VARIANTS = [  # each row adds one switch to the best configuration so far
+    ("baseline: eager fp32 NCHW, DataLoader + host augmentation, loss read every step",
+     dict(plain=True, channels_last=False, amp=False, compile=False, fused_adam=False)),
+    ("+ uint8 data resident on the device, augmentation there, no per-step sync", dict(plain=False)),
+    ("+ channels_last (NHWC)", dict(channels_last=True)),
+    ("+ fused Adam", dict(fused_adam=True)),
+    ("+ bf16 autocast (--amp)", dict(amp=True)),
+    ("+ torch.compile (--compile)", dict(compile=True)),
+]
+
+
+def plain_batches(run, cfg):
+    """The baseline's data path: a DataLoader over the uint8 images on the host, scaled and
+    augmented per batch on the host, then copied to the device (as most training scripts do)."""
+    images = run.batches.images.cpu()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=cfg["batch_size"],
+                                         shuffle=True, drop_last=True)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    while True:
+        for (x,) in loader:
+            x = data.augment(x.float() / 127.5 - 1, gen, flip=cfg["flip"], jitter=cfg["jitter"])
+            yield x.to(run.device)
+
+
+def time_variant(cfg, warmup=3):
+    """images/s over --bench-steps steps after `warmup` steps, timed with device synchronisation."""
+    run = Run(cfg)
+    step_fn, per_step = STEPS[cfg["family"]], steps_per_update(cfg)
+    source = plain_batches(run, cfg) if cfg["plain"] else \
+        itertools.chain.from_iterable(run.batches.epoch(e) for e in itertools.count())
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+
+    def one():
+        xs = [next(source) for _ in range(per_step)]
+        if cfg["channels_last"]:
+            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+        out = step_fn(run, xs)
+        if cfg["plain"]:
+            float(next(iter(out.values())))  # a plain loop prints loss.item() every step
+
+    for _ in range(warmup):
+        one()
+    sync()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(cfg["bench_steps"]):
+        one()
+    sync()
+    rate = cfg["bench_steps"] * per_step * cfg["batch_size"] / (time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None
+    return rate, peak
+
+
+def benchmark(cfg):
+    """Print a table: each switch's images/s and its ratio to the baseline; a switch that does
+    not pay (ratio to the best so far < 1.02) is dropped from the rows below it."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("--benchmark runs in one process; benchmark DDP by timing a torchrun --max-steps run")
+    rows = [v for v in BENCH_VARIANTS if not v[1].get("compile") or cfg["compile"]]
+    best, base, best_rate = dict(cfg), None, 0.0
+    print(f"benchmark {cfg['model']} {cfg['image_size'][0]}x{cfg['image_size'][1]} batch {cfg['batch_size']}, "
+          f"{cfg['bench_steps']} timed steps per row, device {cfg['device']}")
+    for label, change in rows:
+        trial = dict(best, **change)
+        rate, peak = time_variant(trial)
+        base = base or rate
+        kept = rate > 1.02 * best_rate
+        if kept:
+            best, best_rate = trial, rate
+        mem = f"  peak {peak:.2f} GiB" if peak is not None else ""
+        print(f"{rate:10.1f} img/s  {rate / base:5.2f}x  {'kept   ' if kept else 'dropped'}  {label}{mem}", flush=True)
+    switches = [k for k in ("channels_last", "fused_adam", "amp", "compile") if best[k]]
+    print(f"fast path: {best_rate:.1f} img/s = {best_rate / base:.2f}x the baseline "
+          f"(resident data{''.join(', ' + k for k in switches)})")
+    return base, best_rate
+
+
 def read_metrics(path):
     if not os.path.exists(path):
         return []
@@ -662,7 +851,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, state = config_from(args)
-        prepare_out(cfg["out"])
+        if cfg["benchmark"]:
+            benchmark(dict(cfg, plain=False))
+            return 0
+        prepare_out(cfg["out"], fresh=not cfg.get("resume"))
         run = Run(cfg, state)
         if run.main:
             with open(os.path.join(run.out, "config.json"), "w") as f:
@@ -673,12 +865,25 @@ def main(argv=None):
             run.checkpoint()
             print(f"\ninterrupted at step {run.step}; saved {run.out}/last.pt (resume with --resume {run.out})")
             return 130
+    # Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
+    # Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt.
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        out = (locals().get("cfg") or {}).get("out")
+        hint = f"; fix it, then continue with --resume {out}" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C while saving
+        print("\ninterrupted; nothing more was saved", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     print(f"done: {run.out}")
     return 0
 
