@@ -1,0 +1,422 @@
+"""facegen.py: every command writes the picture it promises, refusals are one clear line, and the
+metrics agree with closed forms (a linear-Gaussian VAE, shifted image sets, exact copies).
+One tiny VAE and one tiny DCGAN run are trained once for the whole module (32x32, CPU)."""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import facegen
+import train
+
+H = W = 32
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--image-size", "32", "--n-synthetic", "64", "--batch-size", "16", "--quiet"]
+    assert train.main(["--model", "vae", "--epochs", "1", "--out", str(root / "vae"), *common]) == 0
+    assert train.main(["--model", "dcgan", "--epochs", "2", "--out", str(root / "dcgan"), *common]) == 0
+    return {"vae": root / "vae", "dcgan": root / "dcgan"}
+
+
+def grid_size(n, nrow, h=H, w=W, pad=2):
+    """(width, height) of data.make_grid's picture: min(nrow, n) columns, ceil(n / ncol) rows."""
+    ncol = min(nrow, n)
+    return ncol * (w + pad) + pad, -(-n // ncol) * (h + pad) + pad
+
+
+def tiles(path, rows, cols, h=H, w=W, pad=2):
+    """The grid at `path` cut back into its images: uint8 (rows, cols, h, w, 3)."""
+    a = np.asarray(Image.open(path).convert("RGB"))
+    at = lambda i, size: pad + i * (size + pad)                       # first pixel of tile i
+    return np.stack([np.stack([a[at(r, h):at(r, h) + h, at(c, w):at(c, w) + w] for c in range(cols)])
+                     for r in range(rows)])
+
+
+def run_cli(*argv):
+    return facegen.main([str(a) for a in argv])
+
+
+def uint8_hwc(x):
+    """float [-1, 1] (3, h, w) -> uint8 (h, w, 3), as make_grid writes it."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+# -----------------------------------------------------------------------------
+# Loading and refusals
+
+def test_load_run_rebuilds_the_trained_nets_in_eval_mode(runs):
+    nets, cfg = facegen.load_run(str(runs["vae"]))
+    saved = torch.load(runs["vae"] / "last.pt", weights_only=True)["nets"]
+    assert not nets.training and cfg["model"] == "vae" and cfg["image_size"] == [H, W]
+    for k, v in nets.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    best, _ = facegen.load_run(str(runs["vae"]), checkpoint="best")
+    assert set(best.state_dict()) == set(saved)
+    nets_file, _ = facegen.load_run(str(runs["vae"] / "last.pt"))
+    assert torch.equal(next(iter(nets_file.state_dict().values())), next(iter(saved.values())))
+
+
+@pytest.mark.parametrize("argv", [["reconstruct", "dcgan"], ["pca", "dcgan"], ["sample", "missing"],
+                                  ["sample", "dcgan", "--checkpoint", "best"],       # GANs keep no best.pt
+                                  ["interpolate", "vae", "--device", "cuda"]])
+def test_user_errors_are_one_line_exit_2(runs, argv, capsys, tmp_path):
+    if "--device" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA present: --device cuda is not an error here")
+    argv = [str(runs.get(a, tmp_path / a)) if i == 1 else a for i, a in enumerate(argv)]
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_gan_refusal_from_the_shell_has_no_traceback(runs):
+    p = subprocess.run([sys.executable, "facegen.py", "pca", str(runs["dcgan"])], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(facegen.__file__)))
+    assert p.returncode == 2 and p.stderr.startswith("error: pca needs an encoder") and "Traceback" not in p.stderr
+
+
+def test_every_command_has_help():
+    for cmd in facegen.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            facegen.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+
+
+# -----------------------------------------------------------------------------
+# Pictures
+
+@pytest.mark.parametrize("model", ["vae", "dcgan"])
+def test_sample_grid_size_seed_and_std(runs, model, tmp_path):
+    assert run_cli("sample", runs[model], "--n", 10, "--nrow", 4) == 0
+    assert Image.open(runs[model] / "sample.png").size == grid_size(10, 4)
+    a, b, c = (tmp_path / f"{s}.png" for s in "abc")
+    run_cli("sample", runs[model], "--n", 4, "--out", a)
+    run_cli("sample", runs[model], "--n", 4, "--out", b)
+    run_cli("sample", runs[model], "--n", 4, "--out", c, "--seed", 1)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
+    run_cli("sample", runs[model], "--n", 4, "--std", 0, "--out", a)   # z = 0 for every face
+    t = tiles(a, 1, 4)[0]
+    assert all(np.array_equal(t[0], t[i]) for i in range(4))
+
+
+def test_reconstruct_shows_the_runs_test_images_over_their_reconstructions(runs, tmp_path):
+    assert run_cli("reconstruct", runs["vae"], "--n", 6, "--nrow", 4) == 0
+    path = runs["vae"] / "reconstruct.png"
+    assert Image.open(path).size == grid_size(16, 4)                 # 2 row pairs of 4, 2 blanks
+    nets, cfg = facegen.load_run(str(runs["vae"]))
+    _, test = facegen.run_images(cfg)
+    t = tiles(path, 4, 4)
+    assert np.array_equal(t[0, 0], test[0].permute(1, 2, 0).numpy())  # top row: the test images
+    assert np.array_equal(t[2, 1], test[5].permute(1, 2, 0).numpy())
+    x_hat = facegen.decode(nets, facegen.encode_dataset(nets["vae"], test[:1])[0])
+    assert np.array_equal(t[1, 0], uint8_hwc(x_hat[0]))               # below it: decode(mu)
+    assert (t[2, 2:] == 0).all() and (t[3, 2:] == 0).all()          # padding after image 6
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    assert run_cli("reconstruct", runs["vae"], "--data", folder, "--out", tmp_path / "r.png") == 0
+    assert Image.open(tmp_path / "r.png").size == grid_size(6, 3)
+
+
+@pytest.mark.parametrize("model,extra", [("vae", []), ("vae", ["--slerp", "--noise"]), ("dcgan", ["--slerp"])])
+def test_interpolate_grid(runs, model, extra, tmp_path):
+    out = tmp_path / "i.png"
+    assert run_cli("interpolate", runs[model], "--rows", 3, "--steps", 5, "--out", out, *extra) == 0
+    cols = 5 + 2 * (model == "vae" and "--noise" not in extra)       # real endpoints beside encodings
+    assert Image.open(out).size == grid_size(3 * cols, cols)
+    t = tiles(out, 3, cols)
+    assert not np.array_equal(t[0, 0], t[0, -1])                     # two different endpoints
+    if cols == 7:                                                     # real images at both ends
+        _, cfg = facegen.load_run(str(runs[model]))
+        test = [x.permute(1, 2, 0).numpy() for x in facegen.run_images(cfg)[1]]
+        assert any(np.array_equal(t[0, 0], x) for x in test) and any(np.array_equal(t[0, -1], x) for x in test)
+
+
+def test_slerp_and_lerp_paths():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 256, generator=g), torch.randn(5, 256, generator=g)
+    for spherical in (False, True):
+        p = facegen.interpolation_path(a, b, 9, spherical)
+        torch.testing.assert_close(p[:, 0], a)
+        torch.testing.assert_close(p[:, -1], b)
+    u, v = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    mid = facegen.interpolation_path(u, v, 3, spherical=True)[:, 1]
+    torch.testing.assert_close(mid.norm(dim=1), torch.ones(5))       # slerp stays on the sphere
+    torch.testing.assert_close(mid, (u + v) / (u + v).norm(dim=1, keepdim=True))
+    assert (facegen.interpolation_path(u, v, 3)[:, 1].norm(dim=1) < 0.8).all()  # lerp: towards the centre
+    torch.testing.assert_close(facegen.slerp(u, 2 * u, torch.tensor(0.5)), 1.5 * u)  # parallel: a line
+
+
+def test_std_sweep_rows_differ_only_by_scale(runs, tmp_path):
+    assert run_cli("std-sweep", runs["vae"], "--n", 3) == 0
+    assert Image.open(runs["vae"] / "std_sweep.png").size == grid_size(8 * 3, 3)   # 0.25 ... 2.0
+    out = tmp_path / "s.png"
+    assert run_cli("std-sweep", runs["dcgan"], "--n", 4, "--stds", "0,1,1", "--out", out) == 0
+    t = tiles(out, 3, 4)
+    assert all(np.array_equal(t[0, 0], t[0, i]) for i in range(4))   # std 0: all the same face
+    assert np.array_equal(t[1], t[2]) and not np.array_equal(t[1, 0], t[1, 1])  # same eps per column
+
+
+def test_pca_grid_walks_components_around_the_mean(runs):
+    assert run_cli("pca", runs["vae"], "--components", 4, "--steps", 5) == 0
+    path = runs["vae"] / "pca.png"
+    assert Image.open(path).size == grid_size(20, 5)
+    t = tiles(path, 4, 5)
+    assert all(np.array_equal(t[0, 2], t[r, 2]) for r in range(4))  # centre column: the mean code
+    assert not np.array_equal(t[0, 0], t[0, 4])
+
+
+def test_latent_pca_matches_the_covariance_eigendecomposition():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    codes = torch.randn(500, 6, generator=g, dtype=torch.float64) @ mix + 3
+    mean, V, sigma = facegen.latent_pca(codes)
+    evals, evecs = torch.linalg.eigh(torch.cov(codes.T))
+    torch.testing.assert_close(sigma ** 2, evals.flip(0))
+    torch.testing.assert_close((V @ evecs.flip(1)).abs(), torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(mean, codes.mean(0))
+    assert (sigma[:-1] >= sigma[1:]).all()
+    z = facegen.from_pca(mean, V, sigma, torch.tensor([[2.0, 0, 0]], dtype=torch.float64))
+    torch.testing.assert_close(((z - mean) @ V[0]).item(), 2 * sigma[0].item())
+
+
+def test_explorer_serves_the_page_and_faces_on_loopback_only(runs):
+    nets, cfg = facegen.load_run(str(runs["vae"]))
+    explorer = facegen.Explorer(nets, *facegen.fit_pca(nets, cfg), k=4, size=128)
+    with pytest.raises(train.UsageError):
+        facegen.make_server(explorer, host="0.0.0.0")
+    server = facegen.make_server(explorer, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address
+        assert host == "127.0.0.1" and port > 0
+        url = f"http://127.0.0.1:{port}"
+        page = urllib.request.urlopen(url + "/", timeout=30).read().decode()
+        assert page.count("PC") >= 1 and 'type: "range"' in page and "face.png?c=" in page
+        faces = []
+        for c in ["0,0,0,0", "2.5,-1,0,0", "-2.5"]:
+            r = urllib.request.urlopen(f"{url}/face.png?c={c}", timeout=30)
+            body = r.read()
+            assert r.headers["Content-Type"] == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
+            assert Image.open(io.BytesIO(body)).size == (128, 128)
+            faces.append(body)
+        assert faces[0] != faces[1] and faces[1] != faces[2]
+        for bad in ["/face.png?c=1,2,3,4,5", "/face.png?c=nan", "/face.png?c=x", "/nothing"]:
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + bad, timeout=30)
+            assert e.value.code in (400, 404)
+        forged = urllib.request.Request(url + "/", headers={"Host": "evil.example:80"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(forged, timeout=30)
+        assert e.value.code == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_gif_holds_the_last_frame(runs, tmp_path):
+    out = tmp_path / "p.gif"
+    assert run_cli("gif", runs["dcgan"], "--duration-ms", 100, "--hold-last-ms", 900, "--out", out) == 0
+    im = Image.open(out)
+    assert im.n_frames == 2
+    durations = []
+    for i in range(im.n_frames):
+        im.seek(i)
+        durations.append(im.info["duration"])
+    assert durations == [100, 900]
+    assert run_cli("gif", tmp_path, "--out", out) == 2                # no samples/ folder
+
+
+# -----------------------------------------------------------------------------
+# Metrics: sliced Wasserstein on Laplacian pyramids
+
+def test_laplacian_pyramid_levels_and_exact_inverse():
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pyr = facegen.laplacian_pyramid(x, 3)
+    assert [p.shape[2:] for p in pyr] == [(64, 48), (32, 24), (16, 12)]
+    g = pyr[-1]
+    for lap in reversed(pyr[:-1]):
+        g = lap + facegen.pyr_up(g, lap.shape[2:])
+    torch.testing.assert_close(g, x)
+    flat = facegen.laplacian_pyramid(torch.full((1, 3, 32, 32), 0.3), 2)
+    assert flat[0].abs().max() < 1e-6 and torch.allclose(flat[1], torch.tensor(0.3))  # detail of a flat image: 0
+
+
+def test_sliced_wasserstein_zero_symmetric_and_one_dimensional_exact():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 20, generator=g), torch.randn(300, 20, generator=g) + 0.5
+    sw = lambda p, q: facegen.sliced_wasserstein(p, q, 256, torch.Generator().manual_seed(1))
+    assert sw(a, a) == 0 and sw(a, b) > 0
+    assert sw(a, b) == pytest.approx(sw(b, a), rel=1e-6)
+    # in 1-D every direction is ±1: SWD = W_1 = mean |sorted a − sorted b| (here a pure shift)
+    assert sw(a[:, :1], a[:, :1] + 0.7) == pytest.approx(0.7, rel=1e-5)
+    with pytest.raises(ValueError):
+        sw(a, b[:10])
+
+
+def smooth_images(n, seed):
+    """Random images with structure: 8x8 noise upsampled to 32x32, in [-1, 1]."""
+    low = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+
+
+def test_swd_pyramid_zero_for_identical_sets_and_grows_with_a_shift():
+    x = smooth_images(16, 0)
+    swd = lambda a, b: facegen.swd_pyramid(a, b, torch.Generator().manual_seed(0), n_per_image=16, n_projections=64)
+    assert swd(x, x) == [0.0, 0.0]
+    means = [sum(swd(x, x + s)) / 2 for s in (0.0, 0.1, 0.5)]
+    assert means[0] == 0 < means[1] < means[2]
+    assert swd(x, x + 0.5) == pytest.approx(swd(x + 0.5, x), rel=1e-5, abs=1e-5)
+    noise = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert sum(swd(x, smooth_images(16, 2))) < sum(swd(x, noise))    # smooth sets are closer to each other
+
+
+def test_nearest_rms_finds_exact_copies():
+    ref = (smooth_images(12, 5) * 127.5 + 127.5).round().to(torch.uint8)
+    q = facegen.to_float(ref[[3, 7]])
+    torch.testing.assert_close(facegen.nearest_rms(q, ref, chunk=5), torch.zeros(2), atol=1e-3, rtol=0)
+    d = facegen.nearest_rms(q + 0.1, ref)                             # a uniform offset of 0.1: RMS 0.1
+    assert torch.all(d <= 0.1 + 1e-4)
+    assert facegen.nearest_rms(facegen.to_float(ref[:1]), ref[1:]).item() > 0.05
+
+
+# -----------------------------------------------------------------------------
+# Metrics: ELBO and importance-weighted bound against a linear-Gaussian VAE (exact log p(x))
+
+class LinearGaussian(torch.nn.Module):
+    """p(z) = N(0, I), p(x|z) = N(W z + b, s² I): log p(x) = log N(x; b, W Wᵀ + s² I) exactly.
+    W has orthogonal columns, so the true posterior is diagonal; `shift`/`scale` spoil the encoder."""
+
+    def __init__(self, d=4, D=10, s=0.5, shift=0.0, scale=1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
+        self.W = q * torch.linspace(0.5, 2.0, d, dtype=torch.float64)   # orthogonal columns
+        self.b, self.s = torch.randn(D, generator=g, dtype=torch.float64), s
+        self.shift, self.scale = shift, scale
+        self.register_buffer("dummy", torch.zeros(1, dtype=torch.float64))
+
+    def encode(self, x):
+        prec = 1 + (self.W ** 2).sum(0) / self.s ** 2                 # diagonal of I + WᵀW / s²
+        mu = (x - self.b) @ self.W / self.s ** 2 / prec
+        return mu + self.shift, torch.log(self.scale ** 2 / prec).expand_as(mu)
+
+    def decode(self, z):
+        return z @ self.W.T + self.b
+
+    def log_px(self, x):
+        cov = self.W @ self.W.T + self.s ** 2 * torch.eye(len(self.b), dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x)
+
+    def sample(self, n, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.W.shape[1], generator=g, dtype=torch.float64)
+        return self.decode(z) + self.s * torch.randn(n, len(self.b), generator=g, dtype=torch.float64)
+
+
+def test_exact_posterior_makes_every_weight_equal_log_px():
+    m = LinearGaussian()
+    x = m.sample(8)
+    lw = facegen.log_weights(m, x, m.s, 5, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lw, m.log_px(x)[:, None].expand(-1, 5))
+    torch.testing.assert_close(facegen.iw_bound(lw), m.log_px(x))
+
+
+def test_one_sample_weight_matches_torch_distributions_with_the_same_noise():
+    m = LinearGaussian(shift=0.3, scale=1.5)
+    x = m.sample(6)
+    lw = facegen.log_weights(m, x, m.s, 3, torch.Generator().manual_seed(7))
+    eps = torch.randn(3, 6, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    mu, logvar = m.encode(x)
+    N = torch.distributions.Normal
+    for i in range(3):
+        z = mu + (0.5 * logvar).exp() * eps[i]
+        ref = (N(m.decode(z), m.s).log_prob(x).sum(1) + N(0.0, 1.0).log_prob(z).sum(1)
+               - N(mu, (0.5 * logvar).exp()).log_prob(z).sum(1))
+        torch.testing.assert_close(lw[:, i], ref)
+    torch.testing.assert_close(facegen.iw_bound(lw[:, :1]), lw[:, 0])  # k = 1: the one-sample ELBO
+
+
+def test_iw_bound_tightens_with_k_between_the_elbo_and_log_px():
+    m = LinearGaussian(shift=0.4)                                      # q(z|x): the posterior, shifted
+    x = m.sample(64)
+    mu, logvar = m.encode(x)
+    # exact ELBO of the linear-Gaussian model: E_q log p(x|z) − KL(q ‖ p)
+    var = logvar.exp()
+    recon = -0.5 * ((((x - m.decode(mu)) ** 2).sum(1) + (var * (m.W ** 2).sum(0)).sum(1)) / m.s ** 2
+                    + x.shape[1] * math.log(2 * math.pi * m.s ** 2))
+    elbo = recon - 0.5 * (mu ** 2 + var - 1 - logvar).sum(1)
+    lw = facegen.log_weights(m, x, m.s, 4000, torch.Generator().manual_seed(0), batch=100_000)
+    torch.testing.assert_close(lw.mean(), elbo.mean(), atol=0.05, rtol=0)   # k = 1 in expectation
+    bounds = [facegen.iw_bound(facegen.log_weights(m, x, m.s, k, torch.Generator().manual_seed(0), 100_000)).mean()
+              for k in (1, 5, 50, 2000)]
+    assert bounds[0] < bounds[1] < bounds[2] < bounds[3] <= m.log_px(x).mean() + 0.01
+    assert m.log_px(x).mean() - bounds[3] < 0.1 * (m.log_px(x).mean() - elbo.mean())
+
+
+def test_iw_bound_on_the_trained_vae_never_looser_than_the_elbo(runs):
+    nets, cfg = facegen.load_run(str(runs["vae"]))
+    _, test = facegen.run_images(cfg)
+    x = facegen.to_float(test[:4])
+    sigma = facegen.likelihood_std(cfg)
+    assert sigma == cfg["obs_std"] == 0.01
+    with torch.no_grad():
+        lws = {k: facegen.log_weights(nets["vae"], x, sigma, k, torch.Generator().manual_seed(0)).double()
+               for k in (1, 5, 50)}
+    iw = {k: facegen.iw_bound(lw).mean().item() for k, lw in lws.items()}
+    for lw in lws.values():
+        assert (facegen.iw_bound(lw) >= lw.mean(1) - 1e-6).all()
+    assert iw[1] <= iw[5] <= iw[50]
+
+
+def test_likelihood_std_for_mse_runs_is_root_half():
+    assert facegen.likelihood_std({"recon": "mse", "obs_std": 1.0}) == pytest.approx(math.sqrt(0.5))
+    # Σ(x − x_hat)² and the N(x_hat, ½ I) negative log-likelihood differ by the constant (D/2) log π
+    x, x_hat = torch.randn(2, 12), torch.randn(2, 12)
+    nll = -torch.distributions.Normal(x_hat, math.sqrt(0.5)).log_prob(x).sum(1)
+    torch.testing.assert_close(nll - ((x - x_hat) ** 2).sum(1), torch.full((2,), 6 * math.log(math.pi)))
+
+
+# -----------------------------------------------------------------------------
+# evaluate
+
+@pytest.mark.parametrize("model", ["vae", "dcgan"])
+def test_evaluate_writes_a_finite_report(runs, model, capsys):
+    argv = ["evaluate", runs[model], "--n", 8, "--k", 3, "--patches", 16, "--projections", 64]
+    assert run_cli(*argv) == 0
+    r = json.loads((runs[model] / "evaluate.json").read_text())
+    assert r["model"] == model and r["n"] == 8
+    s, nn = r["swd_x1e3"], r["nearest_train_rms"]
+    assert s["level_px"] == [32, 16] and len(s["samples_vs_test"]) == len(s["train_vs_test"]) == 2
+    numbers = [*s["samples_vs_test"], *s["train_vs_test"], s["samples_vs_test_mean"], s["train_vs_test_mean"],
+               *nn.values()]
+    assert all(math.isfinite(v) and v > 0 for v in numbers)
+    assert s["samples_vs_test_mean"] > s["train_vs_test_mean"]        # untrained samples are far from faces
+    out = capsys.readouterr().out
+    assert "SWD x1e3, mean" in out and "nearest-train RMS, median" in out
+    if model == "vae":
+        lik = r["likelihood"]
+        assert lik["k"] == 3 and lik["obs_std"] == 0.01
+        assert all(math.isfinite(lik[k]) for k in ("neg_elbo_bpd", "neg_iw_bpd", "neg_elbo_nats", "neg_iw_nats"))
+        assert lik["neg_iw_nats"] <= lik["neg_elbo_nats"]
+        assert lik["neg_elbo_bpd"] == pytest.approx(lik["neg_elbo_nats"] / (3 * H * W * math.log(2)))
+        assert "bits/dim" in out
+    else:
+        assert "likelihood" not in r and "bits/dim" not in out
