@@ -14,8 +14,10 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -76,8 +78,8 @@ class UsageError(Exception):
 def positive(kind):
     def parse(s):
         v = kind(s)
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
         return v
     return parse
 
@@ -433,45 +435,48 @@ def test_losses(run):
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def plot_losses(rows, path, size=(720, 400)):
-    """Loss curves drawn with pillow: one line per column, min-max scaled per panel, with axes,
-    tick labels and a legend (no plotting library: the design card allows torch, numpy, pillow)."""
+def plot_losses(rows, path, width=720, panel_h=150):
+    """metrics.csv as small multiples drawn with pillow: one panel per term with its own y axis
+    (a VAE's reconstruction and KL differ by 10^4), train and test of a term in one panel,
+    D(x) with D(G(z)). No plotting library: the design card allows torch, numpy and pillow."""
     from PIL import Image, ImageDraw
-    keys = [k for k in rows[0] if k not in ("epoch", "step", "images_per_s", "seconds")] if rows else []
-    keys = [k for k in keys if all(r.get(k, "") != "" for r in rows)]
-    W, H = size
-    img = Image.new("RGB", size, "white")
+    skip = {"epoch", "step", "images_per_s", "seconds"}
+    keys = [k for k in (rows[0] if rows else {}) if k not in skip]
+    keys = [k for k in keys if all(r.get(k, "") not in ("", None) for r in rows)]
+    groups = {}
+    for k in keys:  # test_recon joins recon; D(G(z)) joins D(x)
+        base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
+        groups.setdefault(base if base in keys else k, []).append(k)
+    img = Image.new("RGB", (width, max(1, len(groups)) * panel_h + 30), "white")
     d = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, W - 150, 20, H - 40
-    d.rectangle([left, top, right, bottom], outline="black")
-    d.text((left + (right - left) // 2 - 15, H - 20), "epoch", fill="black")
-    if not rows or not keys:
-        img.save(path)
-        return
     ep = [float(r["epoch"]) for r in rows]
-    vals = {k: [float(r[k]) for r in rows] for k in keys}
-    lo = min(min(v) for v in vals.values() if v)
-    hi = max(max(v) for v in vals.values() if v)
-    lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
-    x0, x1 = min(ep), max(ep) if max(ep) > min(ep) else min(ep) + 1
+    x0, x1 = (min(ep), max(ep)) if ep else (0, 1)
+    x1 = x1 if x1 > x0 else x0 + 1
+    left, right = 70, width - 170
     px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)
-    py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-    for t in range(5):  # y ticks
-        v = lo + (hi - lo) * t / 4
-        d.line([left - 4, py(v), left, py(v)], fill="black")
-        d.text((2, py(v) - 6), f"{v:.3g}", fill="black")
-    for e in sorted(set([x0, x1])):
-        d.text((px(e) - 6, bottom + 4), f"{e:g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
-    for i, k in enumerate(keys):
-        c = colours[i % len(colours)]
-        pts = [(px(e), py(v)) for e, v in zip(ep, vals[k]) if math.isfinite(v)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
-        d.line([right + 10, top + 8 + 16 * i, right + 30, top + 8 + 16 * i], fill=c, width=3)
-        d.text((right + 35, top + 2 + 16 * i), k, fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
+    for i, (name, members) in enumerate(groups.items()):
+        top, bottom = 10 + i * panel_h, 10 + (i + 1) * panel_h - 25
+        vals = {k: [float(r[k]) for r in rows] for k in members}
+        finite = [v for vs in vals.values() for v in vs if math.isfinite(v)] or [0.0]
+        lo, hi = min(finite), max(finite)
+        lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
+        py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+        d.rectangle([left, top, right, bottom], outline="black")
+        for v in (lo, (lo + hi) / 2, hi):
+            d.text((4, py(v) - 6), f"{v:.4g}", fill="black")
+        for j, k in enumerate(members):
+            c = colours[j % len(colours)]
+            pts = [(px(e), py(v)) for e, v in zip(ep, vals[k]) if math.isfinite(v)]
+            if len(pts) > 1:
+                d.line(pts, fill=c, width=2)
+            for x, y in pts:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
+            d.line([right + 10, top + 10 + 16 * j, right + 30, top + 10 + 16 * j], fill=c, width=3)
+            d.text((right + 35, top + 4 + 16 * j), k, fill="black")
+        d.text((px(x0) - 3, bottom + 3), f"{x0:g}", fill="black")
+        d.text((px(x1) - 6, bottom + 3), f"{x1:g}", fill="black")
+    d.text(((left + right) // 2 - 15, img.height - 16), "epoch", fill="black")
     img.save(path)
 
 
@@ -540,6 +545,7 @@ class Run:
             self.fwd = {k: torch.compile(m) for k, m in self.fwd.items()}
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
         self.meter, self.meter_n = {}, 0
+        self.stop = []  # signals received; the loop stops after the step in flight
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -671,9 +677,10 @@ def train(run):
     total = cfg["epochs"] * (len(run.batches) // per_step)
     total = min(total, cfg["max_steps"] or total)
     metrics_path = os.path.join(run.out, "metrics.csv")
-    rows = read_metrics(metrics_path)
+    rows = [r for r in read_metrics(metrics_path) if int(r["epoch"]) <= run.epoch]  # rows after last.pt: redone
     progress = Progress(cfg["quiet"] or not run.main)
-    while run.epoch < cfg["epochs"] and run.step < total:
+    # 3. a checkpoint taken at an epoch's last batch still closes that epoch after a resume
+    while run.epoch < cfg["epochs"] and (run.step < total or 0 < run.pos and run.pos + per_step > len(run.batches)):
         t0, n_images, exhausted = time.time(), 0, False
         it = run.batches.epoch(run.epoch, start=run.pos)
         while run.step < total:
@@ -689,6 +696,8 @@ def train(run):
             for k, v in out.items():  # device-side sums: nothing is read back per step
                 v = v.detach().float()
                 run.meter[k] = run.meter[k] + v if k in run.meter else v
+            if run.stop:  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
+                raise KeyboardInterrupt
             if run.step % cfg["log_every"] == 0:
                 run.check_finite()
                 rate = n_images / max(time.time() - t0, 1e-9)
@@ -718,9 +727,9 @@ def train(run):
             run.epoch, run.pos = run.epoch + 1, 0
         improved = row.get("test_loss", math.inf) < run.best
         run.best = min(run.best, row.get("test_loss", math.inf))
-        run.checkpoint("last.pt")
-        if improved:
+        if improved:  # best.pt first: a kill between the two never leaves best.pt behind last.pt
             run.checkpoint("best.pt")
+        run.checkpoint("last.pt")
     if run.main:
         frames = sorted(os.listdir(os.path.join(run.out, "samples")))
         if frames:
@@ -731,23 +740,20 @@ def train(run):
 # -----------------------------------------------------------------------------
 # --benchmark: steady-state images/s of each speed switch against a plain eager baseline.
 
-BENCH_VARIANTS = [  # each row adds one switch to the best configuration so far
-    ("baseline: eager fp32 NCHW, DataLoader + host augmentation, loss read every step",
-     dict(plain=True, channels_last=False, amp=False, compile=False, fused_adam=False)),
-    ("+ uint8 data resident on the device, augmentation there, no per-step sync", dict(plain=False)),
-    ("+ channels_last (NHWC)", dict(channels_last=True)),
-    ("+ fused Adam", dict(fused_adam=True)),
-    ("+ bf16 autocast (--amp)", dict(amp=True)),
-    ("+ torch.compile (--compile)", dict(compile=True)),
+BASELINE = dict(plain=True, channels_last=False, amp=False, compile=False, fused_adam=False)
+SWITCHES = [  # (label, change on top of the resident-data loop)
+    ("channels_last (NHWC)", dict(channels_last=True)),
+    ("fused Adam", dict(fused_adam=True)),
+    ("bf16 autocast (--amp)", dict(amp=True)),
+    ("torch.compile (--compile)", dict(compile=True)),
 ]
 
 
 def plain_batches(run, cfg):
     """The baseline's data path: a DataLoader over the uint8 images on the host, scaled and
     augmented per batch on the host, then copied to the device (as most training scripts do)."""
-    images = run.batches.images.cpu()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=cfg["batch_size"],
-                                         shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(run.batches.images.cpu()),
+                                         batch_size=cfg["batch_size"], shuffle=True, drop_last=True)
     gen = torch.Generator().manual_seed(cfg["seed"])
     while True:
         for (x,) in loader:
@@ -755,58 +761,77 @@ def plain_batches(run, cfg):
             yield x.to(run.device)
 
 
-def time_variant(cfg, warmup=3):
-    """images/s over --bench-steps steps after `warmup` steps, timed with device synchronisation."""
-    run = Run(cfg)
-    step_fn, per_step = STEPS[cfg["family"]], steps_per_update(cfg)
-    source = plain_batches(run, cfg) if cfg["plain"] else \
-        itertools.chain.from_iterable(run.batches.epoch(e) for e in itertools.count())
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+class Timed:
+    """One configuration, built once and warmed up; `rate(steps)` times steps with device sync."""
 
-    def one():
-        xs = [next(source) for _ in range(per_step)]
-        if cfg["channels_last"]:
+    def __init__(self, cfg, warmup=2):
+        self.cfg, self.run = cfg, Run(cfg)
+        self.step_fn, self.per_step = STEPS[cfg["family"]], steps_per_update(cfg)
+        self.source = plain_batches(self.run, cfg) if cfg["plain"] else \
+            itertools.chain.from_iterable(self.run.batches.epoch(e) for e in itertools.count())
+        self.cuda = self.run.device.type == "cuda"
+        for _ in range(warmup):
+            self.one()
+
+    def one(self):
+        xs = [next(self.source) for _ in range(self.per_step)]
+        if self.cfg["channels_last"]:
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-        out = step_fn(run, xs)
-        if cfg["plain"]:
-            float(next(iter(out.values())))  # a plain loop prints loss.item() every step
+        out = self.step_fn(self.run, xs)
+        if self.cfg["plain"]:
+            float(next(iter(out.values())))  # a plain loop reads loss.item() every step
 
-    for _ in range(warmup):
-        one()
-    sync()
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(cfg["bench_steps"]):
-        one()
-    sync()
-    rate = cfg["bench_steps"] * per_step * cfg["batch_size"] / (time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if run.device.type == "cuda" else None
-    return rate, peak
+    def rate(self, steps):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.one()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return steps * self.per_step * self.cfg["batch_size"] / (time.perf_counter() - t)
 
 
-def benchmark(cfg):
-    """Print a table: each switch's images/s and its ratio to the baseline; a switch that does
-    not pay (ratio to the best so far < 1.02) is dropped from the rows below it."""
+def best_rates(timed, steps, rounds):
+    """Interleave the configurations for `rounds` rounds and keep each one's best round, so a
+    burst of load from elsewhere on the machine penalises no configuration in particular."""
+    best = [0.0] * len(timed)
+    for _ in range(rounds):
+        for i, t in enumerate(timed):
+            best[i] = max(best[i], t.rate(steps))
+    return best
+
+
+def benchmark(cfg, rounds=3):
+    """Each switch alone on top of resident data, then all the switches that paid together,
+    each as images/s and as a ratio to the plain eager fp32 NCHW baseline."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("--benchmark runs in one process; benchmark DDP by timing a torchrun --max-steps run")
-    rows = [v for v in BENCH_VARIANTS if not v[1].get("compile") or cfg["compile"]]
-    best, base, best_rate = dict(cfg), None, 0.0
-    print(f"benchmark {cfg['model']} {cfg['image_size'][0]}x{cfg['image_size'][1]} batch {cfg['batch_size']}, "
-          f"{cfg['bench_steps']} timed steps per row, device {cfg['device']}")
-    for label, change in rows:
-        trial = dict(best, **change)
-        rate, peak = time_variant(trial)
-        base = base or rate
-        kept = rate > 1.02 * best_rate
-        if kept:
-            best, best_rate = trial, rate
-        mem = f"  peak {peak:.2f} GiB" if peak is not None else ""
-        print(f"{rate:10.1f} img/s  {rate / base:5.2f}x  {'kept   ' if kept else 'dropped'}  {label}{mem}", flush=True)
-    switches = [k for k in ("channels_last", "fused_adam", "amp", "compile") if best[k]]
-    print(f"fast path: {best_rate:.1f} img/s = {best_rate / base:.2f}x the baseline "
-          f"(resident data{''.join(', ' + k for k in switches)})")
-    return base, best_rate
+        raise UsageError("--benchmark runs in one process; time DDP with a torchrun --max-steps run")
+    h, w = cfg["image_size"]
+    print(f"benchmark {cfg['model']} {h}x{w} batch {cfg['batch_size']}: best of {rounds} interleaved rounds "
+          f"of {cfg['bench_steps']} steps", flush=True)
+    switches = [s for s in SWITCHES if not s[1].get("compile") or cfg["compile"]]
+    resident = dict(cfg, **dict(BASELINE, plain=False))
+    configs = [("baseline: eager fp32 NCHW, DataLoader + host augmentation, loss read every step",
+                dict(cfg, **BASELINE)),
+               ("uint8 data resident on the device, augmentation there, no per-step sync", resident)]
+    configs += [(f"resident + {label}", dict(resident, **change)) for label, change in switches]
+    timed = [Timed(c) for _, c in configs]
+    rates = best_rates(timed, cfg["bench_steps"], rounds)
+    for (label, _), r, t in zip(configs, rates, timed):
+        mem = f"  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if t.cuda else ""
+        print(f"{r:10.1f} img/s  {r / rates[0]:5.2f}x  {label}{mem}")
+    paid = [change for (_, change), r in zip(switches, rates[2:]) if r > 1.02 * rates[1]]
+    fast = dict(resident)
+    for change in paid:
+        fast.update(change)
+    del timed
+    base, best = best_rates([Timed(dict(cfg, **BASELINE)), Timed(fast)], cfg["bench_steps"], rounds)
+    names = [k for k in ("channels_last", "fused_adam", "amp", "compile") if fast[k]]
+    print(f"{best:10.1f} img/s  {best / base:5.2f}x  fast path: resident data + {' + '.join(names) or 'nothing else'} "
+          f"(baseline re-timed beside it: {base:.1f} img/s)")
+    return base, best
 
 
 def read_metrics(path):
@@ -847,24 +872,45 @@ def config_from(args):
     return cfg, state
 
 
+def catch_signals(run):
+    """The first SIGINT/SIGTERM asks the loop to stop after the step in flight (so the saved
+    state is a whole step: exact resume); a second one interrupts at once."""
+    def handler(signum, frame):
+        run.stop.append(signum)
+        if len(run.stop) > 1:
+            raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, state = config_from(args)
         if cfg["benchmark"]:
-            benchmark(dict(cfg, plain=False))
+            benchmark(cfg)
             return 0
         prepare_out(cfg["out"], fresh=not cfg.get("resume"))
         run = Run(cfg, state)
         if run.main:
-            with open(os.path.join(run.out, "config.json"), "w") as f:
+            tmp = os.path.join(run.out, "config.json.tmp")
+            with open(tmp, "w") as f:
                 json.dump(cfg, f, indent=2)
+            os.replace(tmp, os.path.join(run.out, "config.json"))
+        handlers = catch_signals(run)
         try:
             train(run)
-        except KeyboardInterrupt:  # Ctrl-C: keep the work, resume later with --resume
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
+            if len(run.stop) > 1:  # a second signal: the step was cut short, keep the last checkpoint
+                print(f"\ninterrupted twice; {run.out}/last.pt holds the last checkpoint", file=sys.stderr)
+                return 130
             run.checkpoint()
             print(f"\ninterrupted at step {run.step}; saved {run.out}/last.pt (resume with --resume {run.out})")
             return 130
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
     # Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
     # Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt.
     except UsageError as e:

@@ -1,0 +1,576 @@
+"""Never lose a run (issue 6): atomic checkpoints, exact restart after SIGKILL, frequent
+checkpoints, NaN/Inf stops, weights-only loading, clear refusals, bad data.
+
+Every fault here is injected for real: a save that fails half-written, a real SIGKILL to a real
+training process, NaN in a loss and in a gradient, a checkpoint whose pickle would run code, bad
+flags, unwritable folders and broken image files. Tiny data (32x32, 50 synthetic faces: 40 train,
+batch 8, 5 steps an epoch), CPU."""
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import losses
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--image-size", "32", "--n-synthetic", "50", "--batch-size", "8", "--quiet"]  # 5 steps an epoch
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL inside this process: nothing in train.py catches it."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_and_single_threaded():
+    """Draw the tiny synthetic set once (parallel subprocesses then only read the session cache);
+    one torch thread in here, as in the subprocesses: tiny nets gain nothing from more, and two
+    threads on a busy 2-core machine thrash."""
+    data.load_images(None, (32, 32), n_synthetic=50, seed=0, verbose=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_train(out, *extra):
+    return train.main([*TINY, "--out", str(out), *map(str, extra)])
+
+
+def nets(path):
+    return torch.load(path, weights_only=True)["nets"]
+
+
+def assert_same_weights(a, b):
+    a, b = nets(a), nets(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def temp_files(folder):
+    return [p.name for p in Path(folder).iterdir() if p.name.startswith(".tmp-")]
+
+
+def cli(*args):
+    """A real train.py process: one thread (fast and deterministic), the session's image cache."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p, timeout=120):
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+# -----------------------------------------------------------------------------
+# 1. Atomic checkpoints
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _half_written(obj, f, *args, **kwargs):  # torch.save that dies with the disk full, mid-file
+    f.write(b"PK\x03\x04" + b"\0" * 4096)
+    f.flush()
+    _enospc()
+
+
+def _interrupted(obj, f, *args, **kwargs):  # Ctrl-C in the middle of the write
+    f.write(b"PK\x03\x04" + b"\0" * 4096)
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fault", ["write", "fsync", "replace", "interrupt"])
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fault):
+    path = tmp_path / "last.pt"
+    train.save_checkpoint({"nets": {"w": torch.ones(3)}, "config": {}}, str(path))
+    before = path.read_bytes()
+    target, fake = {"write": ("torch.save", _half_written), "fsync": ("os.fsync", _enospc),
+                    "replace": ("os.replace", _enospc), "interrupt": ("torch.save", _interrupted)}[fault]
+    monkeypatch.setattr(target, fake)
+    expected = KeyboardInterrupt if fault == "interrupt" else OSError
+    with pytest.raises(expected) as e:
+        train.save_checkpoint({"nets": {"w": torch.zeros(3)}, "config": {}}, str(path))
+    monkeypatch.undo()
+    if expected is OSError:
+        assert "previous one is unchanged" in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes() == before
+    assert torch.equal(train.load_checkpoint(str(path))["nets"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_a_failed_save_during_training_exits_cleanly(tmp_path, monkeypatch, capsys):
+    """The disk fills up at the second checkpoint: exit 1, one line, the first checkpoint intact."""
+    out, real, calls = tmp_path / "run", torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if len(calls) == 2:
+            _half_written(obj, f)
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr("torch.save", save)
+    assert run_train(out, "--model", "vae", "--epochs", "1", "--checkpoint-every", "2") == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert calls == [2, 4] and "Traceback" not in err
+    assert err.startswith("error: could not write the checkpoint") and "No space left on device" in err
+    assert f"--resume {out}" in err
+    assert train.load_checkpoint(str(out))["step"] == 2 and temp_files(out) == []
+
+
+# -----------------------------------------------------------------------------
+# 2-3. Exact restart after a kill: real SIGKILL to a real process (and in-process kills at the
+# moments a random kill rarely hits)
+
+KILL_RUNS = {
+    "vae": ["--model", "vae", "--epochs", "2", "--checkpoint-every", "2"],  # 10 steps
+    "wgan-gp": ["--model", "wgan-gp", "--epochs", "3", "--n-critic", "2", "--checkpoint-every", "1"],  # 6 steps
+}
+
+
+def new_checkpoint(path, p, timeout=60):
+    """Wait until process p writes `path` anew (a kill before any checkpoint has nothing to resume)."""
+    before = path.stat().st_mtime_ns if path.exists() else None
+    deadline = time.time() + timeout
+    while (path.stat().st_mtime_ns if path.exists() else None) == before and p.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("model", sorted(KILL_RUNS))
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise_exact(tmp_path, model):
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    print(f"kill-moment seed {seed}")  # shown on failure: rerun with random.Random(seed)
+    args = [*TINY, *KILL_RUNS[model]]
+    straight, victim = tmp_path / "straight", tmp_path / "killed"
+    reference = cli(*args, "--out", straight)  # runs alongside the victim (2 cores)
+    p, kills, delays, at = cli(*args, "--out", victim), 0, [], []
+    try:
+        for limit in (0.6, 2.0):  # 1st kill early in epoch 1, 2nd anywhere after the resumed run's first save
+            new_checkpoint(victim / "last.pt", p)
+            delays.append(round(rng.uniform(0, limit), 3))
+            time.sleep(delays[-1])
+            if p.poll() is not None:
+                break
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills += 1
+            at.append(train.load_checkpoint(str(victim))["step"])  # whatever the moment: a loadable last.pt
+            p = cli("--resume", victim)
+        rc, _, err = finish(p)
+        assert rc == 0, err
+        rc, _, err = finish(reference)
+        assert rc == 0, err
+    finally:
+        for q in (p, reference):
+            if q.poll() is None:
+                q.kill()
+                q.wait()
+    print(f"killed {kills}x after {delays} s; last.pt then at steps {at}")
+    assert kills >= 1, (delays, "the run finished before the first kill")
+    assert_same_weights(straight / "last.pt", victim / "last.pt")
+    assert temp_files(victim) == []
+
+
+@pytest.fixture(scope="module")
+def straight_vae(tmp_path_factory):
+    """The uninterrupted in-process reference for the in-process kills below."""
+    out = tmp_path_factory.mktemp("straight") / "vae"
+    assert run_train(out, "--model", "vae", "--epochs", "2") == 0
+    return out
+
+
+def kill_at(monkeypatch, when):
+    """Raise Killed at the first save_checkpoint(state, path) for which when(state, name) holds,
+    and record every save as (name, step, pos, epoch)."""
+    real, saves = train.save_checkpoint, []
+
+    def save(state, path):
+        name = os.path.basename(path)
+        if when(state, name):
+            raise Killed
+        saves.append((name, state["step"], state["pos"], state["epoch"]))
+        real(state, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    return saves
+
+
+def test_checkpoint_every_n_steps_and_a_kill_before_the_epoch_end(tmp_path, monkeypatch, straight_vae):
+    """--checkpoint-every 5 saves at step 5 = the epoch's last batch (pos == len(batches)); a
+    kill before the end-of-epoch checkpoint resumes into an exhausted epoch: it must only close
+    the epoch (metrics row, pictures, checkpoint) and go on bitwise exact."""
+    out = tmp_path / "vae"
+    saves = kill_at(monkeypatch, lambda st, name: st["epoch"] == 1)  # the end-of-epoch-1 save
+    with pytest.raises(Killed):
+        run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "5")
+    monkeypatch.undo()
+    assert saves == [("last.pt", 5, 5, 0)]
+    assert run_train(out, "--resume", out) == 0
+    assert_same_weights(straight_vae / "last.pt", out / "last.pt")
+    assert_same_weights(straight_vae / "best.pt", out / "best.pt")
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert (st["step"], st["epoch"], st["pos"]) == (10, 2, 0)
+
+
+def test_kill_right_after_the_first_mid_epoch_checkpoint(tmp_path, monkeypatch, straight_vae):
+    out = tmp_path / "vae"
+    kill_at(monkeypatch, lambda st, name: st["step"] == 4)  # dies as it would save step 4
+    with pytest.raises(Killed):
+        run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "2")
+    monkeypatch.undo()
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    (out / ".tmp-k1ll3d.pt").write_bytes(b"PK\x03\x04 half a checkpoint")  # what a SIGKILL mid-save leaves
+    assert run_train(out, "--resume", out) == 0
+    assert_same_weights(straight_vae / "last.pt", out / "last.pt")
+    assert temp_files(out) == []  # swept when the run started again
+
+
+def test_kill_between_the_metrics_row_and_the_checkpoint_writes_no_duplicate_row(tmp_path, monkeypatch):
+    out = tmp_path / "vae"
+    kill_at(monkeypatch, lambda st, name: st["epoch"] == 1)
+    with pytest.raises(Killed):
+        run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "5")
+    monkeypatch.undo()
+    assert run_train(out, "--resume", out) == 0
+    rows = train.read_metrics(str(out / "metrics.csv"))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_kill_between_last_and_best_keeps_best_exact(tmp_path, monkeypatch, straight_vae):
+    rows = train.read_metrics(str(straight_vae / "metrics.csv"))
+    assert float(rows[1]["test_loss"]) < float(rows[0]["test_loss"])  # epoch 2 is the best
+    out = tmp_path / "vae"
+    kill_at(monkeypatch, lambda st, name: name == "best.pt" and st["epoch"] == 2)
+    with pytest.raises(Killed):  # mid-epoch saves at steps 3, 6, 9: none at an epoch's end
+        run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "3")
+    monkeypatch.undo()
+    assert run_train(out, "--resume", out) == 0
+    assert_same_weights(straight_vae / "best.pt", out / "best.pt")
+
+
+def test_kill_after_the_last_steps_checkpoint_still_closes_the_run(tmp_path, monkeypatch, straight_vae):
+    """--checkpoint-every 5 saves step 10 = the last step of the run; killed before the final
+    end-of-epoch save, the resume must still write epoch 2's row, pictures, best.pt and last.pt."""
+    out = tmp_path / "vae"
+    saves = kill_at(monkeypatch, lambda st, name: st["epoch"] == 2)
+    with pytest.raises(Killed):
+        run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "5")
+    monkeypatch.undo()
+    assert saves[-1] == ("last.pt", 10, 5, 1)
+    assert run_train(out, "--resume", out) == 0
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert (st["step"], st["epoch"], st["pos"]) == (10, 2, 0)
+    assert [r["epoch"] for r in train.read_metrics(str(out / "metrics.csv"))] == ["1", "2"]
+    assert (out / "samples" / "epoch_002.png").is_file()
+    assert_same_weights(straight_vae / "best.pt", out / "best.pt")
+
+
+def test_ctrl_c_inside_a_step_saves_a_state_that_resumes_exactly(tmp_path, monkeypatch):
+    """A real SIGINT delivered while the G loss of step 2 is computed (its critic updates done)."""
+    args = ["--model", "wgan-gp", "--n-critic", "2", "--epochs", "2"]  # 2 steps an epoch
+    assert run_train(tmp_path / "straight", *args) == 0
+    real, calls = losses.critic_gen_loss, []
+
+    def g_loss(d_fake):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(d_fake)
+
+    monkeypatch.setitem(losses.GAN_LOSSES, "wasserstein", (losses.critic_loss, g_loss))
+    out = tmp_path / "interrupted"
+    assert run_train(out, *args) == 130
+    monkeypatch.undo()
+    assert run_train(out, "--resume", out) == 0
+    assert_same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+
+# -----------------------------------------------------------------------------
+# 4. NaN/Inf: stop with the exact step and term, never save it; --grad-clip
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def nan_kl_at(monkeypatch, step, how):
+    real, calls = losses.kl_divergence, []
+
+    def kl(mu, logvar):
+        value = real(mu, logvar)
+        if torch.is_grad_enabled():  # training steps only (test losses run under no_grad)
+            calls.append(1)
+            if len(calls) == step:
+                return value * float("nan") if how == "loss" else _NanGradient.apply(value)
+        return value
+
+    monkeypatch.setattr(losses, "kl_divergence", kl)
+
+
+@pytest.mark.parametrize("how,flags,message", [
+    ("loss", ["--checkpoint-every", "2"], "NaN/Inf in loss, kl (vae loss, vae gradient not finite) at step 3"),
+    ("loss", ["--log-every", "100"], "NaN/Inf in loss, kl (vae loss, vae gradient not finite) at step 3"),
+    ("gradient", ["--checkpoint-every", "2"], "NaN/Inf in vae gradient at step 3"),
+])
+def test_nan_stops_training_naming_the_step_and_term(tmp_path, monkeypatch, capsys, how, flags, message):
+    """NaN in the KL at step 3; the check runs at step 4 (checkpoint) or 5 (epoch end), yet
+    names step 3 and the term; last.pt is still the last good one, byte for byte."""
+    out = tmp_path / "vae"
+    nan_kl_at(monkeypatch, 3, how)
+    real_save, saved = train.save_checkpoint, {}
+
+    def save(state, path):
+        real_save(state, path)
+        saved[path] = (state["step"], hashlib.sha256(Path(path).read_bytes()).hexdigest())
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert run_train(out, "--model", "vae", "--epochs", "2", *flags) == 3
+    err = capsys.readouterr().err
+    assert message in err and "(epoch 1)" in err and "Traceback" not in err and err.count("\n") == 1
+    if "--checkpoint-every" in flags:
+        step, digest = saved[str(out / "last.pt")]
+        assert step == 2 and hashlib.sha256((out / "last.pt").read_bytes()).hexdigest() == digest
+        assert "last.pt still holds the last good checkpoint" in err
+        assert all(torch.isfinite(v).all() for v in nets(out / "last.pt").values())
+    else:
+        assert not (out / "last.pt").exists() and "no checkpoint had been written yet" in err
+    assert not (out / "metrics.csv").exists()  # no row of NaNs either
+
+
+def test_huge_lr_diverges_and_the_cli_says_where(tmp_path):
+    """--lr 1e30 at the command line: exit 3, one line naming a step and the loss terms."""
+    rc, out, err = finish(cli(*TINY, "--model", "wgan-gp", "--n-critic", "2", "--lr", "1e30",
+                              "--max-steps", "3", "--out", tmp_path / "run"))
+    assert rc == 3 and "Traceback" not in err, err
+    assert err.startswith("error: NaN/Inf in ") and " at step " in err and "loss_d" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_grad_clip_bounds_the_global_norm(tmp_path, monkeypatch):
+    """--grad-clip 1e-3 (seed 000 part 3's exploding gradients): every update sees a global
+    gradient norm <= 1e-3 while the logged pre-clip norm is far larger."""
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    out = tmp_path / "vae"
+    assert run_train(out, "--model", "vae", "--max-steps", "3", "--grad-clip", "1e-3") == 0
+    monkeypatch.undo()
+    assert len(seen) == 3 and max(seen) <= 1e-3 * (1 + 1e-4), seen
+    row = train.read_metrics(str(out / "metrics.csv"))[0]
+    assert float(row["grad_norm"]) > 1.0
+    assert torch.load(out / "last.pt", weights_only=True)["config"]["grad_clip"] == 1e-3
+
+
+# -----------------------------------------------------------------------------
+# 5. Safe loading: weights_only everywhere, pickled code refused and never run
+
+class Payload:
+    """Unpickling this calls `func(*args)`: the classic malicious-checkpoint payload."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def evil_checkpoint(path, marker, kind="open"):
+    payload = Payload(open, str(marker), "w") if kind == "open" else Payload(os.system, f"touch {marker}")
+    torch.save({"nets": {}, "config": {"model": "vae"}, "step": 0, "x": payload}, path)
+
+
+@pytest.mark.parametrize("kind", ["open", "system"])
+def test_pickled_code_is_refused_and_never_run(tmp_path, capsys, kind):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    evil_checkpoint(run / "last.pt", marker, kind)
+    for target in (run, run / "last.pt"):  # a run folder or the file
+        assert train.main(["--resume", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: refusing to load") and "pickled code" in err, err
+        assert "nothing in it was run" in err and "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(train.UsageError, match="refusing to load"):  # facegen.py's loader
+        train.load_checkpoint(str(run / "last.pt"))
+    assert not marker.exists()
+
+
+def test_facegen_refuses_pickled_code(tmp_path, capsys):
+    facegen = pytest.importorskip("facegen")
+    if not hasattr(facegen, "main"):
+        pytest.skip("facegen.py has no main() yet")
+    marker = tmp_path / "pwned"
+    evil_checkpoint(tmp_path / "last.pt", marker)
+    assert facegen.main(["sample", str(tmp_path / "last.pt")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not marker.exists()
+
+
+def test_pickled_code_is_refused_at_the_command_line(tmp_path):
+    marker = tmp_path / "pwned"
+    evil_checkpoint(tmp_path / "evil.pt", marker, "system")
+    rc, _, err = finish(cli("--resume", tmp_path / "evil.pt"))
+    assert rc == 2 and err.startswith("error: refusing to load") and "posix.system" in err, err
+    assert "Traceback" not in err and not marker.exists()
+
+
+def test_every_torch_load_is_weights_only():
+    for f in ROOT.glob("*.py"):
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{f.name}:{i}: {line.strip()}"
+
+
+def test_pyproject_requires_a_torch_with_safe_weights_only():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.6"' in text and "CVE-2025-32434" in text
+
+
+# -----------------------------------------------------------------------------
+# 6. Clear refusals: exit 2, one line, no traceback
+
+def refusal(argv, capsys):
+    try:
+        rc = train.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--lr", "0"), ("--lr", "-1e-4"), ("--lr", "nan"), ("--batch-size", "0"), ("--batch-size", "-8"),
+    ("--batch-size", "eight"), ("--epochs", "0"), ("--epochs", "-1"), ("--latent-dim", "0"),
+    ("--latent-dim", "-3"), ("--max-steps", "0"), ("--checkpoint-every", "0"), ("--grad-clip", "0"),
+    ("--grad-clip", "-1"), ("--obs-std", "0"), ("--n-critic", "0"), ("--kl-weight", "-1"),
+    ("--lr", "inf"),
+    ("--grad-clip", "inf"),
+])
+def test_invalid_numbers_are_refused(tmp_path, capsys, flag, value):
+    # tiny and one step, so a value wrongly accepted fails fast instead of training for hours
+    rc, err = refusal([*TINY, "--model", "vae", "--max-steps", "1", flag, value, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and f"argument {flag}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_argparse_refusal_at_the_command_line():
+    rc, _, err = finish(cli("--model", "vae", "--lr", "0"))
+    assert rc == 2 and "argument --lr: must be a finite number > 0" in err and "Traceback" not in err
+
+
+def _truncated(path):
+    full = path.read_bytes()
+    path.write_bytes(full[: len(full) // 3])
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(out, "--model", "vae", "--max-steps", "1") == 0
+    return out
+
+
+def test_refusals_exit_2_with_one_line(tmp_path, capsys, run_folder):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (i, 2 * i, 3 * i)).save(few / f"{i}.png")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((run_folder / "last.pt").read_bytes())
+    _truncated(damaged)
+    foreign = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.ones(2)}, foreign)
+    o = tmp_path / "o"
+    cases = [  # argv, what the one line must say
+        (["--model", "vae", "--image-size", "40", "--out", o], "model vae supports sizes 64x64, 32x32; got 40x40"),
+        (["--model", "vae", "--image-size", "0", "--out", o], "image size"),
+        (["--model", "vae", "--image-size", "big", "--out", o], "image size"),
+        (["--model", "vae", "--out", a_file / "run"], "cannot write the run folder"),
+        (["--model", "vae", "--out", a_file], "cannot write the run folder"),
+        (["--model", "vae", "--data", tmp_path / "missing", "--out", o], "does not exist"),
+        (["--model", "vae", "--data", empty, "--out", o], "no images"),
+        (["--model", "vae", "--data", junk, "--out", o], "could be read"),
+        (["--model", "vae", "--data", few, "--out", o], "only 2 training images"),
+        (["--image-size", "32"], "--model is required"),
+        (["--resume", tmp_path / "missing"], "no checkpoint at"),
+        (["--resume", empty], "stopped before its first checkpoint"),
+        (["--resume", damaged], "damaged, truncated or not a PyTorch checkpoint"),
+        (["--resume", foreign], "not a facegen checkpoint"),
+        (["--resume", run_folder, "--lr", "0.5", "--latent-dim", "7"], "latent_dim 7 (the run has 64); lr 0.5 (the run has 0.0001)"),
+        (["--resume", run_folder, "--image-size", "64"], "image_size [64, 64] (the run has [32, 32])"),
+        ([*TINY, "--model", "vae", "--out", run_folder], "already holds a run (last.pt): continue it with --resume"),
+    ]
+    for argv, says in cases:
+        before = (run_folder / "last.pt").read_bytes()
+        rc, err = refusal(argv, capsys)
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+        assert says in err, (argv, err)
+        assert (run_folder / "last.pt").read_bytes() == before  # a refusal never touches a run
+
+
+# -----------------------------------------------------------------------------
+# 7. Bad data at the command line
+
+def test_bad_files_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "faces"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):  # good ones, odd sizes, jpg and png, one level down too
+        img = Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8))
+        img.save(folder / ("sub" if i % 2 else "") / f"good{i}.{'jpg' if i % 3 else 'png'}")
+    rgb = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    rgb.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (48, 48), dtype=np.uint16)).save(folder / "sixteen_bit.png")
+    rgb.convert("L").save(folder / "grey.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    assert Image.open(folder / "sixteen_bit.png").mode.startswith("I")
+    rgb.save(folder / "truncated.jpg", quality=95)
+    _truncated(folder / "truncated.jpg")
+    (folder / "corrupt.jpg").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    (folder / "text.png").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not listed: not an image name")
+    rc, out, err = finish(cli(*TINY, "--model", "vae", "--data", folder, "--max-steps", "2",
+                              "--out", tmp_path / "run"))
+    assert rc == 0 and "Traceback" not in err, err
+    assert "loaded 17 images (4 skipped)" in out, out
+    assert "skipped 4 of 21 image files" in err
+    assert "corrupt.jpg" in err  # the first few are named
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
