@@ -143,7 +143,7 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=positive(int), default=None, help="steps between progress lines and NaN checks")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress line, only the per-epoch summary")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA)")
+    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA, or a CPU with bf16 instructions)")
     g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
@@ -228,7 +228,7 @@ def autoencoder_step(run, xs):
     kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
     loss = losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
     norm = optimizer_step(run, "vae", loss)
-    out = {"loss": loss, "recon": recon, "kl": kl}
+    out = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
     if norm is not None:
         out["grad_norm"] = norm
     return out
