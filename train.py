@@ -188,32 +188,20 @@ NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch below
 def optimizer_step(run, name, loss):
     """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped.
 
-    NaN/Inf watch with no host sync (nothing is read back per step): kept on the device are the
-    first step at which this update's loss or gradient norm was not finite, and, once per step,
-    the first step at which each running loss term (run.meter) went non-finite.
-    Run.check_finite() reads them back every --log-every steps and before every save, so it
-    names the exact step and term however rarely it runs."""
+    NaN/Inf watch with no host sync: run.first_bad[name] keeps, on the device, the first step
+    whose loss or gradient norm was not finite. Run.check_finite() reads it back every
+    --log-every steps and before every save, so it names the exact step however rarely it runs."""
     opt, net, clip = run.opt[name], run.nets[name], run.cfg["grad_clip"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    if not grads:
-        norm = loss.detach().new_zeros(())
-    elif clip:
+    if clip:
         norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-    else:
-        norm = torch.nn.utils.get_total_norm(grads)  # only read: the update is unchanged
-    watch = vars(run).setdefault("nonfinite", {"updates": {}, "terms": {}, "at": None})
-    if watch["at"] != run.step and run.meter:  # the meter now holds sums through step run.step
-        watch["at"], keys = run.step, tuple(run.meter)
-        sums = torch.stack([run.meter[k].float().reshape(()) for k in keys])
-        seen = torch.where(torch.isfinite(sums), NEVER, run.step)
-        prev = watch["terms"].get(keys)
-        watch["terms"][keys] = seen if prev is None else torch.minimum(prev, seen)
-    seen = torch.where(torch.isfinite(torch.stack([loss.detach().float().reshape(()), norm.float()])),
-                       NEVER, run.step + 1)  # [loss, gradient] of the step being taken
-    prev = watch["updates"].get(name)
-    watch["updates"][name] = seen if prev is None else torch.minimum(prev, seen)
+    else:  # only read: the update is unchanged
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.detach().new_zeros(())
+    ok = torch.isfinite(torch.stack([loss.detach().float(), norm.float()]))   # [loss, gradient]
+    bad = torch.where(ok, NEVER, run.step + 1)
+    run.first_bad[name] = torch.minimum(run.first_bad[name], bad) if name in run.first_bad else bad
     opt.step()
     return norm if clip else None
 
@@ -546,6 +534,8 @@ class Run:
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
         self.meter, self.meter_n = {}, 0
         self.stop = []  # signals received; the loop stops after the step in flight
+        self.first_bad = {}  # net -> [first step with a non-finite loss, ... gradient] (device)
+        self.term_bad = {}   # logged term -> first step it was not finite (device)
         if resume_state is not None:
             self.load_state(resume_state)
 
@@ -581,32 +571,22 @@ class Run:
         set_rng_state(st["rng"])
 
     def check_finite(self):
-        """Stop at the first NaN/Inf in a loss term, a loss or a gradient, before anything is saved:
-        reads back what optimizer_step recorded on the device (the exact first step), then checks
-        every weight and buffer. Raises FloatingPointError naming the step and the terms."""
-        watch = vars(self).get("nonfinite") or {"updates": {}, "terms": {}}
-        terms, updates = {}, {}  # term -> first non-finite step; "vae loss"/"D gradient" -> step
-        for keys, rec in watch["terms"].items():
-            for k, s in zip(keys, rec.tolist()):
-                if s < NEVER:
-                    terms[k] = min(s, terms.get(k, s))
-        for k, v in self.meter.items():  # sums through this step, not yet recorded
-            if k not in terms and not torch.isfinite(v).all():
-                terms[k] = self.step
-        for name, rec in watch["updates"].items():
-            for kind, s in zip(("loss", "gradient"), rec.tolist()):
-                if s < NEVER:
-                    updates[f"{name} {kind}"] = s
+        """Stop at the first NaN/Inf before anything is saved: reads back the first bad step that
+        optimizer_step and the loop recorded on the device, names the updates and loss terms that
+        went non-finite at that step, then checks every weight and buffer."""
         kept = os.path.join(self.out, "last.pt")
         kept = (f"{kept} still holds the last good checkpoint" if os.path.exists(kept)
                 else "no checkpoint had been written yet")
-        if terms or updates:
-            step = min([*terms.values(), *updates.values()])
-            what = [k for k, s in terms.items() if s == step]
-            where = [u for u, s in updates.items() if s == step]
-            detail = ", ".join(what) + (f" ({', '.join(where)} not finite)" if what and where else "")
+        bad = {f"{name} {kind}": s for name, rec in self.first_bad.items()
+               for kind, s in zip(("loss", "gradient"), rec.tolist()) if s < NEVER}
+        terms = {k: int(s) for k, s in self.term_bad.items() if s < NEVER}
+        if bad or terms:
+            step = min([*bad.values(), *terms.values()])
+            where = [u for u, s in bad.items() if s == step]
+            what = ", ".join(k for k, s in terms.items() if s == step)
+            what += f" ({', '.join(where)} not finite)" if what and where else ""
             raise FloatingPointError(
-                f"NaN/Inf in {detail or ', '.join(where)} at step {step} (epoch {self.epoch + 1}); "
+                f"NaN/Inf in {what or ', '.join(where)} at step {step} (epoch {self.epoch + 1}); "
                 f"training stopped and nothing non-finite was saved: {kept}. "
                 f"Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
         for name, m in self.nets.items():
@@ -693,9 +673,11 @@ def train(run):
             out = step_fn(run, xs)
             run.pos, run.step, run.meter_n = run.pos + per_step, run.step + 1, run.meter_n + 1
             n_images += per_step * cfg["batch_size"]
-            for k, v in out.items():  # device-side sums: nothing is read back per step
+            for k, v in out.items():  # device-side sums and first non-finite step: no host sync
                 v = v.detach().float()
                 run.meter[k] = run.meter[k] + v if k in run.meter else v
+                bad = torch.where(torch.isfinite(v), NEVER, run.step)
+                run.term_bad[k] = torch.minimum(run.term_bad[k], bad) if k in run.term_bad else bad
             if run.stop:  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
                 raise KeyboardInterrupt
             if run.step % cfg["log_every"] == 0:
