@@ -68,7 +68,14 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None)
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
-             "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last", "fused_adam"}
+             "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last"}
+
+
+# Family-specific flags and the families that use them; giving one to another family is refused
+# (seed 003's VAE-GAN is BCE with one D step per VAE step, as the seed describes it).
+_AE, _GAN = {"autoencoder", "vaegan"}, {"adversarial", "wasserstein"}
+FAMILY_FLAGS = {"recon": _AE, "obs_std": _AE, "kl_weight": _AE, "recon_scale": _AE, "arch": _GAN,
+                "critic_norm": _GAN, "gan_loss": _GAN, "n_critic": _GAN, "clip": _GAN, "gp_weight": _GAN}
 
 
 class UsageError(Exception):
@@ -124,7 +131,7 @@ def parse_args(argv=None):
     g.add_argument("--obs-std", type=positive(float), default=None, help="observation sigma of the Gaussian likelihood (seed 000 'var')")
     g.add_argument("--kl-weight", type=non_negative, default=None, help="beta / lambda on the KL term (seed 000 part 2: 10 or 50)")
     g.add_argument("--recon-scale", type=positive(float), default=None, help="factor on the reconstruction term (seed 000 part 2: 0.01 = NLL/100)")
-    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp, vaegan)")
+    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp)")
     g.add_argument("--arch", choices=["classic", "seed002"], default=None, help="DCGAN layout: 5-layer 4x4 (seed 004) or linear + 5x5 (seed 002)")
     g.add_argument("--critic-norm", choices=["none", "layer"], default=None, help="wgan-gp critic normalisation (no BatchNorm)")
     g.add_argument("--gan-loss", choices=["bce", "ls", "wasserstein"], default=None, help="bce (non-saturating), ls (seed 004 MSE), wasserstein")
@@ -167,6 +174,9 @@ def resolve(args):
     except ValueError as e:
         raise UsageError(str(e))
     cfg["family"] = models.FAMILY[args.model]
+    unused = [k for k, fams in FAMILY_FLAGS.items() if vars(args).get(k) is not None and cfg["family"] not in fams]
+    if unused:
+        raise UsageError(f"--model {args.model} does not use " + ", ".join("--" + k.replace("_", "-") for k in unused))
     return cfg
 
 
@@ -252,10 +262,11 @@ def gan_step(run, xs):
     with run.autocast():
         d_gen = D(G(z)).float()
     loss_g = g_loss_fn(d_gen)
-    optimizer_step(run, "G", loss_g)
+    norm_g = optimizer_step(run, "G", loss_g)
+    # loss_d, gp, D(x), D(G(z)) are those of the last of the n_critic critic steps
     out.update(loss_d=loss_d.detach(), loss_g=loss_g.detach(), **score_stats(cfg, d_real, d_fake))
     if norm is not None:
-        out["grad_norm"] = norm
+        out.update(grad_norm_D=norm, grad_norm_G=norm_g)
     return out
 
 
@@ -506,7 +517,7 @@ class Run:
             images = data.load_images(cfg["data"], size, n_synthetic=cfg["n_synthetic"], seed=cfg["seed"],
                                       verbose=self.main and not cfg["benchmark"])
             train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
-            data.check_enough(len(train_idx), cfg["batch_size"])
+            data.check_enough(len(train_idx), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
         except data.DataError as e:
             raise UsageError(str(e))
         self.batches = data.Batches(images[train_idx], cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
@@ -704,9 +715,9 @@ def train(run):
             plot_losses(rows, os.path.join(run.out, "loss.png"))
             write_pictures(run, run.epoch + 1)
             print(f"epoch {run.epoch + 1}/{cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
-        run.meter, run.meter_n = {}, 0
-        if exhausted:
+        if exhausted:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
             run.epoch, run.pos = run.epoch + 1, 0
+            run.meter, run.meter_n = {}, 0
         improved = row.get("test_loss", math.inf) < run.best
         run.best = min(run.best, row.get("test_loss", math.inf))
         if improved:  # best.pt first: a kill between the two never leaves best.pt behind last.pt

@@ -24,7 +24,7 @@ def run(cmd, out):
 
 def test_two_gloo_processes_match_one(tmp_path):
     one = run([sys.executable, "train.py"], tmp_path / "one")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "train.py"], tmp_path / "two")
     assert one["step"] == two["step"] == 4
     # Conv biases in front of InstanceNorm are cancelled by it: their gradient is 0 up to rounding,

@@ -120,3 +120,47 @@ def test_clear_errors_exit_2(tmp_path, capsys):
     assert train.main(["--model", "vae", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "Traceback" not in err
+
+
+def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator_update(tmp_path, monkeypatch):
+    calls, batches = [], []
+    real_step, real_gan = train.optimizer_step, train.STEPS["wasserstein"]
+
+    def spy_step(run, name, loss):
+        frozen = {k: p.clone() for k, p in run.nets["D"].named_parameters()} if name == "G" else {}
+        norm = real_step(run, name, loss)
+        for k, p in run.nets["D"].named_parameters():  # the G update leaves D alone
+            assert name != "G" or torch.equal(p, frozen[k]), k
+        calls.append(name)
+        return norm
+
+    def spy_gan(run, xs):
+        batches.append(xs)
+        return real_gan(run, xs)
+
+    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    monkeypatch.setitem(train.STEPS, "wasserstein", spy_gan)
+    assert run_train(tmp_path / "w", "wgan-gp", "--n-critic", "3", "--max-steps", "2") == 0
+    assert calls == ["D", "D", "D", "G"] * 2
+    assert all(len(xs) == 3 and not torch.equal(xs[0], xs[1]) for xs in batches)
+
+
+def test_vaegan_d_sees_real_reconstructions_and_decoded_noise(tmp_path, monkeypatch):
+    shapes, real = [], train.losses.d_loss
+    monkeypatch.setattr(train.losses, "d_loss", lambda r, f: shapes.append((r.shape[0], f.shape[0])) or real(r, f))
+    assert run_train(tmp_path / "vg", "vaegan", "--max-steps", "2") == 0
+    assert shapes == [(8, 16)] * 2  # B real images against B reconstructions + B decoded noise
+
+
+def test_flags_of_another_family_are_refused(capsys):
+    assert train.main(["--model", "vaegan", "--n-critic", "5"]) == 2
+    assert train.main(["--model", "dcgan", "--kl-weight", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--model vaegan does not use --n-critic" in err and "--model dcgan does not use --kl-weight" in err
+
+
+def test_a_gan_needs_n_critic_batches(tmp_path, capsys):
+    # 128 training images = 4 batches of 32: fewer than one WGAN step (5 critic batches)
+    assert train.main(["--model", "wgan", "--image-size", "32", "--n-synthetic", "160", "--batch-size", "32",
+                       "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "error:" in capsys.readouterr().err
