@@ -29,7 +29,7 @@ from PIL import Image
 
 import data
 import models
-from train import UsageError, load_checkpoint, non_negative, positive
+from train import UsageError, load_checkpoint, non_negative, positive, run_data
 
 # -----------------------------------------------------------------------------
 # Loading a run: train.load_checkpoint, nets rebuilt from the run's own config.
@@ -54,12 +54,9 @@ def load_run(path, checkpoint="last", device="cpu"):
 def run_images(cfg):
     """The run's own data, split exactly as train.py split it -> (train, test), uint8 N x 3 x H x W."""
     try:
-        x = data.load_images(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
-                             seed=cfg["seed"], verbose=False)
+        return run_data(cfg)
     except data.DataError as e:
         raise UsageError(f"the run's data: {e}")
-    train_idx, test_idx = data.split_indices(len(x), cfg["test_fraction"], cfg["seed"])
-    return x[train_idx], x[test_idx]
 
 
 def to_float(x, device="cpu"):

@@ -195,6 +195,13 @@ def reconstruction(cfg, x, x_hat):
 NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch below
 
 
+def elbo_terms(cfg, x, x_hat, mu, logvar):
+    """(loss, recon, kl) of the autoencoders: loss = recon_scale * recon + beta * KL (AE: KL = 0)."""
+    recon = reconstruction(cfg, x, x_hat.float())
+    kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
+    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
+
+
 def optimizer_step(run, name, loss):
     """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped.
 
@@ -222,9 +229,7 @@ def autoencoder_step(run, xs):
     cfg, vae = run.cfg, run.fwd["vae"]
     with run.autocast():
         x_hat, mu, logvar = vae(x, run.noise(x.shape[0]))
-    recon = reconstruction(cfg, x, x_hat.float())
-    kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
-    loss = losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
+    loss, recon, kl = elbo_terms(cfg, x, x_hat, mu, logvar)
     norm = optimizer_step(run, "vae", loss)
     out = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
     if norm is not None:
@@ -293,10 +298,9 @@ def vaegan_step(run, xs):
     # --- VAE step: fool D with x_hat and x_p, reconstruct x, keep q(z|x) near N(0, I)
     with run.autocast():
         d_gen = D(torch.cat([x_hat, x_p])).float()
-    recon = reconstruction(cfg, x, x_hat.float())
-    kl = losses.kl_divergence(mu.float(), logvar.float())
+    elbo, recon, kl = elbo_terms(cfg, x, x_hat, mu, logvar)
     adv = losses.g_loss(d_gen)
-    loss = adv + losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"])
+    loss = adv + elbo
     optimizer_step(run, "vae", loss)
     return {"loss": loss.detach(), "loss_d": loss_d.detach(), "adv": adv.detach(), "recon": recon.detach(),
             "kl": kl.detach(), **score_stats(cfg, d_real, d_fake[: x.shape[0]])}
@@ -422,11 +426,8 @@ def test_losses(run):
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(cfg["seed"])
         for x in run.test_batches.epoch(0):
-            x_hat, mu, logvar = vae(x)
-            recon = reconstruction(cfg, x, x_hat.float())
-            kl = losses.kl_divergence(mu, logvar) if logvar is not None else torch.zeros((), device=x.device)
-            terms = {"test_loss": losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]),
-                     "test_recon": recon, "test_kl": kl}
+            loss, recon, kl = elbo_terms(cfg, x, *vae(x))
+            terms = {"test_loss": loss, "test_recon": recon, "test_kl": kl}
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * x.shape[0]
             n += x.shape[0]
@@ -482,6 +483,15 @@ def plot_losses(rows, path, width=720, panel_h=150):
 # -----------------------------------------------------------------------------
 # The shared skeleton.
 
+def run_data(cfg, verbose=False):
+    """A run's images, decoded once (cached) and split by its seed -> (train, test) uint8 tensors.
+    facegen.py calls this too, so it sees exactly the split the run trained on."""
+    images = data.load_images(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
+                              seed=cfg["seed"], verbose=verbose)
+    train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
+    return images[train_idx], images[test_idx]
+
+
 class Run:
     """Everything one training run holds: config, nets, optimizers, data, counters."""
 
@@ -514,15 +524,12 @@ class Run:
             raise UsageError(str(e))
         # --- data: decode once (cached), split 80/20 by seed, iterate on the training device
         try:
-            images = data.load_images(cfg["data"], size, n_synthetic=cfg["n_synthetic"], seed=cfg["seed"],
-                                      verbose=self.main and not cfg["benchmark"])
-            train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
-            data.check_enough(len(train_idx), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
+            train_images, test = run_data(cfg, verbose=self.main and not cfg["benchmark"])
+            data.check_enough(len(train_images), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
         except data.DataError as e:
             raise UsageError(str(e))
-        self.batches = data.Batches(images[train_idx], cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
+        self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
                                     jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world)
-        test = images[test_idx]
         self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
                                          device=self.device, drop_last=False)
         if cfg["channels_last"]:
@@ -659,11 +666,17 @@ def steps_per_update(cfg):
     return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
 
 
+def take_step(run, xs):
+    """One optimizer step of the run's family on its batches (NHWC first with --channels-last)."""
+    if run.cfg["channels_last"]:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    return STEPS[run.cfg["family"]](run, xs)
+
+
 def train(run):
     """The loop every family shares: batches -> family step -> meters -> per-epoch pictures,
     metrics.csv and checkpoints -> progress.gif. A GAN step takes n_critic batches."""
     cfg = run.cfg
-    step_fn = STEPS[cfg["family"]]
     per_step = steps_per_update(cfg)
     total = cfg["epochs"] * (len(run.batches) // per_step)
     total = min(total, cfg["max_steps"] or total)
@@ -679,9 +692,7 @@ def train(run):
             if len(xs) < per_step:
                 exhausted = True
                 break
-            if cfg["channels_last"]:
-                xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-            out = step_fn(run, xs)
+            out = take_step(run, xs)
             run.pos, run.step, run.meter_n = run.pos + per_step, run.step + 1, run.meter_n + 1
             n_images += per_step * cfg["batch_size"]
             for k, v in out.items():  # device-side sums and first non-finite step: no host sync
@@ -759,7 +770,7 @@ class Timed:
 
     def __init__(self, cfg, warmup=2):
         self.cfg, self.run = cfg, Run(cfg)
-        self.step_fn, self.per_step = STEPS[cfg["family"]], steps_per_update(cfg)
+        self.per_step = steps_per_update(cfg)
         self.source = plain_batches(self.run, cfg) if cfg["plain"] else \
             itertools.chain.from_iterable(self.run.batches.epoch(e) for e in itertools.count())
         self.cuda = self.run.device.type == "cuda"
@@ -767,10 +778,7 @@ class Timed:
             self.one()
 
     def one(self):
-        xs = [next(self.source) for _ in range(self.per_step)]
-        if self.cfg["channels_last"]:
-            xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-        out = self.step_fn(self.run, xs)
+        out = take_step(self.run, [next(self.source) for _ in range(self.per_step)])
         if self.cfg["plain"]:
             float(next(iter(out.values())))  # a plain loop reads loss.item() every step
 
