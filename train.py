@@ -4,8 +4,10 @@
     python train.py --model wgan-gp --data anime.zip # seed 002's WGAN-GP on a zip of faces
     python train.py --resume runs/vae                # continue exactly where it stopped
 
-Reading order: per-model seed defaults -> CLI -> one step per family (autoencoder, GAN, VAE-GAN)
--> the shared skeleton (data, epochs, logging, pictures, checkpoints) in `train()`.
+Read it top to bottom: the seeds' hyperparameters -> one optimizer update -> the step of each
+family (autoencoder, GAN, VAE-GAN) -> the loop. Below the "Machinery" banner sits what a run
+needs and a student can skip: the CLI, run setup, checkpoints, the NaN watch, signals, progress
+and pictures, and the benchmark last.
 """
 import argparse
 import csv
@@ -13,7 +15,9 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -23,42 +27,43 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import losses
 import models
 
 # -----------------------------------------------------------------------------
-# Seed hyperparameters, one row per --model (SPEC "Models"). A flag given on the command line wins.
+# The seeds' hyperparameters, one row per --model (SPEC "Models"); z sizes are models.DEFAULT_LATENT.
+# A flag given on the command line wins.
 SEED_DEFAULTS = {
     # seed 000 part 1 (Wuga): GNLL with observation sigma 0.01 + KL, Adam 1e-4, z 64, batch 64, 500 epochs
-    "vae": dict(image_size="64", latent_dim=64, batch_size=64, lr=1e-4, epochs=500,
-                recon="gnll", obs_std=0.01),
+    "vae": dict(image_size="64", batch_size=64, lr=1e-4, epochs=500, recon="gnll", obs_std=0.01),
     # seed 000 part 3: VGG16 encoder/decoder, sigma 0.1, lr 1e-5, z 512
-    "vae-vgg": dict(image_size="64", latent_dim=512, batch_size=64, lr=1e-5, epochs=500,
-                    recon="gnll", obs_std=0.1),
+    "vae-vgg": dict(image_size="64", batch_size=64, lr=1e-5, epochs=500, recon="gnll", obs_std=0.1),
     # seed 001: ELBO = reconstruction + lambda*KL, lambda 1e-5, Adam 1e-3, z 64, random h-flip, 64x48.
     # The seed's lambdas (1e-3..1e-6) only make sense against a per-pixel *mean* MSE: we use that.
-    "vae-in": dict(image_size="64x48", latent_dim=64, batch_size=64, lr=1e-3, epochs=30,
-                   recon="mse-mean", kl_weight=1e-5, flip=True),
+    "vae-in": dict(image_size="64x48", batch_size=64, lr=1e-3, epochs=30, recon="mse-mean",
+                   kl_weight=1e-5, flip=True),
     # seed 003: autoencoder baseline (MSE), h-flip p=0.5 + colour jitter
-    "ae": dict(image_size="64", latent_dim=128, batch_size=64, lr=1e-3, epochs=50,
-               recon="mse", kl_weight=0.0, flip=True, jitter=0.1),
+    "ae": dict(image_size="64", batch_size=64, lr=1e-3, epochs=50, recon="mse", kl_weight=0.0,
+               flip=True, jitter=0.1),
     # seed 003: VAE with KLD weight 0.2 / 0.1 / 0.01 relative to a summed MSE (0.1 generated best)
-    "vae-lrelu": dict(image_size="64", latent_dim=128, batch_size=64, lr=1e-3, epochs=50,
-                      recon="mse", kl_weight=0.1, flip=True, jitter=0.1),
+    "vae-lrelu": dict(image_size="64", batch_size=64, lr=1e-3, epochs=50, recon="mse", kl_weight=0.1,
+                      flip=True, jitter=0.1),
     # seed 002 / 003 / 004: DCGAN, Adam 2e-4 betas (0.5, 0.999), batch 128, BCE (seed 004: --gan-loss ls)
-    "dcgan": dict(image_size="64", latent_dim=100, batch_size=128, lr=2e-4, betas=(0.5, 0.999),
-                  epochs=25, gan_loss="bce", n_critic=1),
+    "dcgan": dict(image_size="64", batch_size=128, lr=2e-4, betas=(0.5, 0.999), epochs=25,
+                  gan_loss="bce", n_critic=1),
     # seed 002: WGAN, weight clipping 0.01, RMSProp 1e-4 (paper: 5e-5), n_critic 5, batch 128
-    "wgan": dict(image_size="64", latent_dim=100, batch_size=128, lr=1e-4, epochs=50,
-                 optimizer="rmsprop", gan_loss="wasserstein", n_critic=5, clip=0.01),
+    "wgan": dict(image_size="64", batch_size=128, lr=1e-4, epochs=50, optimizer="rmsprop",
+                 gan_loss="wasserstein", n_critic=5, clip=0.01),
     # seed 002: WGAN-GP, lambda 10, n_critic 5 (seed also 2), Adam 1e-4 betas (0, 0.9), batch 128
-    "wgan-gp": dict(image_size="64", latent_dim=100, batch_size=128, lr=1e-4, betas=(0.0, 0.9),
-                    epochs=50, gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
+    "wgan-gp": dict(image_size="64", batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50,
+                    gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
     # seed 003: VAE-GAN: the seed-003 VAE + a 5-layer D; adversarial + MSE + KLD (0.01)
-    "vaegan": dict(image_size="64", latent_dim=128, batch_size=64, lr=2e-4, betas=(0.5, 0.999),
-                   epochs=50, recon="mse", kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
+    "vaegan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50,
+                   recon="mse", kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
 }
 COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, recon_scale=1.0,
                        obs_std=1.0, recon="mse", gan_loss="bce", n_critic=1, clip=0.0,
@@ -66,10 +71,253 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=False, compile=False, benchmark=False,
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None)
+
+
+# -----------------------------------------------------------------------------
+# One update: the same four lines for every net of every model.
+
+def optimizer_step(run, name, loss):
+    """zero_grad -> backward -> (clip the global gradient norm) -> step, for net `name`.
+    Returns the gradient norm when --grad-clip is set (it is then logged), else None."""
+    opt, net, clip = run.opt[name], run.nets[name], run.cfg["grad_clip"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = grad_norm(net, clip)
+    run.watch(name, loss, norm)  # NaN/Inf bookkeeping on the device: no host sync per step
+    opt.step()
+    return norm if clip else None
+
+
+# -----------------------------------------------------------------------------
+# Autoencoders (ae, vae, vae-vgg, vae-in, vae-lrelu): maximise the ELBO.
+
+def reconstruction(cfg, x, x_hat):
+    """The reconstruction term: Gaussian NLL in nats (gnll), or squared error per image (mse),
+    or per pixel (mse-mean, seed 001)."""
+    if cfg["recon"] == "gnll":
+        return losses.gaussian_nll(x, x_hat, cfg["obs_std"])
+    err = losses.mse_recon(x, x_hat)
+    return err / x[0].numel() if cfg["recon"] == "mse-mean" else err
+
+
+def elbo_terms(cfg, x, x_hat, mu, logvar):
+    """(loss, recon, kl): loss = recon_scale * recon + beta * KL, the negative ELBO (AE: KL = 0)."""
+    recon = reconstruction(cfg, x, x_hat.float())
+    kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
+    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
+
+
+def autoencoder_step(run, xs):
+    """One update of the VAE on a batch x."""
+    (x,) = xs
+    with run.autocast():
+        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(x.shape[0]))  # x̂ = Dec(μ + σ·ε), ε ~ N(0, I)
+    loss, recon, kl = elbo_terms(run.cfg, x, x_hat, mu, logvar)      # −ELBO = recon + β·KL
+    norm = optimizer_step(run, "vae", loss)
+    return logged(loss=loss, recon=recon, kl=kl, grad_norm=norm)
+
+
+# -----------------------------------------------------------------------------
+# GANs (dcgan, wgan, wgan-gp): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al. 2017.
+# DCGAN (bce), LSGAN (ls), WGAN and WGAN-GP differ only in the loss pair losses.GAN_LOSSES
+# [--gan-loss], n_critic, and what follows a critic update (--clip) or joins its loss (--gp-weight).
+
+def critic_step(run, x):
+    """One update of D (the critic) on a real batch x and fresh z. L_D by --gan-loss:
+    bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];
+    wasserstein: E[D(x̃)] − E[D(x)]."""
+    cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
+    d_loss_fn, _ = losses.GAN_LOSSES[cfg["gan_loss"]]
+    with torch.no_grad(), run.autocast():
+        x_fake = G(run.noise(x.shape[0]))                              # x̃ = G(z), z ~ N(0, I)
+    with run.autocast():
+        d_real, d_fake = D(x).float(), D(x_fake).float()               # D(x), D(x̃)
+    loss_d = d_loss_fn(d_real, d_fake)                                 # L_D
+    gp = None
+    if cfg["gp_weight"]:
+        gp = losses.gradient_penalty(run.penalty_critic, x, x_fake.to(x.dtype))  # E[(‖∇D(x̂)‖₂ − 1)²]
+        loss_d = loss_d + cfg["gp_weight"] * gp                        #   L_D += λ·GP
+    norm = optimizer_step(run, "D", loss_d)
+    if cfg["clip"]:
+        with torch.no_grad():
+            for w in run.nets["D"].parameters():
+                w.clamp_(-cfg["clip"], cfg["clip"])                    # w ← clip(w, −c, c)
+    return logged(gp=gp, loss_d=loss_d, grad_norm_D=norm, **score_stats(cfg, d_real, d_fake))
+
+
+def generator_step(run, n):
+    """One update of G on n fresh z. L_G by --gan-loss: bce (non-saturating): −E[log σ(D(G(z)))];
+    ls: E[(D(G(z)) − 1)²]; wasserstein: −E[D(G(z))]."""
+    _, g_loss_fn = losses.GAN_LOSSES[run.cfg["gan_loss"]]
+    with run.autocast():
+        d_gen = run.fwd["D"](run.fwd["G"](run.noise(n))).float()       # D(G(z)), z ~ N(0, I) fresh
+    loss_g = g_loss_fn(d_gen)                                          # L_G
+    norm = optimizer_step(run, "G", loss_g)
+    return logged(loss_g=loss_g, grad_norm_G=norm)
+
+
+def gan_step(run, xs):
+    """n_critic critic updates, each on its own real batch of xs, then one generator update.
+    The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last critic update's."""
+    for x in xs:
+        critic = critic_step(run, x)
+    return {**critic, **generator_step(run, xs[-1].shape[0])}
+
+
+def score_stats(cfg, d_real, d_fake):
+    """What D says of the batch: the Wasserstein estimate E[D(x)] − E[D(x̃)] (critic), the mean
+    probabilities σ(D(x)), σ(D(x̃)) (bce: scores are logits), or the mean raw scores (ls: the
+    targets are 1 for real, 0 for fake; LSGAN scores are not logits)."""
+    if cfg["gan_loss"] == "wasserstein":
+        return {"wasserstein": d_real.mean() - d_fake.mean()}
+    p = torch.sigmoid if cfg["gan_loss"] == "bce" else (lambda s: s)
+    return {"D(x)": p(d_real).mean(), "D(G(z))": p(d_fake).mean()}
+
+
+# -----------------------------------------------------------------------------
+# VAE-GAN (seed 003): the VAE's decoder is also a GAN generator.
+
+def vaegan_step(run, xs):
+    """D learns real x against reconstructions x̂ and decoded noise x_p; the VAE then minimises
+    the adversarial term on the same x̂ and x_p plus its own −ELBO."""
+    (x,) = xs
+    n = x.shape[0]
+    z_p = run.noise(n)                                                 # z_p ~ N(0, I)
+    with run.autocast():
+        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(n))            # x̂ = Dec(μ + σ·ε)
+        x_p = run.nets["vae"].decode(z_p)                              # x_p = Dec(z_p)
+    fakes = torch.cat([x_hat, x_p])
+    d_out = vaegan_discriminator_step(run, x, fakes.detach())
+    return {**d_out, **vaegan_vae_step(run, x, fakes, x_hat, mu, logvar)}
+
+
+def vaegan_discriminator_step(run, x, fakes):
+    """L_D = −E[log σ(D(x))] − E[log(1 − σ(D(x̂ ∪ x_p)))]: real -> 1, reconstructions and noise -> 0."""
+    with run.autocast():
+        d_real, d_fake = run.fwd["D"](x).float(), run.fwd["D"](fakes).float()
+    loss_d = losses.d_loss(d_real, d_fake)
+    optimizer_step(run, "D", loss_d)
+    return logged(loss_d=loss_d, **score_stats(run.cfg, d_real, d_fake[: x.shape[0]]))
+
+
+def vaegan_vae_step(run, x, fakes, x_hat, mu, logvar):
+    """L_VAE = −E[log σ(D(x̂ ∪ x_p))] (fool D) + recon + β·KL (the VAE's −ELBO)."""
+    with run.autocast():
+        d_gen = run.fwd["D"](fakes).float()
+    elbo, recon, kl = elbo_terms(run.cfg, x, x_hat, mu, logvar)
+    adv = losses.g_loss(d_gen)                                         # non-saturating, as for G
+    loss = adv + elbo
+    optimizer_step(run, "vae", loss)
+    return logged(loss=loss, adv=adv, recon=recon, kl=kl)
+
+
+STEPS = {"autoencoder": autoencoder_step, "adversarial": gan_step, "wasserstein": gan_step,
+         "vaegan": vaegan_step}
+
+
+def logged(**terms):
+    """The terms a step reports, detached (read back only when logged: no host sync per step)."""
+    return {k: v.detach() for k, v in terms.items() if v is not None}
+
+
+# -----------------------------------------------------------------------------
+# The loop every family shares.
+
+def train(run):
+    """Batches -> the family's step -> meters; at the end of each epoch a metrics.csv row, the
+    pictures and the checkpoints; progress.gif at the end."""
+    cfg = run.cfg
+    rows = [r for r in read_metrics(run.metrics_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
+    progress = Progress(cfg["quiet"] or not run.main)
+    for steps, completes in epochs_to_run(run):
+        t0, n_images = time.time(), 0
+        for xs in steps:
+            run.count(take_step(run, xs), len(xs))
+            n_images += len(xs) * cfg["batch_size"]
+            if run.stop:  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
+                raise KeyboardInterrupt
+            if run.step % cfg["log_every"] == 0:
+                run.check_finite()
+                progress.update(run, n_images / max(time.time() - t0, 1e-9))
+            if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
+                run.checkpoint()
+        progress.clear()
+        end_epoch(run, rows, completes, time.time() - t0, n_images)
+    if run.main:
+        frames = sorted(os.listdir(os.path.join(run.out, "samples")))
+        if frames:
+            data.save_gif([os.path.join(run.out, "samples", f) for f in frames], os.path.join(run.out, "progress.gif"))
+    return rows
+
+
+def epochs_to_run(run):
+    """The epochs left, as (steps, completes): `steps` yields each step's list of batches
+    (n_critic of them for a GAN), `completes` says whether the epoch ends with them.
+
+    Exact resume: an epoch starts at batch run.pos, so a run stopped mid-epoch (--max-steps,
+    --checkpoint-every, a signal) continues with the very next batch. A run that stops at
+    --max-steps mid-epoch still writes that epoch's row (marked by its step count) and keeps
+    the epoch's sums, so a resume completes the same row. A checkpoint taken after an epoch's
+    last step but before the epoch was closed yields that epoch once more, with no steps."""
+    cfg, per_step, total = run.cfg, steps_per_update(run.cfg), total_steps(run)
+    while run.epoch < cfg["epochs"]:
+        fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
+        n = max(0, min(fits, total - run.step))
+        if n == 0 and not (fits == 0 and run.pos > 0):
+            return
+        it = run.batches.epoch(run.epoch, start=run.pos)
+        yield (list(itertools.islice(it, per_step)) for _ in range(n)), n == fits
+
+
+def total_steps(run):
+    """Optimizer steps of the whole run: --epochs of whole steps, or --max-steps if fewer."""
+    total = run.cfg["epochs"] * (len(run.batches) // steps_per_update(run.cfg))
+    return min(total, run.cfg["max_steps"] or total)
+
+
+def steps_per_update(cfg):
+    """Batches one optimizer step consumes: n_critic for GANs (a fresh real batch per critic step)."""
+    return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
+
+
+def take_step(run, xs):
+    """One step of the run's family on its batches (NHWC first with --channels-last)."""
+    if run.cfg["channels_last"]:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    return STEPS[run.cfg["family"]](run, xs)
+
+
+def end_epoch(run, rows, completes, seconds, n_images):
+    """The metrics.csv row (train means, test losses, images/s), loss.png, the pictures, then
+    best.pt (lowest test loss) and last.pt."""
+    run.check_finite()
+    row = {"epoch": run.epoch + 1, "step": run.step, **run.means(), **test_losses(run),
+           "images_per_s": n_images / max(seconds, 1e-9), "seconds": seconds}
+    if run.main:
+        rows.append(row)
+        write_metrics(run.metrics_path, rows)
+        plot_losses(rows, os.path.join(run.out, "loss.png"))
+        write_pictures(run, run.epoch + 1)
+        print(f"epoch {run.epoch + 1}/{run.cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
+    if completes:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
+        run.epoch, run.pos = run.epoch + 1, 0
+        run.meter, run.meter_n = {}, 0
+    if row.get("test_loss", math.inf) < run.best:  # best.pt first: a kill between the two never
+        run.best = row["test_loss"]                 # leaves best.pt behind last.pt
+        run.checkpoint("best.pt")
+    run.checkpoint("last.pt")
+
+
+# =============================================================================
+# Machinery: what a run needs and a reader of the algorithm can skip.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Command line
+
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
              "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last"}
-
 
 # Family-specific flags and the families that use them; giving one to another family is refused
 # (seed 003's VAE-GAN is BCE with one D step per VAE step, as the seed describes it).
@@ -163,7 +411,8 @@ def parse_args(argv=None):
 
 def resolve(args):
     """Fill unset flags from the model's seed defaults; returns a plain dict (config.json)."""
-    defaults = dict(COMMON_DEFAULTS, arch=models.DEFAULT_ARCH.get(args.model), **SEED_DEFAULTS[args.model])
+    defaults = dict(COMMON_DEFAULTS, arch=models.DEFAULT_ARCH.get(args.model),
+                    latent_dim=models.DEFAULT_LATENT[args.model], **SEED_DEFAULTS[args.model])
     cfg = {k: v for k, v in vars(args).items() if v is not None}
     cfg = {**vars(args), **defaults, **cfg}
     b1, b2 = cfg.pop("beta1", None), cfg.pop("beta2", None)
@@ -180,134 +429,230 @@ def resolve(args):
     return cfg
 
 
+def config_from(args):
+    """Resolve the flags, or on --resume take the run's config and refuse disagreeing flags."""
+    if not args.resume:
+        if not args.model:
+            raise UsageError("--model is required (or --resume a run)")
+        return resolve(args), None
+    state = load_checkpoint(args.resume)
+    saved = state["config"]
+    fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
+    given = {"betas" if k in ("beta1", "beta2") else k for k, v in vars(args).items()
+             if v is not None and k not in RESUMABLE}
+    same = lambda a, b: json.dumps(a) == json.dumps(b)
+    differ = [f"{k} {fresh[k]} (the run has {saved.get(k)})" for k in sorted(given)
+              if not same(fresh[k], saved.get(k))]
+    if differ:
+        raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
+    cfg = dict(saved, resume=args.resume)
+    cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
+    return cfg, state
+
+
 # -----------------------------------------------------------------------------
-# One step per family. Each takes the run context and the batches it needs, updates the nets,
-# and returns a dict of detached loss tensors (read back only when logged: no host sync per step).
+# Run setup
 
-def reconstruction(cfg, x, x_hat):
-    """The autoencoders' reconstruction term, in nats (gnll) or squared error per image."""
-    if cfg["recon"] == "gnll":
-        return losses.gaussian_nll(x, x_hat, cfg["obs_std"])
-    err = losses.mse_recon(x, x_hat)
-    return err / x[0].numel() if cfg["recon"] == "mse-mean" else err
+class Run:
+    """Everything one training run holds: config, nets, optimizers, data, counters.
+
+    `nets` are the plain modules: what the optimizers update and the checkpoints save.
+    `fwd` are the callables the steps run forward passes through: the same modules, wrapped in
+    DistributedDataParallel under torchrun (which all-reduces their gradients in backward) and/or
+    torch.compile'd. Updates always go through optimizer_step(run, name, loss)."""
+
+    def __init__(self, cfg, resume_state=None):
+        self.cfg, self.out = cfg, cfg["out"]
+        self.metrics_path = os.path.join(self.out, "metrics.csv")
+        # --- device and processes (torchrun sets RANK / WORLD_SIZE)
+        want = cfg["device"]
+        if want == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda asked for, but no CUDA device is available")
+        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1:
+            if cfg["batch_size"] % self.world:
+                raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {self.world} processes")
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        self.main = self.rank == 0
+        # --- nets and optimizers (nets first: an unsupported image size is refused before any data is decoded)
+        torch.manual_seed(cfg["seed"])
+        try:
+            self.nets = models.build_model(cfg["model"], image_size=tuple(cfg["image_size"]),
+                                           latent_dim=cfg["latent_dim"], arch=cfg["arch"],
+                                           critic_norm=cfg["critic_norm"]).to(self.device)
+        except ValueError as e:
+            raise UsageError(str(e))
+        if cfg["channels_last"]:
+            self.nets = self.nets.to(memory_format=torch.channels_last)
+        if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
+            self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)  # (CPU/gloo has no SyncBatchNorm)
+        self.latent_dim = models.latent_dim(self.nets)
+        self.opt = {k: self.make_optimizer(m.parameters()) for k, m in self.nets.items()}
+        self.fwd = dict(self.nets.items())
+        if self.world > 1:
+            self.fwd = {k: DistributedDataParallel(m) for k, m in self.nets.items()}
+        if cfg["compile"]:
+            self.fwd = {k: torch.compile(m) for k, m in self.fwd.items()}
+        self.penalty_critic = self.fwd.get("D")  # what the WGAN-GP penalty differentiates through
+        # --- data: decoded once (cached), split 80/20 by seed, batches drawn on the training device
+        try:
+            train_images, test = run_data(cfg, verbose=self.main and not cfg["benchmark"])
+            data.check_enough(len(train_images), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
+        except data.DataError as e:
+            raise UsageError(str(e))
+        self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
+                                    jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world)
+        self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
+                                         device=self.device, drop_last=False)
+        # --- the fixed z and test images of the per-epoch pictures (a private generator)
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        self.fixed_z = torch.randn(64, self.latent_dim, generator=gen).to(self.device)
+        self.fixed_x = next(iter(self.test_batches.epoch(0)))[:8] if len(test) else None
+        # --- counters, meters, the NaN watch, signals
+        self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
+        self.meter, self.meter_n = {}, 0
+        self.first_bad = {}  # net -> [first step with a non-finite loss, ... gradient] (device)
+        self.term_bad = {}   # logged term -> first step it was not finite (device)
+        self.stop = []       # signals received; the loop stops after the step in flight
+        if resume_state is not None:
+            self.load_state(resume_state)
+
+    def noise(self, n):
+        """n draws of N(0, I) in latent space: this rank's slice of one draw for the global batch,
+        so N processes see exactly the noise one process would (and 1 process: plain randn)."""
+        eps = torch.randn(n * self.world, self.latent_dim, device=self.device)
+        return eps[self.rank * n:(self.rank + 1) * n]
+
+    def make_optimizer(self, params):
+        cfg = self.cfg
+        if cfg["optimizer"] == "rmsprop":
+            return torch.optim.RMSprop(params, lr=cfg["lr"])
+        fused = cfg["fused_adam"] if cfg["fused_adam"] is not None else self.device.type == "cuda"
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused or None)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"])
+
+    def count(self, out, n_batches):
+        """After a step: advance the counters and add its logged terms to the epoch's device-side
+        sums, noting the first step at which a term was not finite (no host sync)."""
+        self.pos, self.step, self.meter_n = self.pos + n_batches, self.step + 1, self.meter_n + 1
+        for k, v in out.items():
+            v = v.float()
+            self.meter[k] = self.meter[k] + v if k in self.meter else v
+            bad = torch.where(torch.isfinite(v), NEVER, self.step)
+            self.term_bad[k] = torch.minimum(self.term_bad[k], bad) if k in self.term_bad else bad
+
+    def means(self):
+        """The epoch's mean of each logged term so far, over the global batch: under torchrun the
+        ranks' sums are averaged (every rank must call this), so metrics.csv reads the same
+        whether the run used 1 or N processes."""
+        sums = dict(self.meter)
+        if self.world > 1 and sums:
+            flat = torch.stack(list(sums.values()))
+            torch.distributed.all_reduce(flat)
+            sums = dict(zip(sums, flat / self.world))
+        return {k: float(v) / max(self.meter_n, 1) for k, v in sums.items()}
+
+    def state(self):
+        return {"nets": self.nets.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.opt.items()},
+                "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
+                "meter": {k: v.detach().cpu() for k, v in self.meter.items()}, "meter_n": self.meter_n,
+                "rng": rng_state(), "config": self.cfg}
+
+    def load_state(self, st):
+        self.nets.load_state_dict(st["nets"])
+        for k, o in self.opt.items():
+            o.load_state_dict(st["optimizers"][k])
+        self.epoch, self.pos, self.step, self.best = st["epoch"], st["pos"], st["step"], st["best"]
+        self.meter = {k: v.to(self.device) for k, v in st["meter"].items()}
+        self.meter_n = st["meter_n"]
+        set_rng_state(st["rng"])
+
+    # --- the NaN/Inf watch: recorded on the device every step, read back every --log-every
+    # steps and before every save, so it names the exact first bad step however rarely it reads.
+
+    def watch(self, name, loss, norm):
+        """Keep, on the device, the first step whose loss or gradient norm of `name` was not finite."""
+        ok = torch.isfinite(torch.stack([loss.detach().float(), norm.float()]))   # [loss, gradient]
+        bad = torch.where(ok, NEVER, self.step + 1)
+        self.first_bad[name] = torch.minimum(self.first_bad[name], bad) if name in self.first_bad else bad
+
+    def check_finite(self):
+        """Stop at the first NaN/Inf before anything is saved: names the updates and loss terms
+        that went non-finite at the first bad step, then checks every weight and buffer."""
+        kept = os.path.join(self.out, "last.pt")
+        kept = (f"{kept} still holds the last good checkpoint" if os.path.exists(kept)
+                else "no checkpoint had been written yet")
+        bad = {f"{name} {kind}": s for name, rec in self.first_bad.items()
+               for kind, s in zip(("loss", "gradient"), rec.tolist()) if s < NEVER}
+        terms = {k: int(s) for k, s in self.term_bad.items() if s < NEVER}
+        if bad or terms:
+            step = min([*bad.values(), *terms.values()])
+            where = [u for u, s in bad.items() if s == step]
+            what = ", ".join(k for k, s in terms.items() if s == step)
+            what += f" ({', '.join(where)} not finite)" if what and where else ""
+            raise FloatingPointError(
+                f"NaN/Inf in {what or ', '.join(where)} at step {step} (epoch {self.epoch + 1}); "
+                f"training stopped and nothing non-finite was saved: {kept}. "
+                f"Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
+        for name, m in self.nets.items():
+            ts = [t for t in m.state_dict().values() if t.is_floating_point()]
+            if ts and not torch.stack([torch.isfinite(t).all() for t in ts]).all():
+                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step} "
+                                         f"(epoch {self.epoch + 1}); nothing non-finite was saved: {kept}")
+
+    def checkpoint(self, name="last.pt"):
+        self.check_finite()
+        if self.main:
+            save_checkpoint(self.state(), os.path.join(self.out, name))
 
 
-NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch below
+NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch
 
 
-def elbo_terms(cfg, x, x_hat, mu, logvar):
-    """(loss, recon, kl) of the autoencoders: loss = recon_scale * recon + beta * KL (AE: KL = 0)."""
-    recon = reconstruction(cfg, x, x_hat.float())
-    kl = losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None else torch.zeros((), device=x.device)
-    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
-
-
-def optimizer_step(run, name, loss):
-    """backward -> optional global-norm clip -> step. Returns the gradient norm when clipped.
-
-    NaN/Inf watch with no host sync: run.first_bad[name] keeps, on the device, the first step
-    whose loss or gradient norm was not finite. Run.check_finite() reads it back every
-    --log-every steps and before every save, so it names the exact step however rarely it runs."""
-    opt, net, clip = run.opt[name], run.nets[name], run.cfg["grad_clip"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+def grad_norm(net, clip=None):
+    """The global gradient norm of `net`, clipped to `clip` when given (else only read)."""
     if clip:
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-    else:  # only read: the update is unchanged
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.detach().new_zeros(())
-    ok = torch.isfinite(torch.stack([loss.detach().float(), norm.float()]))   # [loss, gradient]
-    bad = torch.where(ok, NEVER, run.step + 1)
-    run.first_bad[name] = torch.minimum(run.first_bad[name], bad) if name in run.first_bad else bad
-    opt.step()
-    return norm if clip else None
+        return torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=next(net.parameters()).device)
 
 
-def autoencoder_step(run, xs):
-    """Maximise the ELBO: loss = recon_scale * recon + beta * KL (AE: beta = 0, no sampling)."""
-    (x,) = xs
-    cfg, vae = run.cfg, run.fwd["vae"]
-    with run.autocast():
-        x_hat, mu, logvar = vae(x, run.noise(x.shape[0]))
-    loss, recon, kl = elbo_terms(cfg, x, x_hat, mu, logvar)
-    norm = optimizer_step(run, "vae", loss)
-    out = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
-    if norm is not None:
-        out["grad_norm"] = norm
-    return out
+def run_data(cfg, verbose=False):
+    """A run's images, decoded once (cached) and split by its seed -> (train, test) uint8 tensors.
+    facegen.py calls this too, so it sees exactly the split the run trained on."""
+    images = data.load_images(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
+                              seed=cfg["seed"], verbose=verbose)
+    train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
+    return images[train_idx], images[test_idx]
 
 
-def gan_step(run, xs):
-    """n_critic critic steps, each on a fresh real batch and fresh z, then one generator step.
-
-    DCGAN (bce), LSGAN (ls), WGAN (wasserstein + weight clipping) and WGAN-GP (wasserstein +
-    gradient penalty) differ only in the loss pair from losses.GAN_LOSSES and in --clip/--gp-weight.
-    """
-    cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
-    d_loss_fn, g_loss_fn = losses.GAN_LOSSES[cfg["gan_loss"]]
-    out = {}
-    for x in xs:  # --- D step: maximise log D(x) + log(1 - D(G(z))) (or the critic's E[D(x)] - E[D(G(z))])
-        z = run.noise(x.shape[0])
-        with torch.no_grad(), run.autocast():
-            x_fake = G(z)
-        with run.autocast():
-            d_real, d_fake = D(x).float(), D(x_fake).float()
-        loss_d = d_loss_fn(d_real, d_fake)
-        if cfg["gp_weight"]:
-            gp = losses.gradient_penalty(D, x, x_fake.to(x.dtype))
-            out["gp"] = gp.detach()
-            loss_d = loss_d + cfg["gp_weight"] * gp
-        norm = optimizer_step(run, "D", loss_d)
-        if cfg["clip"]:  # WGAN: w <- clip(w, -c, c) after every critic update (Arjovsky et al., Alg. 1)
-            with torch.no_grad():
-                for p in run.nets["D"].parameters():
-                    p.clamp_(-cfg["clip"], cfg["clip"])
-    # --- G step: maximise log D(G(z)) (non-saturating) or the critic's E[D(G(z))], on fresh z
-    z = run.noise(xs[-1].shape[0])
-    with run.autocast():
-        d_gen = D(G(z)).float()
-    loss_g = g_loss_fn(d_gen)
-    norm_g = optimizer_step(run, "G", loss_g)
-    # loss_d, gp, D(x), D(G(z)) are those of the last of the n_critic critic steps
-    out.update(loss_d=loss_d.detach(), loss_g=loss_g.detach(), **score_stats(cfg, d_real, d_fake))
-    if norm is not None:
-        out.update(grad_norm_D=norm, grad_norm_G=norm_g)
-    return out
-
-
-def score_stats(cfg, d_real, d_fake):
-    """What the critic says: D(x), D(G(z)) as probabilities (BCE) or the Wasserstein estimate."""
-    if cfg["gan_loss"] == "wasserstein":
-        return {"wasserstein": (d_real.mean() - d_fake.mean()).detach()}
-    return {"D(x)": torch.sigmoid(d_real).mean().detach(), "D(G(z))": torch.sigmoid(d_fake).mean().detach()}
-
-
-def vaegan_step(run, xs):
-    """Seed 003's VAE-GAN: D sees real x, reconstructions x_hat and decoded noise x_p (BCE);
-    the VAE then minimises adversarial + reconstruction + beta * KL on the same three groups."""
-    (x,) = xs
-    cfg, vae, D = run.cfg, run.fwd["vae"], run.fwd["D"]
-    z_p = run.noise(x.shape[0])
-    with run.autocast():
-        x_hat, mu, logvar = vae(x, run.noise(x.shape[0]))
-        x_p = run.nets["vae"].decode(z_p)
-        # --- D step: real -> 1, reconstructions and decoded noise -> 0
-        d_real, d_fake = D(x).float(), D(torch.cat([x_hat, x_p]).detach()).float()
-    loss_d = losses.d_loss(d_real, d_fake)
-    optimizer_step(run, "D", loss_d)
-    # --- VAE step: fool D with x_hat and x_p, reconstruct x, keep q(z|x) near N(0, I)
-    with run.autocast():
-        d_gen = D(torch.cat([x_hat, x_p])).float()
-    elbo, recon, kl = elbo_terms(cfg, x, x_hat, mu, logvar)
-    adv = losses.g_loss(d_gen)
-    loss = adv + elbo
-    optimizer_step(run, "vae", loss)
-    return {"loss": loss.detach(), "loss_d": loss_d.detach(), "adv": adv.detach(), "recon": recon.detach(),
-            "kl": kl.detach(), **score_stats(cfg, d_real, d_fake[: x.shape[0]])}
-
-
-STEPS = {"autoencoder": autoencoder_step, "adversarial": gan_step, "wasserstein": gan_step,
-         "vaegan": vaegan_step}
+def prepare_out(out, fresh=False):
+    """Create the run folder (with samples/ and recon/), prove it writable, and sweep the temp
+    files of a checkpoint write that a kill interrupted. A fresh run (fresh=True: not --resume)
+    refuses a folder that already holds a run's last.pt: a run is never overwritten."""
+    if fresh and os.path.isfile(os.path.join(out, "last.pt")):
+        raise UsageError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
+                         f"or train into another --out (or delete the folder)")
+    try:
+        for sub in ("", "samples", "recon"):
+            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):  # per process: DDP ranks race
+            pass
+        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 ever writes checkpoints
+            for name in os.listdir(out):
+                if name.startswith(".tmp-") and name.endswith(".pt"):
+                    os.remove(os.path.join(out, name))
+    except OSError as e:
+        raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
 
 
 # -----------------------------------------------------------------------------
@@ -354,8 +699,6 @@ def load_checkpoint(path, map_location="cpu"):
     run folder (its last.pt). weights_only=True: a checkpoint can hold tensors and plain
     containers, never code -- one carrying a pickled object is refused, and nothing in it runs.
     Every problem is a UsageError (one line, exit code 2)."""
-    import pickle
-    import re
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
         if not os.path.isfile(path):
@@ -395,24 +738,61 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# Pictures: fixed-noise samples, fixed test reconstructions, the loss curves.
+# Signals, progress, metrics and pictures
 
-def write_pictures(run, epoch):
-    """Frames of the 'learning fast forward' (seed 000): the same z every epoch; for autoencoders
-    8 fixed test images over their reconstructions (decoded from mu: no sampling noise)."""
-    nets = run.nets
-    was_training = nets.training
-    nets.eval()
-    with torch.no_grad():
-        decode = models.generator(nets)
-        data.save_grid(decode(run.fixed_z).float().cpu(), os.path.join(run.out, "samples", f"epoch_{epoch:03d}.png"))
-        if "vae" in nets:
-            x = run.fixed_x
-            mu, _ = nets["vae"].encode(x)
-            x_hat = nets["vae"].decode(mu)
-            data.save_grid(torch.cat([x, x_hat]).float().cpu(), os.path.join(run.out, "recon", f"epoch_{epoch:03d}.png"),
-                           nrow=x.shape[0])
-    nets.train(was_training)
+def catch_signals(run):
+    """The first SIGINT/SIGTERM asks the loop to stop after the step in flight (so the saved
+    state is a whole step: exact resume); a second one interrupts at once."""
+    def handler(signum, frame):
+        run.stop.append(signum)
+        if len(run.stop) > 1:
+            raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+class Progress:
+    """A progress line that a terminal redraws in place; plain lines every 30 s otherwise."""
+
+    def __init__(self, quiet):
+        self.quiet, self.tty, self.last = quiet, sys.stdout.isatty(), 0.0
+
+    def update(self, run, rate):
+        """Every rank calls this (run.means() is a collective under torchrun); rank 0 prints."""
+        total, images_per_step = total_steps(run), steps_per_update(run.cfg) * run.cfg["batch_size"]
+        text = (f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(run.means())} "
+                f"| {rate:.0f} img/s | eta {(total - run.step) * images_per_step / max(rate, 1e-9):.0f}s")
+        now = time.time()
+        if self.quiet or (not self.tty and now - self.last < 30):
+            return
+        self.last = now
+        print(("\r" + text[:150].ljust(150)) if self.tty else text, end="" if self.tty else "\n", flush=True)
+
+    def clear(self):
+        if self.tty and not self.quiet:
+            print("\r" + " " * 150 + "\r", end="", flush=True)
+
+
+def fmt(d):
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def test_losses(run):
@@ -435,11 +815,28 @@ def test_losses(run):
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+def write_pictures(run, epoch):
+    """Frames of the 'learning fast forward' (seed 000): the same z every epoch; for autoencoders
+    8 fixed test images over their reconstructions (decoded from mu: no sampling noise)."""
+    nets = run.nets
+    was_training = nets.training
+    nets.eval()
+    with torch.no_grad():
+        decode = models.generator(nets)
+        data.save_grid(decode(run.fixed_z).float().cpu(), os.path.join(run.out, "samples", f"epoch_{epoch:03d}.png"))
+        if "vae" in nets:
+            x = run.fixed_x
+            mu, _ = nets["vae"].encode(x)
+            x_hat = nets["vae"].decode(mu)
+            data.save_grid(torch.cat([x, x_hat]).float().cpu(), os.path.join(run.out, "recon", f"epoch_{epoch:03d}.png"),
+                           nrow=x.shape[0])
+    nets.train(was_training)
+
+
 def plot_losses(rows, path, width=720, panel_h=150):
     """metrics.csv as small multiples drawn with pillow: one panel per term with its own y axis
     (a VAE's reconstruction and KL differ by 10^4), train and test of a term in one panel,
     D(x) with D(G(z)). No plotting library: the design card allows torch, numpy and pillow."""
-    from PIL import Image, ImageDraw
     skip = {"epoch", "step", "images_per_s", "seconds"}
     keys = [k for k in (rows[0] if rows else {}) if k not in skip]
     keys = [k for k in keys if all(r.get(k, "") not in ("", None) for r in rows)]
@@ -481,264 +878,57 @@ def plot_losses(rows, path, width=720, panel_h=150):
 
 
 # -----------------------------------------------------------------------------
-# The shared skeleton.
+# Entry point
 
-def run_data(cfg, verbose=False):
-    """A run's images, decoded once (cached) and split by its seed -> (train, test) uint8 tensors.
-    facegen.py calls this too, so it sees exactly the split the run trained on."""
-    images = data.load_images(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
-                              seed=cfg["seed"], verbose=verbose)
-    train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
-    return images[train_idx], images[test_idx]
-
-
-class Run:
-    """Everything one training run holds: config, nets, optimizers, data, counters."""
-
-    def __init__(self, cfg, resume_state=None):
-        self.cfg = cfg
-        self.out = cfg["out"]
-        want = cfg["device"]
-        if want == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but no CUDA device is available")
-        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if self.world > 1:
-            if cfg["batch_size"] % self.world:
-                raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {self.world} processes")
-            if not torch.distributed.is_initialized():
-                torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                torch.cuda.set_device(self.device)
-        self.main = self.rank == 0
-        size = tuple(cfg["image_size"])
-        # --- nets first: an unsupported image size is refused before any data is decoded
-        torch.manual_seed(cfg["seed"])
-        try:
-            self.nets = models.build_model(cfg["model"], image_size=size, latent_dim=cfg["latent_dim"],
-                                           arch=cfg["arch"], critic_norm=cfg["critic_norm"]).to(self.device)
-        except ValueError as e:
-            raise UsageError(str(e))
-        # --- data: decode once (cached), split 80/20 by seed, iterate on the training device
-        try:
-            train_images, test = run_data(cfg, verbose=self.main and not cfg["benchmark"])
-            data.check_enough(len(train_images), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
-        except data.DataError as e:
-            raise UsageError(str(e))
-        self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
-                                    jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world)
-        self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
-                                         device=self.device, drop_last=False)
-        if cfg["channels_last"]:
-            self.nets = self.nets.to(memory_format=torch.channels_last)
-        if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
-            self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)  # (CPU/gloo has no SyncBatchNorm)
-        self.latent_dim = models.latent_dim(self.nets)
-        self.opt = {k: self.make_optimizer(m.parameters()) for k, m in self.nets.items()}
-        # fixed z and fixed test images for the per-epoch pictures (a private generator)
-        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-        self.fixed_z = torch.randn(64, self.latent_dim, generator=gen).to(self.device)
-        self.fixed_x = next(iter(self.test_batches.epoch(0)))[:8] if len(test) else None
-        # forward callables: DDP-wrapped and/or compiled views of the same nets (state_dicts stay plain)
-        self.fwd = dict(self.nets.items())
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.fwd = {k: DDP(m) for k, m in self.nets.items()}
-        if cfg["compile"]:
-            self.fwd = {k: torch.compile(m) for k, m in self.fwd.items()}
-        self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
-        self.meter, self.meter_n = {}, 0
-        self.stop = []  # signals received; the loop stops after the step in flight
-        self.first_bad = {}  # net -> [first step with a non-finite loss, ... gradient] (device)
-        self.term_bad = {}   # logged term -> first step it was not finite (device)
-        if resume_state is not None:
-            self.load_state(resume_state)
-
-    def noise(self, n):
-        """n draws of N(0, I) in latent space: this rank's slice of one draw for the global batch,
-        so N processes see exactly the noise one process would (and 1 process: plain randn)."""
-        eps = torch.randn(n * self.world, self.latent_dim, device=self.device)
-        return eps[self.rank * n:(self.rank + 1) * n]
-
-    def make_optimizer(self, params):
-        cfg = self.cfg
-        if cfg["optimizer"] == "rmsprop":
-            return torch.optim.RMSprop(params, lr=cfg["lr"])
-        fused = cfg["fused_adam"] if cfg["fused_adam"] is not None else self.device.type == "cuda"
-        return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused or None)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"])
-
-    def state(self):
-        return {"nets": self.nets.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.opt.items()},
-                "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
-                "meter": {k: v.detach().cpu() for k, v in self.meter.items()}, "meter_n": self.meter_n,
-                "rng": rng_state(), "config": self.cfg}
-
-    def load_state(self, st):
-        self.nets.load_state_dict(st["nets"])
-        for k, o in self.opt.items():
-            o.load_state_dict(st["optimizers"][k])
-        self.epoch, self.pos, self.step, self.best = st["epoch"], st["pos"], st["step"], st["best"]
-        self.meter = {k: v.to(self.device) for k, v in st["meter"].items()}
-        self.meter_n = st["meter_n"]
-        set_rng_state(st["rng"])
-
-    def check_finite(self):
-        """Stop at the first NaN/Inf before anything is saved: reads back the first bad step that
-        optimizer_step and the loop recorded on the device, names the updates and loss terms that
-        went non-finite at that step, then checks every weight and buffer."""
-        kept = os.path.join(self.out, "last.pt")
-        kept = (f"{kept} still holds the last good checkpoint" if os.path.exists(kept)
-                else "no checkpoint had been written yet")
-        bad = {f"{name} {kind}": s for name, rec in self.first_bad.items()
-               for kind, s in zip(("loss", "gradient"), rec.tolist()) if s < NEVER}
-        terms = {k: int(s) for k, s in self.term_bad.items() if s < NEVER}
-        if bad or terms:
-            step = min([*bad.values(), *terms.values()])
-            where = [u for u, s in bad.items() if s == step]
-            what = ", ".join(k for k, s in terms.items() if s == step)
-            what += f" ({', '.join(where)} not finite)" if what and where else ""
-            raise FloatingPointError(
-                f"NaN/Inf in {what or ', '.join(where)} at step {step} (epoch {self.epoch + 1}); "
-                f"training stopped and nothing non-finite was saved: {kept}. "
-                f"Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
-        for name, m in self.nets.items():
-            ts = [t for t in m.state_dict().values() if t.is_floating_point()]
-            if ts and not torch.stack([torch.isfinite(t).all() for t in ts]).all():
-                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step} "
-                                         f"(epoch {self.epoch + 1}); nothing non-finite was saved: {kept}")
-
-    def checkpoint(self, name="last.pt"):
-        self.check_finite()
-        if self.main:
-            save_checkpoint(self.state(), os.path.join(self.out, name))
-
-
-def prepare_out(out, fresh=False):
-    """Create the run folder (with samples/ and recon/), prove it writable, and sweep the temp
-    files of a checkpoint write that a kill interrupted. A fresh run (fresh=True: not --resume)
-    refuses a folder that already holds a run's last.pt: a run is never overwritten."""
-    if fresh and os.path.isfile(os.path.join(out, "last.pt")):
-        raise UsageError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
-                         f"or train into another --out (or delete the folder)")
+def main(argv=None):
+    """Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
+    Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt."""
+    args = parse_args(argv)
+    out = None
     try:
-        for sub in ("", "samples", "recon"):
-            os.makedirs(os.path.join(out, sub), exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):  # per process: DDP ranks race
-            pass
-        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 ever writes checkpoints
-            for name in os.listdir(out):
-                if name.startswith(".tmp-") and name.endswith(".pt"):
-                    os.remove(os.path.join(out, name))
-    except OSError as e:
-        raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
-
-
-class Progress:
-    """A progress line that a terminal redraws in place; plain lines every 30 s otherwise."""
-
-    def __init__(self, quiet):
-        self.quiet, self.tty, self.last = quiet, sys.stdout.isatty(), 0.0
-
-    def update(self, text):
-        now = time.time()
-        if self.quiet or (not self.tty and now - self.last < 30):
-            return
-        self.last = now
-        print(("\r" + text[:150].ljust(150)) if self.tty else text, end="" if self.tty else "\n", flush=True)
-
-    def clear(self):
-        if self.tty and not self.quiet:
-            print("\r" + " " * 150 + "\r", end="", flush=True)
-
-
-def fmt(d):
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
-
-
-def steps_per_update(cfg):
-    """Batches one optimizer step consumes: n_critic for GANs (a fresh real batch per critic step)."""
-    return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
-
-
-def take_step(run, xs):
-    """One optimizer step of the run's family on its batches (NHWC first with --channels-last)."""
-    if run.cfg["channels_last"]:
-        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-    return STEPS[run.cfg["family"]](run, xs)
-
-
-def train(run):
-    """The loop every family shares: batches -> family step -> meters -> per-epoch pictures,
-    metrics.csv and checkpoints -> progress.gif. A GAN step takes n_critic batches."""
-    cfg = run.cfg
-    per_step = steps_per_update(cfg)
-    total = cfg["epochs"] * (len(run.batches) // per_step)
-    total = min(total, cfg["max_steps"] or total)
-    metrics_path = os.path.join(run.out, "metrics.csv")
-    rows = [r for r in read_metrics(metrics_path) if int(r["epoch"]) <= run.epoch]  # rows after last.pt: redone
-    progress = Progress(cfg["quiet"] or not run.main)
-    # 3. a checkpoint taken at an epoch's last batch still closes that epoch after a resume
-    while run.epoch < cfg["epochs"] and (run.step < total or 0 < run.pos and run.pos + per_step > len(run.batches)):
-        t0, n_images, exhausted = time.time(), 0, False
-        it = run.batches.epoch(run.epoch, start=run.pos)
-        while run.step < total:
-            xs = list(itertools.islice(it, per_step))
-            if len(xs) < per_step:
-                exhausted = True
-                break
-            out = take_step(run, xs)
-            run.pos, run.step, run.meter_n = run.pos + per_step, run.step + 1, run.meter_n + 1
-            n_images += per_step * cfg["batch_size"]
-            for k, v in out.items():  # device-side sums and first non-finite step: no host sync
-                v = v.detach().float()
-                run.meter[k] = run.meter[k] + v if k in run.meter else v
-                bad = torch.where(torch.isfinite(v), NEVER, run.step)
-                run.term_bad[k] = torch.minimum(run.term_bad[k], bad) if k in run.term_bad else bad
-            if run.stop:  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
-                raise KeyboardInterrupt
-            if run.step % cfg["log_every"] == 0:
-                run.check_finite()
-                rate = n_images / max(time.time() - t0, 1e-9)
-                eta = (total - run.step) * per_step * cfg["batch_size"] / max(rate, 1e-9)
-                means = {k: float(v) / run.meter_n for k, v in run.meter.items()}
-                progress.update(f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} "
-                                f"| {rate:.0f} img/s | eta {eta:.0f}s")
-            if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
-                run.checkpoint()
-        exhausted = exhausted or run.pos + per_step > len(run.batches)
-        progress.clear()
-        # --- end of an epoch (or of --max-steps): metrics row, pictures, checkpoints
-        run.check_finite()
-        seconds = time.time() - t0
-        row = {"epoch": run.epoch + 1, "step": run.step}
-        row.update({k: float(v) / max(run.meter_n, 1) for k, v in run.meter.items()})
-        row.update(test_losses(run))
-        row.update(images_per_s=n_images / max(seconds, 1e-9), seconds=seconds)
+        cfg, state = config_from(args)
+        out = cfg["out"]
+        if cfg["benchmark"]:
+            benchmark(cfg)
+            return 0
+        prepare_out(cfg["out"], fresh=not cfg.get("resume"))
+        run = Run(cfg, state)
         if run.main:
-            rows.append(row)
-            write_metrics(metrics_path, rows)
-            plot_losses(rows, os.path.join(run.out, "loss.png"))
-            write_pictures(run, run.epoch + 1)
-            print(f"epoch {run.epoch + 1}/{cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
-        if exhausted:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
-            run.epoch, run.pos = run.epoch + 1, 0
-            run.meter, run.meter_n = {}, 0
-        improved = row.get("test_loss", math.inf) < run.best
-        run.best = min(run.best, row.get("test_loss", math.inf))
-        if improved:  # best.pt first: a kill between the two never leaves best.pt behind last.pt
-            run.checkpoint("best.pt")
-        run.checkpoint("last.pt")
-    if run.main:
-        frames = sorted(os.listdir(os.path.join(run.out, "samples")))
-        if frames:
-            data.save_gif([os.path.join(run.out, "samples", f) for f in frames], os.path.join(run.out, "progress.gif"))
-    return rows
+            tmp = os.path.join(run.out, "config.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(cfg, f, indent=2)
+            os.replace(tmp, os.path.join(run.out, "config.json"))
+        handlers = catch_signals(run)
+        try:
+            train(run)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
+            if len(run.stop) > 1:  # a second signal: the step was cut short, keep the last checkpoint
+                print(f"\ninterrupted twice; {run.out}/last.pt holds the last checkpoint", file=sys.stderr)
+                return 130
+            run.checkpoint()
+            print(f"\ninterrupted at step {run.step}; saved {run.out}/last.pt (resume with --resume {run.out})")
+            return 130
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:
+        hint = f"; fix it, then continue with --resume {out}" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C while saving
+        print("\ninterrupted; nothing more was saved", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    print(f"done: {run.out}")
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -833,106 +1023,6 @@ def benchmark(cfg, rounds=3):
     print(f"{best:10.1f} img/s  {best / base:5.2f}x  fast path: resident data + {' + '.join(names) or 'nothing else'} "
           f"(baseline re-timed beside it: {base:.1f} img/s)")
     return base, best
-
-
-def read_metrics(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_metrics(path, rows):
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def config_from(args):
-    """Resolve the flags, or on --resume take the run's config and refuse disagreeing flags."""
-    if not args.resume:
-        if not args.model:
-            raise UsageError("--model is required (or --resume a run)")
-        return resolve(args), None
-    state = load_checkpoint(args.resume)
-    saved = state["config"]
-    fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
-    given = {"betas" if k in ("beta1", "beta2") else k for k, v in vars(args).items()
-             if v is not None and k not in RESUMABLE}
-    same = lambda a, b: json.dumps(a) == json.dumps(b)
-    differ = [f"{k} {fresh[k]} (the run has {saved.get(k)})" for k in sorted(given)
-              if not same(fresh[k], saved.get(k))]
-    if differ:
-        raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
-    cfg = dict(saved, resume=args.resume)
-    cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
-    return cfg, state
-
-
-def catch_signals(run):
-    """The first SIGINT/SIGTERM asks the loop to stop after the step in flight (so the saved
-    state is a whole step: exact resume); a second one interrupts at once."""
-    def handler(signum, frame):
-        run.stop.append(signum)
-        if len(run.stop) > 1:
-            raise KeyboardInterrupt
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        cfg, state = config_from(args)
-        if cfg["benchmark"]:
-            benchmark(cfg)
-            return 0
-        prepare_out(cfg["out"], fresh=not cfg.get("resume"))
-        run = Run(cfg, state)
-        if run.main:
-            tmp = os.path.join(run.out, "config.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(cfg, f, indent=2)
-            os.replace(tmp, os.path.join(run.out, "config.json"))
-        handlers = catch_signals(run)
-        try:
-            train(run)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
-            if len(run.stop) > 1:  # a second signal: the step was cut short, keep the last checkpoint
-                print(f"\ninterrupted twice; {run.out}/last.pt holds the last checkpoint", file=sys.stderr)
-                return 130
-            run.checkpoint()
-            print(f"\ninterrupted at step {run.step}; saved {run.out}/last.pt (resume with --resume {run.out})")
-            return 130
-        finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
-    # Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
-    # Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt.
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except OSError as e:
-        out = (locals().get("cfg") or {}).get("out")
-        hint = f"; fix it, then continue with --resume {out}" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before training, or a second Ctrl-C while saving
-        print("\ninterrupted; nothing more was saved", file=sys.stderr)
-        return 130
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    print(f"done: {run.out}")
-    return 0
 
 
 if __name__ == "__main__":
