@@ -13,6 +13,8 @@ writes one file, in the run folder unless --out says otherwise, and prints its p
 loading a run -> latent geometry -> metrics -> the PCA explorer -> one function per command -> CLI.
 """
 import argparse
+import collections
+import csv
 import glob
 import http.server
 import io
@@ -21,6 +23,7 @@ import math
 import os
 import re
 import sys
+import threading
 import urllib.parse
 
 import torch
@@ -29,7 +32,7 @@ from PIL import Image
 
 import data
 import models
-from train import UsageError, load_checkpoint, non_negative, positive, run_data
+from train import UsageError, load_checkpoint, non_negative, positive
 
 # -----------------------------------------------------------------------------
 # Loading a run: train.load_checkpoint, nets rebuilt from the run's own config.
@@ -54,7 +57,7 @@ def load_run(path, checkpoint="last", device="cpu"):
 def run_images(cfg):
     """The run's own data, split exactly as train.py split it -> (train, test), uint8 N x 3 x H x W."""
     try:
-        return run_data(cfg)
+        return data.run_data(cfg)
     except data.DataError as e:
         raise UsageError(f"the run's data: {e}")
 
@@ -294,90 +297,310 @@ def nearest_rms(queries, reference, chunk=1024):
 
 # -----------------------------------------------------------------------------
 # The PCA explorer (seed 003's "face generation GUI"): a local page with a slider per component.
+#
+# The page's state is its URL query (so every view is a permalink): f, the start face, and c, the
+# slider values. The face shown is decode(z_f + Σ_j c_j σ_j v_j), v_j the j-th principal component
+# and σ_j the codes' std along it; z_f is the mean code (f=mean), the posterior mean μ of held-out
+# test image f (autoencoders), or z ~ N(0, I) drawn with seed f (GANs).
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>facegen latent PCA</title>
-<style>body{font-family:sans-serif;display:flex;gap:2em}label{display:block;font-size:13px}</style>
-<img id="face" src="face.png" width="%(w)d" height="%(h)d" style="image-rendering:pixelated">
-<div><p>Principal components of the training codes, in std units (seed 003)</p><div id="s"></div>
-<button onclick="setAll(() => 0)">mean face</button> <button onclick="setAll(randn)">random</button></div>
+PAGE = """<!doctype html><html lang="en"><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>facegen latent PCA explorer</title>
+<style>
+* { box-sizing: border-box }
+body { margin: 0; padding: 12px 24px; font: 15px/1.4 system-ui, sans-serif; color: #222; background: #f6f6f6 }
+h1 { font-size: 20px; margin: 0 } h2 { font-size: 15px; margin: 14px 0 6px }
+#facts span { display: inline-block; max-width: 100%; margin-right: 1.2em; color: #555; white-space: nowrap;
+              overflow: hidden; text-overflow: ellipsis; vertical-align: bottom } #facts b { color: #222 }
+details { color: #444; max-width: 75em; margin: 4px 0 10px } summary { cursor: pointer; color: #1a5fb4 }
+main { display: grid; grid-template-columns: minmax(0, 4fr) minmax(0, 5fr); gap: 0 32px; align-items: start;
+       grid-template-areas: "view sliders" "starts sliders" ". sliders" }
+#view { grid-area: view; position: sticky; top: 0; padding-top: 6px; background: #f6f6f6; z-index: 1 }
+#starts { grid-area: starts } #sliders { grid-area: sliders }
+#face { display: block; width: 100%; max-width: 70vh; aspect-ratio: var(--aspect); image-rendering: pixelated;
+        background: #ddd; border-radius: 6px }
+.bar { display: flex; flex-wrap: wrap; gap: 8px; align-items: center; margin: 8px 0 }
+.bar a, button { font: inherit; font-size: 14px; padding: 3px 10px; border: 1px solid #bbb; border-radius: 5px;
+                 background: #fff; color: #222; text-decoration: none; cursor: pointer }
+#from { flex-basis: 100%; color: #444 } .note { margin: 0 0 6px; color: #555; font-size: 13px }
+img.thumb { width: 60px; aspect-ratio: var(--aspect); image-rendering: pixelated; cursor: pointer; border-radius: 5px;
+            border: 3px solid transparent; vertical-align: middle }
+img.thumb.on { border-color: #1a73e8 }
+.row { margin: 6px 0 12px; padding: 8px 12px 4px; background: #fff; border: 1px solid #ddd; border-radius: 6px }
+.head { display: flex; flex-wrap: wrap; gap: 4px 12px; align-items: baseline }
+.head output { font: 600 15px ui-monospace, monospace; min-width: 4.5em }
+.head .share { flex: 1; color: #666; font-size: 13px } .head button { padding: 0 8px; font-size: 13px }
+.strip { display: block; width: 100%; aspect-ratio: calc(var(--n) * var(--aspect)); margin-top: 6px;
+         image-rendering: pixelated; cursor: pointer; background: #eee }
+/* the slider's ends sit under the centres of the first and last preview faces (thumb 16 px wide) */
+input[type=range] { display: block; margin: 4px 0 0 calc(100% / (2 * var(--n)) - 8px);
+                    width: calc(100% * (var(--n) - 1) / var(--n) + 16px) }
+.ticks { display: grid; grid-template-columns: repeat(var(--n), 1fr); text-align: center; font-size: 12px; color: #666 }
+@media (max-width: 760px) {
+  body { padding: 8px 10px }
+  main { grid-template-columns: minmax(0, 1fr); grid-template-areas: "view" "starts" "sliders" }
+  #face { width: auto; max-width: 100%; height: 32vh; margin: 0 auto }
+  .bar { justify-content: center }
+  #thumbs { display: flex; align-items: center; overflow-x: auto } #thumbs > * { flex: none }  /* one row */
+}
+</style>
+<h1>Latent PCA explorer</h1>
+<div id="facts"></div>
+<details id="about"><summary>How to read this page</summary><span id="help"></span></details>
+<main>
+<section id="view">
+  <img id="face" alt="the face for the current slider values">
+  <div class="bar"><span id="from"></span><a id="save" download>save PNG</a><a id="link">permalink</a>
+    <button id="zero">reset all sliders</button></div>
+</section>
+<section id="starts"><h2>Start from</h2><p class="note" id="startnote"></p><div id="thumbs"></div></section>
+<section id="sliders"><h2 id="title"></h2></section>
+</main>
+<datalist id="ticks"></datalist>
 <script>
-const img = document.getElementById("face"), sliders = %(explained)s.map((e, i) => {
-  const l = document.createElement("label"), r = document.createElement("input");
-  Object.assign(r, {type: "range", min: -3, max: 3, step: 0.05, value: 0, oninput: draw});
-  l.append(r, ` PC${i + 1} (${(100 * e).toFixed(1)}%% of the variance)`);
-  document.getElementById("s").append(l);
-  return r;
+const I = __INFO__;  // the run, the components and the starting state, written by the server
+const $ = id => document.getElementById(id), el = (tag, props) => Object.assign(document.createElement(tag), props);
+const pc = j => "PC" + (j + 1), pct = x => (100 * x).toFixed(1) + "%";
+const signed = v => (v > 0 ? "+" : v < 0 ? "\\u2212" : "\\u00b1") + Math.abs(v).toFixed(2) + "\\u03c3";
+document.title = `${I.model} \\u00b7 latent PCA \\u00b7 facegen`;
+document.body.style.setProperty("--n", I.ticks.length);
+document.body.style.setProperty("--aspect", I.aspect);
+for (const [k, v] of I.facts) {
+  const fact = el("span", {textContent: k + " ", title: v});
+  fact.append(el("b", {textContent: v}));
+  $("facts").append(fact);
+}
+$("help").textContent = I.help;
+$("about").open = innerWidth > 760;  // narrow windows keep the space for the face
+$("title").textContent = `Top ${I.shares.length} principal components (slider: offset from the start face, in \\u03c3)`;
+I.ticks.forEach(t => $("ticks").append(el("option", {value: t})));
+
+// One request at a time per picture: while one loads, newer values only replace the wish, so
+// dragging a slider never floods the server with requests that the browser then cancels.
+function loader(img) {
+  let wish = null, busy = false;
+  const next = () => { if (wish !== img.getAttribute("src")) { busy = true; img.src = wish; } };
+  img.onload = () => { busy = false; img.dataset.shown = img.getAttribute("src"); next(); };
+  img.onerror = () => { busy = false; img.dataset.failed = img.getAttribute("src"); next(); };
+  return url => { wish = url; if (!busy) next(); };
+}
+
+let f = I.f, c = I.c.slice(), cumulative = 0;
+const face = loader($("face"));
+const rows = I.shares.map((share, j) => {
+  cumulative += share;
+  const row = el("div", {className: "row"}), head = el("div", {className: "head"});
+  const out = el("output"), reset = el("button", {textContent: "reset", title: `${pc(j)} back to 0`});
+  const strip = el("img", {className: "strip", alt: `the face along ${pc(j)}`,
+                           title: "the face at each tick: click one to go there"});
+  const r = el("input", {type: "range", min: -I.range, max: I.range, step: I.step, value: c[j]});
+  r.setAttribute("list", "ticks");
+  r.setAttribute("aria-label", pc(j));
+  head.append(el("b", {textContent: pc(j)}), out,
+              el("span", {className: "share", textContent: `${pct(share)} of the variance \u00b7 ${pct(cumulative)} cumulative`}), reset);
+  const ticks = el("div", {className: "ticks"});
+  I.ticks.forEach(t => ticks.append(el("span", {textContent: (t > 0 ? "+" : "") + +t.toFixed(2)})));
+  row.append(head, strip, r, ticks);
+  $("sliders").append(row);
+  const set = v => { r.value = v; c[j] = +r.value; show(true); };
+  r.oninput = () => { c[j] = +r.value; show(false); };
+  r.onchange = () => show(true);
+  reset.onclick = () => set(0);
+  strip.onclick = e => set(I.ticks[Math.min(I.ticks.length - 1, Math.floor(e.offsetX / strip.clientWidth * I.ticks.length))]);
+  c[j] = +r.value;  // a permalink's value, snapped to the slider's step
+  return {r, out, strip: loader(strip)};
 });
-function draw() { img.src = "face.png?c=" + sliders.map(r => r.value).join(","); }
-function randn() { return Math.sqrt(-2 * Math.log(1 - Math.random())) * Math.cos(2 * Math.PI * Math.random()); }
-function setAll(f) { sliders.forEach(r => r.value = f()); draw(); }
+
+// The start faces: the mean code, then held-out test images (autoencoders) or noise seeds (GANs).
+const thumbs = ["mean", ...I.starts].map(v => {
+  const t = el("img", {className: "thumb", src: "start.png?f=" + v, alt: name(v), title: name(v)});
+  t.onclick = () => start(v);
+  $("thumbs").append(t);
+  return t;
+});
+$("startnote").textContent = I.noise ? "The mean of the sampled z, then z ~ N(0, I) drawn with seeds 0, 1, ..."
+  : "The mean code, then held-out test images (never trained on): the face becomes the decoder's reconstruction of the image you pick.";
+if (I.n_faces > 0)
+  $("thumbs").append(" ", el("button", {textContent: I.noise ? "random z" : "random test image",
+                                        onclick: () => start(Math.floor(Math.random() * I.n_faces))}));
+function name(v) {
+  return v === "mean" ? "the mean code" : I.noise ? `z ~ N(0, I), seed ${v}` : `held-out test image #${v}`;
+}
+function start(v) {
+  f = String(v);
+  rows.forEach((row, j) => { row.r.value = 0; c[j] = 0; });
+  show(true);
+}
+$("zero").onclick = () => start(f);
+
+function show(settled) {  // settled: not mid-drag, so also the preview strips and the URL
+  const s = `f=${f}&c=${c.join(",")}`;
+  rows.forEach((row, j) => row.out.value = signed(c[j]));
+  face("face.png?" + s);
+  $("save").href = "face.png?" + s;
+  $("save").download = `${I.model}-f${f}-c${c.join("_")}.png`;
+  $("link").href = "?" + s;
+  if (!settled) return;
+  history.replaceState(null, "", "?" + s);
+  rows.forEach((row, j) => row.strip(`strip.png?j=${j}&${s}`));
+  thumbs.forEach((t, i) => t.classList.toggle("on", ["mean", ...I.starts].map(String)[i] === f));
+  $("from").textContent = "Start: " + name(f) + (I.noise || f === "mean" ? "" : " (the face is its reconstruction, edited)");
+}
+show(true);
 </script>
 """
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", re.ASCII)  # not nan, inf, 1_0 or '٣'
+
+
+def query_fields(query, names):
+    """'f=3&c=1,2' -> {'f': '3', 'c': '1,2'}. Other names, a repeated name, a malformed pair or
+    bytes that are not UTF-8 are a ValueError (answered 400, never echoing the input)."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
+                                       errors="strict", max_num_fields=len(names))
+    except ValueError:
+        pairs = None
+    if pairs is None or len(dict(pairs)) < len(pairs) or not {k for k, _ in pairs} <= set(names):
+        raise ValueError(f"the query takes name=value pairs, each of {', '.join(names)} at most once")
+    return dict(pairs)
+
+
+def png(x, height=None):
+    """Faces (B, 3, h, w) in [-1, 1] -> PNG bytes of one row, upscaled (nearest) to `height` px."""
+    im = Image.fromarray(data.make_grid(x, nrow=len(x), padding=0))
+    if height:
+        im = im.resize((round(height * im.width / im.height), height), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
 
 class Explorer:
-    """The face for slider values c (std units of the top K components), as an upscaled PNG."""
+    """The explorer's pictures for a state (f, c), each a method taking the URL query. The server's
+    threads share one Explorer; the nets run under a lock (torch modules are not promised to be
+    thread-safe, and one inference at a time is no slower than several competing for the cores).
 
-    def __init__(self, nets, mean, components, sigma, k=8, size=256):
-        self.nets, self.pca, self.k = nets, (mean, components, sigma), min(k, len(sigma))
-        self.explained = (sigma ** 2 / (sigma ** 2).sum())[:self.k].tolist()
-        H, W = decode(nets, mean[None]).shape[2:]
-        self.shape = (round(size * W / H), size)                                   # PIL: (width, height)
+    pca: (mean, components, sigma) of fit_pca; about: {'model', 'facts': [[name, value], ...],
+    'help'} for the page; faces: the held-out test images (uint8), or None for a GAN (start faces
+    are then noise seeds); k sliders from -span to +span; size: height of face.png."""
 
-    def coefficients(self, query):
-        """Query string 'c=0.5,-1.2' -> (1, K) tensor; components not given are 0."""
-        c = [float(v) for v in urllib.parse.parse_qs(query).get("c", [""])[0].split(",") if v.strip()]
-        if len(c) > self.k or not all(abs(v) <= 10 for v in c):                    # also refuses nan, inf
-            raise ValueError(f"c takes at most {self.k} numbers in [-10, 10]")
-        return torch.tensor([c + [0.0] * (self.k - len(c))])
+    def __init__(self, nets, pca, about, faces=None, k=8, span=3.0, size=256, n_ticks=7, n_starts=12):
+        self.nets, self.pca, self.faces, self.lock = nets, pca, faces, threading.Lock()
+        sigma = pca[2]
+        self.k, self.span, self.size = min(k, len(sigma)), span, size
+        self.n_faces = 2 ** 31 if faces is None else len(faces)
+        self.ticks = torch.linspace(-span, span, n_ticks)
+        h, w = decode(nets, pca[0][None]).shape[2:]
+        self.info = dict(about, shares=(sigma ** 2 / (sigma ** 2).sum())[:self.k].tolist(), range=span,
+                         step=span / 60, ticks=self.ticks.tolist(), aspect=w / h, noise=faces is None,
+                         n_faces=self.n_faces, starts=list(range(min(n_starts, self.n_faces))))
 
-    def face_png(self, coeffs):
-        x = decode(self.nets, from_pca(*self.pca, coeffs))
-        buf = io.BytesIO()
-        Image.fromarray(data.make_grid(x, padding=0)).resize(self.shape, Image.Resampling.NEAREST).save(buf, "PNG")
-        return buf.getvalue()
+    def state(self, query, names=("f", "c")):
+        """Query 'f=3&c=0.5,-1.2' -> (f, c (K,), fields): f 'mean' or a start index; components
+        not given are 0. Anything else is a ValueError."""
+        q = query_fields(query, names)
+        f, c = q.get("f", "mean"), q.get("c", "")
+        if f != "mean" and not (re.fullmatch(r"\d{1,10}", f, re.ASCII) and int(f) < self.n_faces):
+            raise ValueError(f"f is 'mean' or a whole number below {self.n_faces}")
+        c = c.split(",") if c else []
+        if len(c) > self.k or not all(NUMBER.fullmatch(v) and abs(float(v)) <= self.span for v in c):
+            raise ValueError(f"c takes at most {self.k} comma-separated numbers in [-{self.span:g}, {self.span:g}]")
+        return f, torch.tensor([float(v) for v in c] + [0.0] * (self.k - len(c))), q
 
-    def page(self):
-        return PAGE % {"w": self.shape[0], "h": self.shape[1], "explained": json.dumps(self.explained)}
+    @torch.no_grad()
+    def faces_at(self, f, coeffs):
+        """Coefficient rows (B, K) -> faces decode(z_f + Σ_j c_j σ_j v_j), (B, 3, H, W)."""
+        mean, components, sigma = self.pca
+        with self.lock:
+            if f == "mean":
+                z_f = mean
+            elif self.faces is not None:
+                z_f = encode_dataset(self.nets["vae"], self.faces[int(f)][None])[0][0]
+            else:
+                z_f = torch.randn(len(mean), generator=torch.Generator().manual_seed(int(f)))
+            return decode(self.nets, from_pca(z_f, components, sigma, coeffs))
+
+    def face_png(self, query):
+        f, c, _ = self.state(query)
+        return png(self.faces_at(f, c[None]), self.size)
+
+    def strip_png(self, query):
+        """Component j's preview: the current face with c_j at each tick."""
+        f, c, q = self.state(query, ("f", "c", "j"))
+        j = q.get("j", "")
+        if not (re.fullmatch(r"\d{1,3}", j, re.ASCII) and int(j) < self.k):
+            raise ValueError(f"j is a component index below {self.k}")
+        coeffs = c.repeat(len(self.ticks), 1)
+        coeffs[:, int(j)] = self.ticks
+        return png(self.faces_at(f, coeffs))
+
+    def start_png(self, query):
+        """A start face's thumbnail: the test image itself, or the decoded mean code or noise."""
+        f, _, _ = self.state(query, ("f",))
+        if self.faces is not None and f != "mean":
+            return png(to_float(self.faces[int(f)])[None])
+        return png(self.faces_at(f, torch.zeros(1, self.k)))
+
+    def page(self, query):
+        f, c, _ = self.state(query)
+        info = json.dumps(dict(self.info, f=f, c=c.tolist())).replace("<", "\\u003c")  # no </script>, <!--
+        return PAGE.replace("__INFO__", info).encode()
 
 
 class ExplorerHandler(http.server.BaseHTTPRequestHandler):
-    """GET / -> the page; GET /face.png?c=c1,c2,... -> the face. Requests naming another host
-    (DNS rebinding from a web page) are refused."""
+    """GET / (the page), /face.png, /strip.png (with j=), /start.png; the query is the state.
+    A bad query is a 400, another path a 404, a request naming another host (DNS rebinding from a
+    web page) a 403. Each read or write on a connection waits at most `timeout` seconds, so a
+    client that sends half a request and stalls holds only its own thread, and only that long;
+    a client that hangs up is dropped without a word."""
+    timeout = 10
+    routes = {"/": ("page", "text/html; charset=utf-8"), "/face.png": ("face_png", "image/png"),
+              "/strip.png": ("strip_png", "image/png"), "/start.png": ("start_png", "image/png")}
+
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError):  # the client left, or stalled mid-reply: its loss only
+            pass
 
     def do_GET(self):
-        url, explorer = urllib.parse.urlsplit(self.path), self.server.explorer
         if self.headers.get("Host", "").rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
-            return self.send_error(403)
+            return self.send_error(403, "the explorer answers requests for 127.0.0.1 or localhost only")
         try:
-            if url.path == "/":
-                body, kind = explorer.page().encode(), "text/html; charset=utf-8"
-            elif url.path == "/face.png":
-                body, kind = explorer.face_png(explorer.coefficients(url.query)), "image/png"
-            else:
+            url = urllib.parse.urlsplit(self.path)
+            if url.path not in self.routes:
                 return self.send_error(404)
+            method, kind = self.routes[url.path]
+            body = getattr(self.server.explorer, method)(url.query)
         except ValueError as e:
             return self.send_error(400, str(e))
         self.send_response(200)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # another run may serve this port tomorrow
         self.end_headers()
         self.wfile.write(body)
+
+    def log_request(self, code="-", size="-"):  # kept for tests and debugging, not printed
+        self.server.served.append((getattr(self, "path", None), int(code)))
 
     def log_message(self, *args):  # quiet: one request per slider move
         pass
 
 
 def make_server(explorer, host="127.0.0.1", port=0):
-    """An HTTPServer for the explorer. It has no authentication, so it listens on 127.0.0.1 only;
-    port 0 picks a free port (server.server_address). Run server.serve_forever(), then shutdown()."""
+    """A ThreadingHTTPServer (one daemon thread per connection) for the explorer. It has no
+    authentication, so it listens on 127.0.0.1 only; port 0 picks a free port
+    (server.server_address). server.served keeps the last 1000 (path, status) pairs.
+    Run server.serve_forever(), then shutdown() and server_close()."""
     if host != "127.0.0.1":
         raise UsageError(f"the explorer listens on 127.0.0.1 only; refusing host {host!r}")
     try:
-        server = http.server.HTTPServer((host, port), ExplorerHandler)
-    except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e} (try --port 0)")
-    server.explorer = explorer
+        server = http.server.ThreadingHTTPServer((host, port), ExplorerHandler)
+    except (OSError, OverflowError) as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e} (try --port 0)")
+    server.explorer, server.served = explorer, collections.deque(maxlen=1000)
     return server
 
 
@@ -461,25 +684,64 @@ def cmd_std_sweep(args):
     return save(decode(nets, torch.cat([s * eps for s in args.stds])), args, "std_sweep.png", args.n)
 
 
-def fit_pca(nets, cfg):
-    """latent_pca of the posterior means mu of the run's training images."""
-    return latent_pca(encode_dataset(encoder(nets, "pca"), run_images(cfg)[0])[0])
+def fit_pca(nets, train_images=None, n_noise=4096, seed=0):
+    """Seed 003's PCA basis (mean, components, sigma): latent_pca of the posterior means μ of the
+    training images. A GAN has no encoder, so for GANs: latent_pca of n_noise draws z ~ N(0, I).
+    That cloud is isotropic: its components are random orthogonal directions of nearly equal
+    variance, so their order means little (the page and the command say so)."""
+    if "vae" in nets:
+        return latent_pca(encode_dataset(nets["vae"], train_images)[0])
+    g = torch.Generator().manual_seed(seed)
+    return latent_pca(torch.randn(n_noise, models.latent_dim(nets), generator=g))
+
+
+def explorer_about(run, cfg, n_train, latent_size):
+    """What the explorer page says about a run: its facts, and how to read the components
+    (n_train: the training images the PCA saw; None for a GAN's sampled z)."""
+    folder, step, (H, W) = run_folder(run), cfg.get("trained_steps"), cfg["image_size"]
+    try:  # the epoch of the checkpoint's step: its metrics.csv row
+        with open(os.path.join(folder, "metrics.csv"), newline="") as f:
+            epoch = ([r["epoch"] for r in csv.DictReader(f) if int(r["step"]) <= step] or ["0"])[-1]
+    except (OSError, KeyError, TypeError, ValueError):
+        epoch = "?"
+    if n_train is None:
+        basis = (f"This GAN has no encoder, so the components are those of 4096 draws z ~ N(0, I): an "
+                 f"isotropic cloud, where each of the {latent_size} directions has about the same variance, "
+                 f"so the components are random orthogonal directions and their order means little.")
+    else:
+        basis = (f"The components are the principal axes of the codes μ of the {n_train} training images "
+                 f"(seed 003), largest variance first; a slider moves the face along one, in units of "
+                 f"that component's standard deviation σ.")
+    return {"model": cfg["model"], "basis": basis,
+            "help": basis + " The strip above each slider shows the face at its ticks (click one to go "
+                            "there). Pick a start face; the address bar is a permalink.",
+            "facts": [["run", os.path.abspath(folder)], ["model", cfg["model"]],
+                      ["checkpoint", os.path.basename(cfg["checkpoint"])], ["epoch", f"{epoch} (step {step})"],
+                      ["latent size", str(latent_size)], ["image", f"{H}×{W}"]]}
 
 
 def cmd_pca(args):
     """Seed 003's latent PCA: row j walks principal component j of the training codes from −range
-    to +range of its std (columns), the other components at the mean code. --serve then opens
-    the slider explorer on 127.0.0.1."""
+    to +range of its std (columns), the other components at the mean code. GANs have no encoder:
+    their components are those of sampled z ~ N(0, I). --serve then opens the slider explorer on
+    127.0.0.1: start from a held-out test face (or noise) and move it along the components."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     nets, cfg = open_run(args)
-    mean, components, sigma = fit_pca(nets, cfg)
+    train_images, test_images = run_images(cfg) if "vae" in nets else (None, None)
+    mean, components, sigma = fit_pca(nets, train_images, seed=args.seed)
     K = min(args.components, len(sigma))
     coeffs = torch.zeros(K, args.steps, K)
     coeffs[torch.arange(K), :, torch.arange(K)] = torch.linspace(-args.range, args.range, args.steps)
     path = save(decode(nets, from_pca(mean, components, sigma, coeffs.flatten(0, 1))), args, "pca.png", args.steps)
+    about = explorer_about(args.run, cfg, None if train_images is None else len(train_images), len(mean))
+    if train_images is None:
+        print(about["basis"])
     share = sigma ** 2 / (sigma ** 2).sum()
     print("variance explained: " + ", ".join(f"PC{j + 1} {100 * share[j]:.1f}%" for j in range(K)))
     if args.serve:
-        server = make_server(Explorer(nets, mean, components, sigma, K, args.size), port=args.port)
+        explorer = Explorer(nets, (mean, components, sigma), about, test_images, K, args.range, args.size)
+        server = make_server(explorer, port=args.port)
         print(f"explorer at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
         try:
             server.serve_forever()
@@ -619,9 +881,9 @@ def parse_args(argv=None):
                                 help="comma-separated std of each row")
     s["pca"].add_argument("--components", type=positive(int), default=8, help="top components: grid rows, sliders")
     s["pca"].add_argument("--steps", type=positive(int), default=9, help="grid columns")
-    s["pca"].add_argument("--range", type=non_negative, default=3.0, help="walk from -range to +range std")
+    s["pca"].add_argument("--range", type=non_negative, default=3.0, help="grid and sliders: from -range to +range std")
     s["pca"].add_argument("--serve", action="store_true", help="then serve the slider explorer on 127.0.0.1")
-    s["pca"].add_argument("--port", type=int, default=8000, help="explorer port (0: any free port)")
+    s["pca"].add_argument("--port", type=int, default=8000, help="explorer port, 0..65535 (0: any free port)")
     s["pca"].add_argument("--size", type=positive(int), default=256, help="explorer face height in pixels")
     s["gif"].add_argument("--duration-ms", type=positive(int), default=200, help="time per frame")
     s["gif"].add_argument("--hold-last-ms", type=positive(int), default=2000, help="time on the last frame")

@@ -11,6 +11,7 @@ and pictures, and the benchmark last.
 """
 import argparse
 import csv
+import fcntl
 import itertools
 import json
 import math
@@ -23,11 +24,11 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -227,7 +228,7 @@ def train(run):
     """Batches -> the family's step -> meters; at the end of each epoch a metrics.csv row, the
     pictures and the checkpoints; progress.gif at the end."""
     cfg = run.cfg
-    rows = [r for r in read_metrics(run.metrics_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
+    rows = [r for r in read_metrics(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
     progress = Progress(cfg["quiet"] or not run.main)
     for steps, completes in epochs_to_run(run):
         t0, n_images = time.time(), 0
@@ -244,9 +245,9 @@ def train(run):
         progress.clear()
         end_epoch(run, rows, completes, time.time() - t0, n_images)
     if run.main:
-        frames = sorted(os.listdir(os.path.join(run.out, "samples")))
+        frames = data.epoch_frames(os.path.join(run.out, "samples"))
         if frames:
-            data.save_gif([os.path.join(run.out, "samples", f) for f in frames], os.path.join(run.out, "progress.gif"))
+            data.save_gif(frames, os.path.join(run.out, "progress.gif"))
     return rows
 
 
@@ -296,7 +297,7 @@ def end_epoch(run, rows, completes, seconds, n_images):
     if run.main:
         rows.append(row)
         write_metrics(run.metrics_path, rows)
-        plot_losses(rows, os.path.join(run.out, "loss.png"))
+        data.plot_losses(rows, os.path.join(run.out, "loss.png"))
         write_pictures(run, run.epoch + 1)
         print(f"epoch {run.epoch + 1}/{run.cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
     if completes:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
@@ -346,6 +347,20 @@ def non_negative(s):
     return v
 
 
+def beta(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {s}")
+    return v
+
+
+def seed(s):
+    v = int(s)
+    if not 0 <= v < 2 ** 63 - 1:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^63 - 1), got {s}")
+    return v
+
+
 def fraction(s):
     v = float(s)
     if not 0 < v < 1:
@@ -368,7 +383,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=positive(int), default=None, help="global batch size")
     g.add_argument("--lr", type=positive(float), default=None, help="learning rate (both nets for GANs)")
     g.add_argument("--latent-dim", type=positive(int), default=None, help="size of z")
-    g.add_argument("--seed", type=int, default=None, help="seeds weights, data split, order and augmentation")
+    g.add_argument("--seed", type=seed, default=None, help="seeds weights, data split, order and augmentation")
     g.add_argument("--test-fraction", type=fraction, default=None, help="held-out part of the data (never trains)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
     g.add_argument("--out", default=None, help="run folder (default: runs/MODEL)")
@@ -387,8 +402,8 @@ def parse_args(argv=None):
     g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
     g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
-    g.add_argument("--beta1", type=float, default=None, help="Adam beta1")
-    g.add_argument("--beta2", type=float, default=None, help="Adam beta2")
+    g.add_argument("--beta1", type=beta, default=None, help="Adam beta1, in [0, 1)")
+    g.add_argument("--beta2", type=beta, default=None, help="Adam beta2, in [0, 1)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip p=0.5")
     g.add_argument("--jitter", type=non_negative, default=None, help="colour jitter strength (brightness/contrast/saturation)")
@@ -423,9 +438,20 @@ def resolve(args):
     except ValueError as e:
         raise UsageError(str(e))
     cfg["family"] = models.FAMILY[args.model]
-    unused = [k for k, fams in FAMILY_FLAGS.items() if vars(args).get(k) is not None and cfg["family"] not in fams]
+    given = {k for k, v in vars(args).items() if v is not None}
+    unused = [k for k, fams in FAMILY_FLAGS.items() if k in given and cfg["family"] not in fams]
     if unused:
         raise UsageError(f"--model {args.model} does not use " + ", ".join("--" + k.replace("_", "-") for k in unused))
+    # flags that only mean something with another setting of this run
+    for flag, needs, ok in (("beta1", "--optimizer adam", cfg["optimizer"] == "adam"),
+                            ("beta2", "--optimizer adam", cfg["optimizer"] == "adam"),
+                            ("fused_adam", "--optimizer adam", cfg["optimizer"] == "adam"),
+                            ("obs_std", "--recon gnll", cfg["recon"] == "gnll"),
+                            ("kl_weight", "a variational model (ae has no KL term)", args.model != "ae")):
+        if flag in given and not ok:
+            raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs}; "
+                             f"this run has --model {args.model} --optimizer {cfg['optimizer']}"
+                             + (f" --recon {cfg['recon']}" if cfg["family"] in _AE else ""))
     return cfg
 
 
@@ -447,7 +473,13 @@ def config_from(args):
         raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
     cfg = dict(saved, resume=args.resume)
     cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
+    cfg["out"] = args.out or run_folder(args.resume)  # the folder given, wherever it was copied or moved
     return cfg, state
+
+
+def run_folder(path):
+    """A run folder itself, or the folder of a checkpoint file in it."""
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 # -----------------------------------------------------------------------------
@@ -464,6 +496,8 @@ class Run:
     def __init__(self, cfg, resume_state=None):
         self.cfg, self.out = cfg, cfg["out"]
         self.metrics_path = os.path.join(self.out, "metrics.csv")
+        # the rows so far: the resumed run's (it may have been copied to another --out)
+        self.rows_path = os.path.join(run_folder(cfg["resume"]), "metrics.csv") if cfg.get("resume") else self.metrics_path
         # --- device and processes (torchrun sets RANK / WORLD_SIZE)
         want = cfg["device"]
         if want == "cuda" and not torch.cuda.is_available():
@@ -489,6 +523,10 @@ class Run:
                                            critic_norm=cfg["critic_norm"]).to(self.device)
         except ValueError as e:
             raise UsageError(str(e))
+        per_rank = cfg["batch_size"] // self.world
+        if per_rank < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.nets.modules()):
+            raise UsageError(f"--model {cfg['model']} has BatchNorm, which needs at least 2 images per "
+                             f"batch and process; this run has {per_rank}: use --batch-size >= {2 * self.world}")
         if cfg["channels_last"]:
             self.nets = self.nets.to(memory_format=torch.channels_last)
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
@@ -503,8 +541,11 @@ class Run:
         self.penalty_critic = self.fwd.get("D")  # what the WGAN-GP penalty differentiates through
         # --- data: decoded once (cached), split 80/20 by seed, batches drawn on the training device
         try:
-            train_images, test = run_data(cfg, verbose=self.main and not cfg["benchmark"])
+            train_images, test = data.run_data(cfg, verbose=self.main and not cfg["benchmark"])
             data.check_enough(len(train_images), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
+            if not len(test):
+                raise data.DataError(f"the test split is empty ({len(train_images)} image(s) in all): "
+                                     f"the held-out images give the test loss and the pictures; use more images")
         except data.DataError as e:
             raise UsageError(str(e))
         self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
@@ -568,13 +609,21 @@ class Run:
                 "rng": rng_state(), "config": self.cfg}
 
     def load_state(self, st):
-        self.nets.load_state_dict(st["nets"])
-        for k, o in self.opt.items():
-            o.load_state_dict(st["optimizers"][k])
-        self.epoch, self.pos, self.step, self.best = st["epoch"], st["pos"], st["step"], st["best"]
-        self.meter = {k: v.to(self.device) for k, v in st["meter"].items()}
-        self.meter_n = st["meter_n"]
-        set_rng_state(st["rng"])
+        """Restore a checkpoint; one that does not fit this run (tampered, another model, missing
+        keys, wrong shapes) is a UsageError naming what failed."""
+        try:
+            self.nets.load_state_dict(st["nets"])
+            for k, o in self.opt.items():
+                o.load_state_dict(st["optimizers"][k])
+            self.epoch, self.pos, self.step = int(st["epoch"]), int(st["pos"]), int(st["step"])
+            self.best = float(st["best"])
+            self.meter = {k: v.to(self.device) for k, v in st["meter"].items()}
+            self.meter_n = int(st["meter_n"])
+            set_rng_state(st["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise UsageError(f"the checkpoint does not fit --model {self.cfg['model']}: "
+                             f"{type(e).__name__}: {first}")
 
     # --- the NaN/Inf watch: recorded on the device every step, read back every --log-every
     # steps and before every save, so it names the exact first bad step however rarely it reads.
@@ -626,33 +675,50 @@ def grad_norm(net, clip=None):
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=next(net.parameters()).device)
 
 
-def run_data(cfg, verbose=False):
-    """A run's images, decoded once (cached) and split by its seed -> (train, test) uint8 tensors.
-    facegen.py calls this too, so it sees exactly the split the run trained on."""
-    images = data.load_images(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
-                              seed=cfg["seed"], verbose=verbose)
-    train_idx, test_idx = data.split_indices(len(images), cfg["test_fraction"], cfg["seed"])
-    return images[train_idx], images[test_idx]
+def lock_folder(out):
+    """An exclusive flock on OUT/.lock, held until it is closed or the process ends (the kernel
+    drops it when a process dies, so a killed run never leaves a stale lock). A folder locked by
+    another train.py is refused at once. Only rank 0 locks (None elsewhere): it speaks for the run."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{out} is in use: another train.py holds its lock; wait for it to end, "
+                         f"or train into another --out")
+    return fd
 
 
-def prepare_out(out, fresh=False):
-    """Create the run folder (with samples/ and recon/), prove it writable, and sweep the temp
-    files of a checkpoint write that a kill interrupted. A fresh run (fresh=True: not --resume)
-    refuses a folder that already holds a run's last.pt: a run is never overwritten."""
-    if fresh and os.path.isfile(os.path.join(out, "last.pt")):
-        raise UsageError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
-                         f"or train into another --out (or delete the folder)")
+def prepare_out(out, fresh, lock=None):
+    """Create the run folder (with samples/ and recon/), prove it writable, lock it (unless
+    `lock` already holds it), and sweep the temp files of a checkpoint write a kill interrupted.
+    A run folder belongs to one run: a fresh run (not --resume, or a resume into another --out)
+    refuses a folder that holds a run (its config.json or last.pt). Returns the lock."""
+    given = lock
     try:
         for sub in ("", "samples", "recon"):
             os.makedirs(os.path.join(out, sub), exist_ok=True)
         with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):  # per process: DDP ranks race
             pass
-        if int(os.environ.get("RANK", 0)) == 0:  # only rank 0 ever writes checkpoints
-            for name in os.listdir(out):
-                if name.startswith(".tmp-") and name.endswith(".pt"):
-                    os.remove(os.path.join(out, name))
-    except OSError as e:
-        raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
+        lock = lock if lock is not None else lock_folder(out)
+        if lock is None:
+            return None
+        held = [f for f in ("last.pt", "config.json") if os.path.isfile(os.path.join(out, f))]
+        if fresh and held:
+            raise UsageError(f"{out} already holds a run ({held[0]}): continue it with --resume {out}, "
+                             f"or train into another --out (or delete the folder)")
+        for name in os.listdir(out):  # under the lock: no running process owns these
+            if name.startswith(".tmp-") and name.endswith(".pt"):
+                os.remove(os.path.join(out, name))
+        return lock
+    except BaseException as e:
+        if lock is not None and given is None:  # ours to release; the caller releases `given`
+            os.close(lock)
+        if isinstance(e, OSError):
+            raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -706,6 +772,12 @@ def load_checkpoint(path, map_location="cpu"):
                              f"(start it again without --resume)")
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise UsageError(f"cannot read the checkpoint {path}: damaged, truncated or not a PyTorch "
+                                 f"checkpoint (its zip archive is incomplete)")
+        raise UsageError(f"{path} is not a PyTorch checkpoint: {describe_file(path)}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met a global (code or a class)
@@ -719,6 +791,27 @@ def load_checkpoint(path, map_location="cpu"):
     if not (isinstance(state, dict) and {"nets", "config"} <= state.keys()):
         raise UsageError(f"{path} is not a facegen checkpoint (it has no nets and config)")
     return state
+
+
+MAGIC = [(b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"\x1f\x8b", "gzip data"), (b"BM", "a BMP image"), (b"RIFF", "a RIFF file (WebP, WAV...)"),
+         (b"\x80", "a bare pickle (not torch.save's zip format)"), (b"%PDF", "a PDF document")]
+
+
+def describe_file(path):
+    """What a file looks like from its first bytes, for error messages."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "it is empty"
+    for magic, what in MAGIC:
+        if head.startswith(magic):
+            return f"it is {what}"
+    try:
+        head.decode("utf-8")
+        return "it is text"
+    except UnicodeDecodeError:
+        return "its bytes are not any format facegen knows"
 
 
 def rng_state():
@@ -779,10 +872,18 @@ def fmt(d):
 
 
 def read_metrics(path):
+    """metrics.csv's rows (dicts of strings); a damaged file is a UsageError, never a traceback."""
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            int(r["epoch"])
+        return rows
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); move it aside to continue "
+                         f"(the checkpoint still holds the run)")
 
 
 def write_metrics(path, rows):
@@ -833,50 +934,6 @@ def write_pictures(run, epoch):
     nets.train(was_training)
 
 
-def plot_losses(rows, path, width=720, panel_h=150):
-    """metrics.csv as small multiples drawn with pillow: one panel per term with its own y axis
-    (a VAE's reconstruction and KL differ by 10^4), train and test of a term in one panel,
-    D(x) with D(G(z)). No plotting library: the design card allows torch, numpy and pillow."""
-    skip = {"epoch", "step", "images_per_s", "seconds"}
-    keys = [k for k in (rows[0] if rows else {}) if k not in skip]
-    keys = [k for k in keys if all(r.get(k, "") not in ("", None) for r in rows)]
-    groups = {}
-    for k in keys:  # test_recon joins recon; D(G(z)) joins D(x)
-        base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
-        groups.setdefault(base if base in keys else k, []).append(k)
-    img = Image.new("RGB", (width, max(1, len(groups)) * panel_h + 30), "white")
-    d = ImageDraw.Draw(img)
-    ep = [float(r["epoch"]) for r in rows]
-    x0, x1 = (min(ep), max(ep)) if ep else (0, 1)
-    x1 = x1 if x1 > x0 else x0 + 1
-    left, right = 70, width - 170
-    px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
-    for i, (name, members) in enumerate(groups.items()):
-        top, bottom = 10 + i * panel_h, 10 + (i + 1) * panel_h - 25
-        vals = {k: [float(r[k]) for r in rows] for k in members}
-        finite = [v for vs in vals.values() for v in vs if math.isfinite(v)] or [0.0]
-        lo, hi = min(finite), max(finite)
-        lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
-        py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-        d.rectangle([left, top, right, bottom], outline="black")
-        for v in (lo, (lo + hi) / 2, hi):
-            d.text((4, py(v) - 6), f"{v:.4g}", fill="black")
-        for j, k in enumerate(members):
-            c = colours[j % len(colours)]
-            pts = [(px(e), py(v)) for e, v in zip(ep, vals[k]) if math.isfinite(v)]
-            if len(pts) > 1:
-                d.line(pts, fill=c, width=2)
-            for x, y in pts:
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-            d.line([right + 10, top + 10 + 16 * j, right + 30, top + 10 + 16 * j], fill=c, width=3)
-            d.text((right + 35, top + 4 + 16 * j), k, fill="black")
-        d.text((px(x0) - 3, bottom + 3), f"{x0:g}", fill="black")
-        d.text((px(x1) - 6, bottom + 3), f"{x1:g}", fill="black")
-    d.text(((left + right) // 2 - 15, img.height - 16), "epoch", fill="black")
-    img.save(path)
-
-
 # -----------------------------------------------------------------------------
 # Entry point
 
@@ -884,15 +941,19 @@ def main(argv=None):
     """Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
     Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt."""
     args = parse_args(argv)
-    out = None
+    out = lock = None
     try:
         cfg, state = config_from(args)
         out = cfg["out"]
         if cfg["benchmark"]:
             benchmark(cfg)
             return 0
-        prepare_out(cfg["out"], fresh=not cfg.get("resume"))
-        run = Run(cfg, state)
+        resumed_here = cfg.get("resume") and os.path.realpath(run_folder(cfg["resume"])) == os.path.realpath(out)
+        lock = lock_folder(out) if os.path.isdir(out) else None  # a busy folder is refused at once
+        if not cfg.get("resume"):
+            cfg["data_fingerprint"] = data.fingerprint(cfg["data"], tuple(cfg["image_size"]), cfg["n_synthetic"], cfg["seed"])
+        run = Run(cfg, state)  # builds and loads everything, writes nothing
+        lock = prepare_out(out, fresh=not resumed_here, lock=lock)
         if run.main:
             tmp = os.path.join(run.out, "config.json.tmp")
             with open(tmp, "w") as f:
@@ -911,7 +972,7 @@ def main(argv=None):
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-    except UsageError as e:
+    except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -925,6 +986,8 @@ def main(argv=None):
         print("\ninterrupted; nothing more was saved", file=sys.stderr)
         return 130
     finally:
+        if lock is not None:
+            os.close(lock)  # releases the run folder
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     print(f"done: {run.out}")

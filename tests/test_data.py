@@ -1,6 +1,18 @@
-"""data.py: decoding any image mode, folder == zip, cache, split, augmentation, batches, faces."""
+"""data.py: decoding any image mode, folder == zip, cache, split, augmentation, batches, faces,
+hostile input (FIFOs, unlisted formats, slivers, zip bombs, unreadable entries, odd names),
+and the helpers epoch_frames, save_gif and fingerprint."""
+import contextlib
 import io
+import os
+import re
+import struct
+import subprocess
+import sys
+import threading
+import tracemalloc
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -320,3 +332,375 @@ def test_grid_and_gif_files(tmp_path):
     data.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
     with Image.open(tmp_path / "a.gif") as im:
         assert im.size == (20, 10) and im.n_frames == 3 and im.info["loop"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: nothing hangs, nothing runs, nothing is silently wrong
+# ---------------------------------------------------------------------------------------------
+
+def _within(seconds, fn, fifos=()):
+    """fn() in a daemon thread -> (its result, the warnings it raised), or a test failure after
+    `seconds` instead of a hung suite (a reader stuck opening one of the fifos is released)."""
+    box = {}
+
+    def run():
+        try:
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter("always")
+                box["value"] = fn()
+            box["warnings"] = [str(w.message) for w in rec]
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        for p in fifos:                                     # a writer end releases the reader
+            with contextlib.suppress(OSError):
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"still running after {seconds}s: blocked on a FIFO or a device")
+    if "error" in box:
+        raise box["error"]
+    return box["value"], box["warnings"]
+
+
+def _good(path, rgb=(200, 30, 60), size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, rgb).save(path)
+    return path
+
+
+def test_only_regular_files_are_opened(tmp_path, monkeypatch):
+    root = tmp_path / "faces"
+    _good(root / "good.png")
+    fifos = [root / "x.png", root / "sub" / "y.jpg", tmp_path / "x.zip", tmp_path / "frame.png"]
+    (root / "sub").mkdir()
+    for p in fifos:
+        os.mkfifo(p)
+    os.symlink("/dev/zero", root / "zero.png")              # a device: reading never ends
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a: opened.append(str(p)) or real_open(p, *a))
+
+    x, msgs = _within(60, lambda: data.load_images(root, SIZE, verbose=False), fifos)
+    assert len(x) == 1 and len(msgs) == 1 and "skipped 3 of 4" in msgs[0]
+    assert all(n in msgs[0] for n in ("x.png", "sub/y.jpg", "zero.png", "not a regular file"))
+    assert opened and not any(p.endswith(("x.png", "y.jpg", "zero.png")) for p in opened)
+    with pytest.raises(data.DataError, match="not a regular file"):    # --data x.zip, a FIFO
+        _within(60, lambda: data.load_images(tmp_path / "x.zip", SIZE), fifos)
+    with pytest.raises(data.DataError, match="not a regular file"):
+        _within(60, lambda: data.decode_image(root / "x.png", SIZE), fifos)
+    frames = [_good(tmp_path / "f1.png"), tmp_path / "frame.png"]
+    _, msgs = _within(60, lambda: data.save_gif(frames, tmp_path / "a.gif"), fifos)
+    assert "skipped 1 of 2" in msgs[0] and "frame.png" in msgs[0]
+
+
+_PS_MARK = "ghostscript-was-started"
+_EPS_SCRIPT = f"""
+import os, sys, warnings
+import data
+from PIL import Image
+warnings.simplefilter("ignore")
+root, mark = sys.argv[1], sys.argv[2]
+x = data.load_images(root, (8, 8), verbose=False)
+print("loaded", len(x), "started", os.path.exists(mark))
+try:                                                   # control: Pillow unrestricted runs gs
+    Image.open(os.path.join(root, "face.png")).load()
+except Exception:
+    pass
+print("control", os.path.exists(mark))
+"""
+
+
+def test_an_eps_named_png_never_starts_ghostscript(tmp_path):
+    """A fake `gs` first on PATH leaves a mark when anything starts it. The control shows that
+    Pillow left to itself does start it on this very file, so the test can fail."""
+    root, bin_, mark = tmp_path / "faces", tmp_path / "bin", tmp_path / _PS_MARK
+    _good(root / "good.png")
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(root / "face.png", format="EPS")
+    bin_.mkdir()
+    (bin_ / "gs").write_text(f"#!/bin/sh\ntouch '{mark}'\necho 10.0\n")
+    (bin_ / "gs").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}",
+               FACEGEN_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", _EPS_SCRIPT, str(root), str(mark)], env=env,
+                         cwd=Path(data.__file__).parent, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "loaded 1 started False" in out.stdout
+    assert "control True" in out.stdout
+
+
+def test_only_the_listed_formats_are_decoded(tmp_path):
+    """Pillow reads dozens of formats by content; only JPEG, PNG, WEBP, BMP and GIF are decoded,
+    whatever the file is called. A JPEG named .png is still a listed format and loads."""
+    root = tmp_path / "faces"
+    _good(root / "a_good.png")
+    img = Image.new("RGB", (16, 16), (90, 90, 200))
+    img.save(root / "b_jpeg_named.png", format="JPEG", quality=100)
+    unlisted = {"TIFF": "c.png", "PPM": "d.jpg", "ICO": "e.bmp", "PCX": "f.gif", "TGA": "g.webp",
+                "SGI": "h.png", "EPS": "i.jpeg", "DDS": "j.png"}
+    for fmt, name in unlisted.items():
+        img.save(root / name, format=fmt)
+        with Image.open(root / name) as im:                  # Pillow alone would read it
+            assert im.format == fmt
+    with pytest.warns(UserWarning, match=f"skipped {len(unlisted)} of {len(unlisted) + 2}"):
+        x = data.load_images(root, SIZE, verbose=False)
+    jpeg = x[1].int() - torch.tensor([90, 90, 200])[:, None, None]
+    assert len(x) == 2 and jpeg.abs().max() <= 3
+
+
+@pytest.mark.parametrize("wh", [(1, 5000), (5000, 1), (1, 1), (2, 1), (1, 3), (3, 1000), (7, 2)])
+def test_slivers_keep_their_colour(tmp_path, wh):
+    """Any geometry is centre-cropped and resized faithfully: a 1 x 5000 strip is not a black
+    square. A solid image stays exactly its colour at every target size."""
+    Image.new("RGB", wh, (201, 13, 77)).save(tmp_path / "s.png")
+    for size in [(64, 64), (64, 48), (48, 64), (8, 8), (5, 3), (1, 1)]:
+        y = data.decode_image(tmp_path / "s.png", size)
+        assert y.shape == (*size, 3) and (y == (201, 13, 77)).all(), (wh, size)
+
+
+def test_a_strip_keeps_its_centre_pixel(tmp_path):
+    ramp = np.linspace(0, 255, 5000).round().astype(np.uint8)
+    Image.fromarray(np.stack([ramp, 255 - ramp, ramp], -1)[:, None]).save(tmp_path / "v.png")
+    y = data.decode_image(tmp_path / "v.png", (16, 16)).astype(int)            # 1 wide, 5000 high
+    assert np.abs(y - [ramp[2500], 255 - ramp[2500], ramp[2500]]).max() <= 1
+
+
+def _forge_declared_size(path, name, size):
+    """Rewrite the uncompressed size a zip declares for `name` (local and central header)."""
+    b = bytearray(path.read_bytes())
+    for sig, at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        i = b.find(sig)
+        while i >= 0:
+            if b[i + name_at:i + name_at + len(name)] == name.encode():
+                struct.pack_into("<I", b, i + at, size)
+            i = b.find(sig, i + 1)
+    path.write_bytes(bytes(b))
+
+
+def test_zip_members_are_bounded(tmp_path):
+    """Members declaring 1 GiB (a zip bomb), and a member whose header understates its size,
+    are skipped and counted without using more than a few MB."""
+    z = tmp_path / "bomb.zip"
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 12), (5, 250, 5)).save(buf, "PNG")
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("good.png", buf.getvalue())
+        zf.writestr("liar.png", buf.getvalue() + bytes(16 << 20))     # 16 MiB inflated
+        for name in ("big1.png", "big2.png"):
+            zf.writestr(name, bytes(1 << 20))
+    for name in ("big1.png", "big2.png"):
+        _forge_declared_size(z, name, 1 << 30)                        # declares 1 GiB
+    _forge_declared_size(z, "liar.png", 1000)                          # declares 1000 bytes
+    with zipfile.ZipFile(z) as zf:
+        assert zf.getinfo("big1.png").file_size == 1 << 30
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match="skipped 3 of 4") as rec:
+            x = data.load_images(z, SIZE, verbose=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(x) == 1 and peak < 8 << 20, peak
+    msg = str(rec[0].message)
+    assert "'big1.png' (ValueError: declares 1073741824 bytes" in msg and "liar.png" in msg
+
+
+def test_zip_member_limit_is_a_setting(tmp_path, monkeypatch):
+    """A member inflating past _MAX_FILE_BYTES is skipped, one under it is read."""
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(big)
+    _good(tmp_path / "small.png")
+    z = tmp_path / "s.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(big, "big.png")
+        zf.write(tmp_path / "small.png", "small.png")
+    monkeypatch.setattr(data, "_MAX_FILE_BYTES", big.stat().st_size - 1)
+    with pytest.warns(UserWarning, match="skipped 1 of 2 .*big.png"):
+        assert len(data.load_images(z, SIZE, verbose=False)) == 1
+
+
+def test_unreadable_entries_are_counted_never_fatal_nor_silent(tmp_path):
+    """Dangling links, link loops and a link back up the tree; a linked folder is followed."""
+    root, elsewhere = tmp_path / "faces", tmp_path / "elsewhere"
+    _good(root / "a.png")
+    _good(root / "sub" / "b.png")
+    _good(elsewhere / "c.png")
+    os.symlink(tmp_path / "missing.png", root / "dangling.png")
+    os.symlink("loop.png", root / "loop.png")                # ELOOP
+    os.symlink(tmp_path / "no-such-folder", root / "gone")   # might have been a folder
+    os.symlink("..", root / "sub" / "up")                    # a cycle: read each folder once
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(tmp_path / "nowhere", root / "notes.txt")     # not an image by its name: ignored
+    with pytest.warns(UserWarning, match="skipped 3 of 6") as rec:
+        x = data.load_images(root, SIZE, verbose=False)
+    assert len(x) == 3                                       # a, sub/b and linked/c, once each
+    assert all(n in str(rec[0].message) for n in ("'dangling.png'", "'loop.png'", "'gone'"))
+
+
+def test_unreadable_folder_and_file_are_counted(tmp_path, monkeypatch):
+    """A folder we may not list and a file we may not open, simulated so the test also runs as
+    root (who may read anything): each is one counted skip, and the rest loads."""
+    root = tmp_path / "faces"
+    for rel in ("a.png", "locked/b.png", "locked/c.png", "secret.png"):
+        _good(root / rel)
+    real_scandir, real_open = os.scandir, os.open
+
+    def scandir(p):
+        if str(p).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_scandir(p)
+
+    def os_open(p, *a, **k):
+        if str(p).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", os_open)
+    with pytest.warns(UserWarning, match="skipped 2 of 3") as rec:
+        x = data.load_images(root, SIZE, verbose=False)
+    assert len(x) == 1
+    msg = str(rec[0].message)
+    assert "'locked/' (PermissionError" in msg and "secret.png" in msg
+    monkeypatch.setattr(os, "scandir", lambda p: scandir(str(p) + "/locked"))   # the root itself
+    with pytest.raises(data.DataError, match="cannot read the folder"):
+        data.load_images(root, SIZE)
+
+
+def test_chmod_000_folder_and_file_are_counted(tmp_path):
+    """The real thing. Root reads a chmod-000 folder anyway (CAP_DAC_OVERRIDE): then there is
+    nothing to skip, and the simulated test above covers the behaviour."""
+    root = tmp_path / "faces"
+    for rel in ("a.png", "locked/b.png", "secret.png"):
+        _good(root / rel)
+    (root / "locked").chmod(0)
+    (root / "secret.png").chmod(0)
+    try:
+        if os.access(root / "locked", os.R_OK) or os.access(root / "secret.png", os.R_OK):
+            pytest.skip("running as a user who can read chmod-000 files (root)")
+        with pytest.warns(UserWarning, match="skipped 2 of 3"):
+            assert len(data.load_images(root, SIZE, verbose=False)) == 1
+    finally:
+        (root / "locked").chmod(0o755)
+
+
+def test_names_in_messages_are_escaped(tmp_path):
+    """A file name can carry a newline or a terminal escape: warnings and errors stay one line."""
+    root = tmp_path / "faces"
+    _good(root / "ok.png")
+    evil = "evil\n\x1b[2J\x1b[31mred\u202e.png"
+    (root / evil).write_text("not an image")
+    with pytest.warns(UserWarning) as rec:
+        data.load_images(root, SIZE, verbose=False)
+    msg = str(rec[0].message)
+    assert "\n" not in msg and "\x1b" not in msg and "\u202e" not in msg
+    assert repr(evil) in msg
+    with pytest.raises(data.DataError) as e:
+        data.load_images(tmp_path / "no\nsuch\x1b[0m", SIZE)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    (root / "ok.png").unlink()
+    with pytest.raises(data.DataError, match="could be read") as e:     # nothing left: one line
+        data.load_images(root, SIZE)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_decompression_bombs_are_skipped(tmp_path, monkeypatch):
+    """Over Pillow's pixel limit (a warning) and twice over (an error): both a counted skip."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    root = tmp_path / "faces"
+    _good(root / "ok.png", size=(10, 10))
+    _good(root / "warn.png", size=(20, 20))                  # 400 pixels: Pillow only warns
+    _good(root / "error.png", size=(30, 30))                 # 900 > 2 x 300: Pillow raises
+    with pytest.warns(UserWarning) as rec:
+        assert len(data.load_images(root, SIZE, verbose=False)) == 1
+    assert [str(w.message)[:17] for w in rec] == ["skipped 2 of 3 im"]   # and nothing else
+    assert "DecompressionBomb" in str(rec[0].message)
+
+
+def test_a_damaged_cache_is_a_cache_miss(tmp_path):
+    root = tmp_path / "faces"
+    _good(root / "a.png")
+    x = data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c")
+    (meta,) = (tmp_path / "c").glob("*.json")
+    for bad in ('{"n": 1, "skipped": [1, 2], "total": 1}', '{"n": 1}', "[" * 100000, "\xff"):
+        meta.write_text(bad)
+        assert torch.equal(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
+    meta.unlink()
+    os.mkfifo(meta)                                           # a FIFO where the cache was
+    y, _ = _within(60, lambda: data.load_images(root, SIZE, verbose=False,
+                                                cache_dir=tmp_path / "c"), [meta])
+    assert torch.equal(y, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for train.py and facegen.py: frames in epoch order, a GIF despite bad frames, a
+# fingerprint of the data a run trained on
+# ---------------------------------------------------------------------------------------------
+
+def test_epoch_frames_in_epoch_order_ignoring_strays(tmp_path):
+    for e in ("1", "099", "100", "101", "999", "1000", "10000"):
+        _good(tmp_path / f"epoch_{e}.png")
+    strays = ("epoch_abc.png", "notes.txt", "epoch_5.png.tmp", "epoch_\u0663.png", ".epoch_2.png")
+    for stray in strays:
+        (tmp_path / stray).write_text("x")
+    (tmp_path / "epoch_7.png").mkdir()
+    names = [os.path.basename(p) for p in data.epoch_frames(tmp_path)]
+    assert names == [f"epoch_{e}.png" for e in ("1", "099", "100", "101", "999", "1000", "10000")]
+    assert data.epoch_frames(tmp_path / "missing") == []
+
+
+def test_save_gif_skips_bad_frames_and_keeps_durations(tmp_path):
+    frames = [_good(tmp_path / f"f{i}.png", (60 * i, 0, 0), (20, 10)) for i in range(3)]
+    (tmp_path / "corrupt.png").write_bytes(frames[0].read_bytes()[:40])
+    odd = tmp_path / "odd\nname\x1b.png"
+    odd.write_text("nope")
+    paths = [frames[0], tmp_path / "corrupt.png", frames[1], odd, frames[2]]
+    with pytest.warns(UserWarning, match="skipped 2 of 5") as rec:
+        data.save_gif(paths, tmp_path / "a.gif", duration_ms=[100, 999, 200, 999, 300])
+    assert "\n" not in str(rec[0].message)
+    with Image.open(tmp_path / "a.gif") as im:
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+            assert im.convert("RGB").getpixel((0, 0))[0] == pytest.approx(60 * i, abs=8)
+    assert durations == [100, 200, 300]
+    with pytest.raises(data.DataError, match="no readable frames"), pytest.warns(UserWarning):
+        data.save_gif([odd], tmp_path / "b.gif")
+
+
+def test_fingerprint_tracks_the_file_list_and_never_decodes(tmp_path, monkeypatch):
+    root = tmp_path / "faces"
+    _good(root / "a.png")
+    _good(root / "sub" / "b.png")
+    monkeypatch.setattr(data, "decode_image", lambda *a: pytest.fail("fingerprint decoded"))
+    fp = data.fingerprint(root, 64)
+    assert re.fullmatch(r"[0-9a-f]{16}", fp) and data.fingerprint(str(root), (64, 64)) == fp
+    assert data.fingerprint(root, (64, 48)) != fp
+    _good(root / "c.png")
+    fp_added = data.fingerprint(root, 64)
+    assert fp_added != fp
+    os.utime(root / "c.png", ns=(10**18,) * 2)                    # touched: the mtime changed
+    assert data.fingerprint(root, 64) not in (fp, fp_added)
+    z = _zip_of(root, tmp_path / "faces.zip")
+    assert data.fingerprint(z, 64) == data.fingerprint(z, 64) != fp
+    syn = data.fingerprint(None, 64, n_synthetic=100, seed=1)
+    assert syn == data.fingerprint("synthetic", 64, n_synthetic=100, seed=1)
+    assert syn != data.fingerprint(None, 64, n_synthetic=100, seed=2)
+    assert syn != data.fingerprint(None, 64, n_synthetic=101, seed=1)
+
+
+def test_batches_run_the_public_augment():
+    """Training and the benchmark share one augmentation: a batch is augment() of its images."""
+    imgs = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
+    kw = dict(seed=7, flip=True, jitter=0.3)
+    perm = torch.randperm(40, generator=data._rng(7, "order", 2))
+    for i, x in enumerate(data.Batches(imgs, 8, **kw).epoch(2)):
+        raw = imgs[perm[i * 8:(i + 1) * 8]].float() / 127.5 - 1
+        assert torch.equal(x, data.augment(raw, data._rng(7, "aug", 2, i), True, 0.3))
+    r1 = list(data.Batches(imgs, 8, rank=1, world_size=2, **kw).epoch(2))[0]
+    raw = imgs[perm[4:8]].float() / 127.5 - 1
+    assert torch.equal(r1, data.augment(raw, data._rng(7, "aug", 2, 0), True, 0.3, rows=(4, 8)))
