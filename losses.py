@@ -32,12 +32,13 @@ def _batch_mean(t):
 # VAE: reconstruction, KL, ELBO
 # ---------------------------------------------------------------------------------------------
 
-def gaussian_nll(x, mean, obs_std):
+def gaussian_nll(x, mean, obs_std, reduction="mean"):
     """Gaussian negative log-likelihood of x under N(mean, σ²I), σ fixed (Kingma & Welling 2014).
 
         -log p(x|z) = ½ Σ_pixels [ ((x − mean)/σ)² + log 2πσ² ]
 
-    Reduction: sum over C·H·W, mean over the batch (nats per image).
+    Reduction: sum over C·H·W, mean over the batch (nats per image); reduction="none" keeps
+    one sum per image (shape B), as facegen.py's importance-weighted bound needs.
     σ = obs_std: a float or a tensor broadcastable to x. It is seed 000's "GNLL var" hyperparameter
     (Wuga's observation std: 0.01, or 0.1 for the VGG model).
 
@@ -47,7 +48,7 @@ def gaussian_nll(x, mean, obs_std):
     """
     var = torch.as_tensor(obs_std, dtype=x.dtype, device=x.device) ** 2     # σ²
     nll = 0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var))
-    return _batch_mean(nll)
+    return _batch_mean(nll) if reduction == "mean" else nll.flatten(1).sum(1)
 
 
 def kl_divergence(mu, logvar):

@@ -1,0 +1,208 @@
+"""Careless and hostile hands on train.py: run folders are never overwritten or mixed, bad
+arguments and tampered files give one line and exit 2, held-out numbers stay held out."""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image-size", "32", "--n-synthetic", "64", "--batch-size", "8", "--quiet", "--device", "cpu"]
+
+
+def tiny(out, *extra, model="dcgan"):
+    return train.main(["--model", model, *TINY, "--out", str(out), "--max-steps", "1", *extra])
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def one_error(capsys):
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error:") or "error:" in l]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert tiny(out) == 0
+    return out
+
+
+# --- run folders -------------------------------------------------------------------------
+
+def test_resuming_a_copy_writes_into_the_copy(run_a, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a, copy)
+    before = digest(run_a / "last.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a relative --resume from another directory
+    assert train.main(["--resume", os.path.relpath(copy), "--max-steps", "2", "--quiet"]) == 0
+    assert digest(run_a / "last.pt") == before  # the original is untouched
+    assert torch.load(copy / "last.pt", weights_only=True)["step"] == 2
+    assert os.listdir(elsewhere) == []  # nothing created where we stood
+
+
+def test_resume_into_another_run_is_refused(run_a, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert tiny(other, model="vae-in") == 0
+    before = {f: digest(other / f) for f in ("last.pt", "config.json", "metrics.csv")}
+    assert train.main(["--resume", str(run_a), "--out", str(other), "--max-steps", "2"]) == 2
+    assert "already holds a run" in one_error(capsys)
+    assert {f: digest(other / f) for f in before} == before
+
+
+def test_resume_into_a_new_folder_continues_there(run_a, tmp_path):
+    before = digest(run_a / "last.pt")
+    assert train.main(["--resume", str(run_a), "--out", str(tmp_path / "b"), "--max-steps", "2", "--quiet"]) == 0
+    assert digest(run_a / "last.pt") == before
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 2
+    rows = train.read_metrics(tmp_path / "b" / "metrics.csv")
+    assert [r["step"] for r in rows] == ["2"]  # the resumed epoch's row, completed once
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run_without_checkpoint(tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a run that died before its first checkpoint
+    assert tiny(out) == 2
+    assert "already holds a run (config.json)" in one_error(capsys)
+    assert (out / "config.json").read_text() == "{}"
+
+
+def hold_lock(folder):
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_second_writer_is_refused_and_the_first_keeps_its_temp_files(run_a, tmp_path, capsys):
+    out = tmp_path / "busy"
+    shutil.copytree(run_a, out)
+    tmp = out / ".tmp-inflight.pt"
+    tmp.write_bytes(b"a checkpoint being written by the running process")
+    fd = hold_lock(out)  # as a running train.py holds it
+    try:
+        assert train.main(["--resume", str(out), "--max-steps", "3"]) == 2
+        assert "in use" in one_error(capsys)
+        assert tiny(tmp_path / "busy") == 2  # a fresh run into it too
+        assert "in use" in one_error(capsys)
+        assert tmp.exists()  # the running process's temp checkpoint is not swept
+    finally:
+        os.close(fd)
+    assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
+    assert not tmp.exists()  # swept once nobody holds the folder
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "k"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; train.lock_folder(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(train.UsageError, match="in use"):
+            train.lock_folder(str(out))
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    os.close(train.lock_folder(str(out)))  # the kernel dropped the dead process's lock
+
+
+def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
+    out = tmp_path / "s"
+    shutil.copytree(run_a, out)
+    (out / "samples" / "notes.txt").write_text("mine")
+    (out / "samples" / "epoch_x.png").write_bytes(b"not a png")
+    assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
+    assert (out / "progress.gif").exists()
+
+
+# --- bad arguments: one line, exit 2, nothing written -------------------------------------
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "dcgan", "--beta1", "2"], "--beta1"),
+    (["--model", "dcgan", "--beta2", "nan"], "--beta2"),
+    (["--model", "dcgan", "--seed", str(2 ** 70)], "--seed"),
+    (["--model", "dcgan", "--seed", "-1"], "--seed"),
+    (["--model", "wgan", "--beta1", "0.5"], "--beta1 only applies with --optimizer adam"),
+    (["--model", "wgan", "--fused-adam"], "--fused-adam only applies with --optimizer adam"),
+    (["--model", "vae-lrelu", "--obs-std", "0.1"], "--obs-std only applies with --recon gnll"),
+    (["--model", "ae", "--kl-weight", "1"], "--kl-weight only applies"),
+    (["--model", "vae", "--batch-size", "1"], "BatchNorm"),
+    (["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "1", "--batch-size", "1"], "test split is empty"),
+])
+def test_bad_arguments_one_line_exit_2_and_no_folder(argv, says, tmp_path, capsys):
+    out = tmp_path / "never"
+    try:
+        rc = train.main(argv + ["--out", str(out), "--max-steps", "1", "--quiet"])
+    except SystemExit as e:  # argparse: exit 2 with its usage line and one "error:" line
+        rc = e.code
+    assert rc == 2
+    assert says in one_error(capsys)
+    assert not out.exists()
+
+
+# --- files that are not what they claim ---------------------------------------------------
+
+def test_non_checkpoint_files_say_what_they_are(tmp_path, capsys):
+    png = tmp_path / "face.pt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"\x07" + os.urandom(256))
+    assert train.main(["--resume", str(png)]) == 2
+    assert "is not a PyTorch checkpoint: it is a PNG image" in one_error(capsys)
+    assert train.main(["--resume", str(noise)]) == 2
+    line = one_error(capsys)
+    assert "is not a PyTorch checkpoint" in line and "pickled code" not in line
+
+
+def test_tampered_checkpoints_and_metrics_give_one_line(run_a, tmp_path, capsys):
+    state = torch.load(run_a / "last.pt", weights_only=True)
+    shapes = tmp_path / "shapes"
+    shutil.copytree(run_a, shapes)
+    bad = dict(state, nets={k: v[..., :1] if v.dim() else v for k, v in state["nets"].items()})
+    torch.save(bad, shapes / "last.pt")
+    missing = tmp_path / "missing"
+    shutil.copytree(run_a, missing)
+    torch.save({k: v for k, v in state.items() if k != "optimizers"}, missing / "last.pt")
+    csv_bad = tmp_path / "csv"
+    shutil.copytree(run_a, csv_bad)
+    (csv_bad / "metrics.csv").write_bytes(b"epoch,step\n\xff\xfe,oops\n")
+    for folder, says in ((shapes, "does not fit"), (missing, "does not fit"), (csv_bad, "metrics.csv is damaged")):
+        assert train.main(["--resume", str(folder), "--max-steps", "2", "--quiet"]) == 2, folder
+        assert says in one_error(capsys)
+
+
+# --- held-out numbers stay held out -------------------------------------------------------
+
+def test_the_run_records_its_data_and_warns_when_it_changed(tmp_path, capsys):
+    import data
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    faces = data.synthetic_faces(40, (32, 32), seed=5)
+    from PIL import Image
+    for i, im in enumerate(faces):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    assert train.main(["--model", "dcgan", "--data", str(folder), *TINY, "--out", str(out), "--max-steps", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data_fingerprint"] == data.fingerprint(str(folder), (32, 32), cfg["n_synthetic"], cfg["seed"])
+    data.run_data(cfg)
+    assert "changed since" not in capsys.readouterr().err
+    shutil.copy(folder / "0.png", folder / "added.png")
+    data.run_data(cfg)  # what facegen.py evaluate and a --resume read
+    assert "changed since this run trained on it" in capsys.readouterr().err
