@@ -206,3 +206,32 @@ def test_the_run_records_its_data_and_warns_when_it_changed(tmp_path, capsys):
     shutil.copy(folder / "0.png", folder / "added.png")
     data.run_data(cfg)  # what facegen.py evaluate and a --resume read
     assert "changed since this run trained on it" in capsys.readouterr().err
+
+
+# --- facegen.py: --out and frames ---------------------------------------------------------
+
+def test_facegen_out_that_cannot_be_the_file_is_one_line_exit_2(run_a, tmp_path, capsys):
+    import facegen
+    (tmp_path / "afile").write_text("x")
+    for out, says in ((tmp_path, "is a folder"), (tmp_path / "afile" / "x.png", "is not a folder"),
+                      (tmp_path / "x.xyz", "writes a .png"), (tmp_path / "no" / "x.png", "is not a folder")):
+        assert facegen.main(["sample", str(run_a), "--out", str(out)]) == 2, out
+        assert says in one_error(capsys)
+    assert facegen.main(["sample", str(run_a), "--out", str(tmp_path / "ok.png")]) == 0
+
+
+def test_facegen_gif_orders_by_epoch_and_skips_bad_frames(run_a, tmp_path, capsys):
+    import facegen
+    from PIL import Image
+    run = tmp_path / "g"
+    shutil.copytree(run_a, run)
+    frame = run / "samples" / "epoch_001.png"
+    for e in (2, 100, 101, 1000):
+        shutil.copy(frame, run / "samples" / f"epoch_{e:03d}.png")
+    (run / "samples" / "epoch_050.png").write_bytes(b"corrupt")
+    (run / "samples" / "odd\nname.png").write_bytes(b"corrupt")
+    with pytest.warns(UserWarning, match="epoch_050.png"):
+        assert facegen.main(["gif", str(run)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    with Image.open(run / "progress.gif") as gif:
+        assert gif.n_frames == 5  # 1, 2, 100, 101, 1000; the corrupt and oddly named ones skipped
