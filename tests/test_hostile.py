@@ -226,8 +226,9 @@ def test_facegen_gif_orders_by_epoch_and_skips_bad_frames(run_a, tmp_path, capsy
     run = tmp_path / "g"
     shutil.copytree(run_a, run)
     frame = run / "samples" / "epoch_001.png"
-    for e in (2, 100, 101, 1000):
-        shutil.copy(frame, run / "samples" / f"epoch_{e:03d}.png")
+    for i, e in enumerate((2, 100, 101, 1000)):  # distinct frames: GIF merges identical neighbours
+        with Image.open(frame) as im:
+            im.convert("RGB").point(lambda v: (v + 40 * (i + 1)) % 256).save(run / "samples" / f"epoch_{e:03d}.png")
     (run / "samples" / "epoch_050.png").write_bytes(b"corrupt")
     (run / "samples" / "odd\nname.png").write_bytes(b"corrupt")
     with pytest.warns(UserWarning, match="epoch_050.png"):
