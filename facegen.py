@@ -15,7 +15,6 @@ loading a run -> latent geometry -> metrics -> the PCA explorer -> one function 
 import argparse
 import collections
 import csv
-import glob
 import http.server
 import io
 import json
@@ -25,12 +24,14 @@ import re
 import sys
 import threading
 import urllib.parse
+import warnings
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import data
+import losses
 import models
 from train import UsageError, load_checkpoint, non_negative, positive
 
@@ -144,9 +145,9 @@ def from_pca(mean, components, sigma, coeffs):
 def log_weights(vae, x, obs_std, k, generator, batch=256):
     """Log importance weights (B, k) of k posterior samples per image (Burda et al. 2016):
 
-        z_i = mu + sigma ⊙ eps_i,   eps = randn(k, B, d, generator)   (this draw order)
+        z_i = mu + sigma ⊙ eps_i,   eps = randn(k, B, d, generator)   (models.reparameterize)
         log w_i = log p(x|z_i) + log p(z_i) − log q(z_i|x)
-        log p(x|z) = −½ Σ_pixels [((x − x_hat)/σ)² + log 2πσ²]   (losses.gaussian_nll, per image)
+        log p(x|z) = −losses.gaussian_nll(x, x_hat, σ) per image
         log p(z) = −½ Σ (z² + log 2π),   log q(z|x) = −½ Σ (eps² + logvar + log 2π)
 
     Each log w_i is an unbiased one-sample estimate of the ELBO. vae: anything with
@@ -157,9 +158,10 @@ def log_weights(vae, x, obs_std, k, generator, batch=256):
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     c, out = 0.5 * math.log(2 * math.pi), []
     for e in eps.split(max(1, batch // len(x))):                       # (j, B, d)
-        z = mu + torch.exp(0.5 * logvar) * e
-        x_hat = vae.decode(z.flatten(0, 1)).to(x.dtype).view(len(e), *x.shape)
-        log_px_z = -(0.5 * ((x - x_hat) / obs_std) ** 2 + math.log(obs_std) + c).flatten(2).sum(2)
+        z = models.reparameterize(mu, logvar, e)                       # (j, B, d)
+        x_hat = vae.decode(z.flatten(0, 1)).to(x.dtype)                # (j·B, C, H, W)
+        x_rep = x.expand(len(e), *x.shape).flatten(0, 1)
+        log_px_z = -losses.gaussian_nll(x_rep, x_hat, obs_std, reduction="none").view(len(e), len(x))
         out.append(log_px_z - (0.5 * z ** 2 + c).sum(2) + (0.5 * e ** 2 + 0.5 * logvar + c).sum(2))
     return torch.cat(out).T
 
@@ -176,9 +178,12 @@ def iw_bound(log_w):
 
 
 def likelihood_std(cfg):
-    """σ of p(x|z) = N(x_hat, σ² I) for bits/dim: the run's --obs-std for gnll runs; σ² = ½ for
-    mse runs, as Σ(x − x_hat)² = −log N(x; x_hat, ½ I) − (D/2) log π. Any σ gives a valid bound
-    for the model p(x|z) = N(g(z), σ² I); this is the one the run's loss implies."""
+    """σ of p(x|z) = N(x_hat, σ² I) for bits/dim. A gnll run trained that likelihood: its
+    --obs-std. An MSE run trained no likelihood, so we choose one by convention: σ² = ½, under
+    which the summed squared error is the NLL up to a constant (Σ(x − x_hat)² = −log N(x; x_hat,
+    ½ I) − (D/2) log π). For mse (summed) runs that is the loss they minimised; an mse-mean run's
+    loss is a rescaled objective that no single σ turns into its NLL. Any σ gives a valid bound
+    for the model p(x|z) = N(g(z), σ² I), so bits/dim stay comparable between runs of one kind."""
     return cfg["obs_std"] if cfg["recon"] == "gnll" else math.sqrt(0.5)
 
 
@@ -310,8 +315,8 @@ PAGE = """<!doctype html><html lang="en"><meta charset="utf-8">
 * { box-sizing: border-box }
 body { margin: 0; padding: 12px 24px; font: 15px/1.4 system-ui, sans-serif; color: #222; background: #f6f6f6 }
 h1 { font-size: 20px; margin: 0 } h2 { font-size: 15px; margin: 14px 0 6px }
-#facts span { display: inline-block; max-width: 100%; margin-right: 1.2em; color: #555; white-space: nowrap;
-              overflow: hidden; text-overflow: ellipsis; vertical-align: bottom } #facts b { color: #222 }
+#facts { display: flex; flex-wrap: wrap; gap: 0 1.2em } #facts b { color: #222 }
+#facts span { max-width: 100%; color: #555; white-space: nowrap; overflow: hidden; text-overflow: ellipsis }
 details { color: #444; max-width: 75em; margin: 4px 0 10px } summary { cursor: pointer; color: #1a5fb4 }
 main { display: grid; grid-template-columns: minmax(0, 4fr) minmax(0, 5fr); gap: 0 32px; align-items: start;
        grid-template-areas: "view sliders" "starts sliders" ". sliders" }
@@ -361,8 +366,8 @@ input[type=range] { display: block; margin: 4px 0 0 calc(100% / (2 * var(--n)) -
 const I = __INFO__;  // the run, the components and the starting state, written by the server
 const $ = id => document.getElementById(id), el = (tag, props) => Object.assign(document.createElement(tag), props);
 const pc = j => "PC" + (j + 1), pct = x => (100 * x).toFixed(1) + "%";
-const signed = v => (v > 0 ? "+" : v < 0 ? "\\u2212" : "\\u00b1") + Math.abs(v).toFixed(2) + "\\u03c3";
-document.title = `${I.model} \\u00b7 latent PCA \\u00b7 facegen`;
+const signed = v => (v > 0 ? "+" : v < 0 ? "−" : "±") + Math.abs(v).toFixed(2) + "σ";
+document.title = `${I.model} · latent PCA · facegen`;
 document.body.style.setProperty("--n", I.ticks.length);
 document.body.style.setProperty("--aspect", I.aspect);
 for (const [k, v] of I.facts) {
@@ -372,7 +377,7 @@ for (const [k, v] of I.facts) {
 }
 $("help").textContent = I.help;
 $("about").open = innerWidth > 760;  // narrow windows keep the space for the face
-$("title").textContent = `Top ${I.shares.length} principal components (slider: offset from the start face, in \\u03c3)`;
+$("title").textContent = `Top ${I.shares.length} principal components (slider: offset from the start face, in σ)`;
 I.ticks.forEach(t => $("ticks").append(el("option", {value: t})));
 
 // One request at a time per picture: while one loads, newer values only replace the wish, so
@@ -396,8 +401,8 @@ const rows = I.shares.map((share, j) => {
   const r = el("input", {type: "range", min: -I.range, max: I.range, step: I.step, value: c[j]});
   r.setAttribute("list", "ticks");
   r.setAttribute("aria-label", pc(j));
-  head.append(el("b", {textContent: pc(j)}), out,
-              el("span", {className: "share", textContent: `${pct(share)} of the variance \u00b7 ${pct(cumulative)} cumulative`}), reset);
+  const share_text = `${pct(share)} of the variance · ${pct(cumulative)} cumulative`;
+  head.append(el("b", {textContent: pc(j)}), out, el("span", {className: "share", textContent: share_text}), reset);
   const ticks = el("div", {className: "ticks"});
   I.ticks.forEach(t => ticks.append(el("span", {textContent: (t > 0 ? "+" : "") + +t.toFixed(2)})));
   row.append(head, strip, r, ticks);
@@ -406,7 +411,8 @@ const rows = I.shares.map((share, j) => {
   r.oninput = () => { c[j] = +r.value; show(false); };
   r.onchange = () => show(true);
   reset.onclick = () => set(0);
-  strip.onclick = e => set(I.ticks[Math.min(I.ticks.length - 1, Math.floor(e.offsetX / strip.clientWidth * I.ticks.length))]);
+  const n = I.ticks.length;
+  strip.onclick = e => set(I.ticks[Math.min(n - 1, Math.floor(e.offsetX / strip.clientWidth * n))]);
   c[j] = +r.value;  // a permalink's value, snapped to the slider's step
   return {r, out, strip: loader(strip)};
 });
@@ -414,12 +420,14 @@ const rows = I.shares.map((share, j) => {
 // The start faces: the mean code, then held-out test images (autoencoders) or noise seeds (GANs).
 const thumbs = ["mean", ...I.starts].map(v => {
   const t = el("img", {className: "thumb", src: "start.png?f=" + v, alt: name(v), title: name(v)});
+  t.dataset.f = v;
   t.onclick = () => start(v);
   $("thumbs").append(t);
   return t;
 });
 $("startnote").textContent = I.noise ? "The mean of the sampled z, then z ~ N(0, I) drawn with seeds 0, 1, ..."
-  : "The mean code, then held-out test images (never trained on): the face becomes the decoder's reconstruction of the image you pick.";
+  : "The mean code, then held-out test images (never trained on): the face becomes the decoder's "
+    + "reconstruction of the image you pick.";
 if (I.n_faces > 0)
   $("thumbs").append(" ", el("button", {textContent: I.noise ? "random z" : "random test image",
                                         onclick: () => start(Math.floor(Math.random() * I.n_faces))}));
@@ -443,8 +451,9 @@ function show(settled) {  // settled: not mid-drag, so also the preview strips a
   if (!settled) return;
   history.replaceState(null, "", "?" + s);
   rows.forEach((row, j) => row.strip(`strip.png?j=${j}&${s}`));
-  thumbs.forEach((t, i) => t.classList.toggle("on", ["mean", ...I.starts].map(String)[i] === f));
-  $("from").textContent = "Start: " + name(f) + (I.noise || f === "mean" ? "" : " (the face is its reconstruction, edited)");
+  thumbs.forEach(t => t.classList.toggle("on", t.dataset.f === f));
+  const edited = I.noise || f === "mean" ? "" : " (the face is its reconstruction, edited)";
+  $("from").textContent = "Start: " + name(f) + edited;
 }
 show(true);
 </script>
@@ -466,7 +475,7 @@ def query_fields(query, names):
     return dict(pairs)
 
 
-def png(x, height=None):
+def png_bytes(x, height=None):
     """Faces (B, 3, h, w) in [-1, 1] -> PNG bytes of one row, upscaled (nearest) to `height` px."""
     im = Image.fromarray(data.make_grid(x, nrow=len(x), padding=0))
     if height:
@@ -492,9 +501,10 @@ class Explorer:
         self.n_faces = 2 ** 31 if faces is None else len(faces)
         self.ticks = torch.linspace(-span, span, n_ticks)
         h, w = decode(nets, pca[0][None]).shape[2:]
-        self.info = dict(about, shares=(sigma ** 2 / (sigma ** 2).sum())[:self.k].tolist(), range=span,
-                         step=span / 60, ticks=self.ticks.tolist(), aspect=w / h, noise=faces is None,
-                         n_faces=self.n_faces, starts=list(range(min(n_starts, self.n_faces))))
+        share = sigma ** 2 / (sigma ** 2).sum()
+        self.info = dict(about, shares=share[:self.k].tolist(), range=span, step=round(span / 60, 2) or 0.01,
+                         ticks=self.ticks.tolist(), aspect=w / h, noise=faces is None, n_faces=self.n_faces,
+                         starts=list(range(min(n_starts, self.n_faces))))
 
     def state(self, query, names=("f", "c")):
         """Query 'f=3&c=0.5,-1.2' -> (f, c (K,), fields): f 'mean' or a start index; components
@@ -523,7 +533,7 @@ class Explorer:
 
     def face_png(self, query):
         f, c, _ = self.state(query)
-        return png(self.faces_at(f, c[None]), self.size)
+        return png_bytes(self.faces_at(f, c[None]), self.size)
 
     def strip_png(self, query):
         """Component j's preview: the current face with c_j at each tick."""
@@ -533,14 +543,14 @@ class Explorer:
             raise ValueError(f"j is a component index below {self.k}")
         coeffs = c.repeat(len(self.ticks), 1)
         coeffs[:, int(j)] = self.ticks
-        return png(self.faces_at(f, coeffs))
+        return png_bytes(self.faces_at(f, coeffs))
 
     def start_png(self, query):
         """A start face's thumbnail: the test image itself, or the decoded mean code or noise."""
         f, _, _ = self.state(query, ("f",))
         if self.faces is not None and f != "mean":
-            return png(to_float(self.faces[int(f)])[None])
-        return png(self.faces_at(f, torch.zeros(1, self.k)))
+            return png_bytes(to_float(self.faces[int(f)])[None])
+        return png_bytes(self.faces_at(f, torch.zeros(1, self.k)))
 
     def page(self, query):
         f, c, _ = self.state(query)
@@ -619,13 +629,30 @@ def run_folder(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
+OUT_KINDS = {".png": (".png", ".jpg", ".jpeg", ".webp", ".bmp"), ".gif": (".gif",), ".json": (".json",)}
+
+
 def out_path(args, name):
-    return args.out or os.path.join(run_folder(args.run), name)
+    """Where a command writes: --out, or `name` in the run folder. A --out that cannot be that
+    file (a folder, a path under a file, another extension, an unwritable folder) is a UsageError."""
+    path = args.out or os.path.join(run_folder(args.run), name)
+    kinds = OUT_KINDS[os.path.splitext(name)[1]]
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a folder: name a {kinds[0]} file in it")
+    if os.path.splitext(path)[1].lower() not in kinds:
+        raise UsageError(f"--out {path}: this command writes a {' / '.join(kinds)} file")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: {folder} is not a folder" + (" (it is a file)" if os.path.exists(folder) else ""))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: the folder {folder} is not writable")
+    return path
 
 
-def save(images, args, name, nrow):
+def save(images, args, name, nrow, **labels):
+    """Write the grid (labels: see data.labelled_grid) to --out or the run folder; print the path."""
     path = out_path(args, name)
-    data.save_grid(images, path, nrow=nrow)
+    data.save_grid(images, path, nrow=nrow, **labels)
     print(f"wrote {path}")
     return path
 
@@ -642,15 +669,23 @@ def cmd_reconstruct(args):
     """Autoencoders: rows of --nrow test images (the run's held-out split, or --data), each row
     followed by their reconstructions decode(mu)."""
     nets, cfg = open_run(args)
-    vae = encoder(nets, "reconstruct")
     try:
         images = (data.load_images(args.data, tuple(cfg["image_size"]), verbose=False) if args.data
                   else run_images(cfg)[1])[:args.n]
     except data.DataError as e:
         raise UsageError(str(e))
-    x, x_hat, ncol = to_float(images), decode(nets, encode_dataset(vae, images)[0]), min(args.nrow, len(images))
+    x, labels = reconstruction_rows(nets, images, args.nrow)
+    return save(x, args, "reconstruct.png", min(args.nrow, len(images)), row_labels=labels)
+
+
+def reconstruction_rows(nets, images, nrow):
+    """uint8 images -> (grid images, row labels): rows of nrow inputs, each over its
+    reconstructions decode(mu) (no sampling noise)."""
+    vae = encoder(nets, "reconstruct")
+    x, x_hat, ncol = to_float(images), decode(nets, encode_dataset(vae, images)[0]), min(nrow, len(images))
     rows = lambda t: torch.cat([t, -torch.ones(-len(t) % ncol, *t.shape[1:])]).view(-1, ncol, *t.shape[1:])
-    return save(torch.stack([rows(x), rows(x_hat)], 1).flatten(0, 2), args, "reconstruct.png", ncol)
+    grid = torch.stack([rows(x), rows(x_hat)], 1).flatten(0, 2)
+    return grid, ["input", "reconstruction"] * (len(grid) // (2 * ncol))
 
 
 def cmd_interpolate(args):
@@ -670,18 +705,29 @@ def cmd_interpolate(args):
         za, zb = (args.std * torch.randn(args.rows, models.latent_dim(nets), generator=g) for _ in "ab")
     x = decode(nets, interpolation_path(za, zb, args.steps, args.slerp).flatten(0, 1))
     x = x.view(args.rows, args.steps, *x.shape[1:])
+    ends = [""] * args.steps  # mark the ends of each row: t = 0, t = 1 (and the images encoded)
+    ends[-1], ends[0] = ("t=1", "t=0") if encode else ("z_B\nt=1", "z_A\nt=0")
     if encode:
         x = torch.cat([to_float(test[ia])[:, None], x, to_float(test[ib])[:, None]], 1)
-    return save(x.flatten(0, 1), args, "interpolate.png", x.shape[1])
+        ends = ["image\nA", *ends, "image\nB"]
+    how = "slerp" if args.slerp else "linear"
+    return save(x.flatten(0, 1), args, "interpolate.png", x.shape[1], col_labels=ends,
+                title=f"{how}, {'codes of test images A, B' if encode else 'noise z_A to z_B'}")
 
 
 def cmd_std_sweep(args):
     """Seed 003 figs 12-13: row r decodes stds[r] · eps with one eps per column, so the rows differ
     only in the scale of z: small std gives 'prototypical' faces, large std unusual ones."""
     nets, _ = open_run(args)
-    eps = torch.randn(args.n, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
     print("rows: std " + ", ".join(f"{s:g}" for s in args.stds))
-    return save(decode(nets, torch.cat([s * eps for s in args.stds])), args, "std_sweep.png", args.n)
+    x, labels = std_sweep(nets, args.n, args.stds, args.seed)
+    return save(x, args, "std_sweep.png", args.n, row_labels=labels)
+
+
+def std_sweep(nets, n, stds, seed):
+    """(images, row labels): row r decodes stds[r] · eps, one eps ~ N(0, I) per column."""
+    eps = torch.randn(n, models.latent_dim(nets), generator=torch.Generator().manual_seed(seed))
+    return decode(nets, torch.cat([s * eps for s in stds])), [f"std {s:g}" for s in stds]
 
 
 def fit_pca(nets, train_images=None, n_noise=4096, seed=0):
@@ -755,10 +801,9 @@ def cmd_gif(args):
     """Rebuild progress.gif from samples/epoch_*.png (the same noise every epoch: seed 000's
     'learning fast forward'), the last frame held for --hold-last-ms."""
     folder = run_folder(args.run)
-    frames = glob.glob(os.path.join(folder, "samples", "epoch_*.png"))
+    frames = data.epoch_frames(os.path.join(folder, "samples"))  # by epoch number; strays ignored
     if not frames:
-        raise UsageError(f"no samples/epoch_*.png in {folder}")
-    frames.sort(key=lambda f: int(re.search(r"epoch_(\d+)", os.path.basename(f)).group(1)))
+        raise UsageError(f"no samples/epoch_NNN.png in {folder}")
     path = out_path(args, "progress.gif")
     data.save_gif(frames, path, duration_ms=[args.duration_ms] * (len(frames) - 1) + [args.hold_last_ms])
     print(f"wrote {path} ({len(frames)} frames)")
@@ -826,6 +871,243 @@ def cmd_evaluate(args):
 
 
 # -----------------------------------------------------------------------------
+# The results gallery: the pictures and figures above for many runs, and the Markdown that
+# shows them (the README's Results section). One function per picture, shared with the commands.
+
+def pca_traversal(nets, basis, K, steps, span):
+    """Seed 003's PCA grid and its labels -> (images, row labels, column labels): row j walks
+    component j of basis = (mean, components, sigma) from -span to +span of its std, the other
+    components at the mean code. Rows are labelled with the component's share of the variance."""
+    mean, components, sigma = basis
+    K, c = min(K, len(sigma)), torch.linspace(-span, span, steps)
+    coeffs = torch.zeros(K, steps, K)
+    coeffs[torch.arange(K), :, torch.arange(K)] = c
+    share = sigma ** 2 / (sigma ** 2).sum()
+    rows = [f"PC{j + 1}\n{100 * share[j]:.1f}% var" for j in range(K)]
+    cols = [f"{v:+.3g}\nsd" if v else "mean" for v in c.tolist()]
+    return decode(nets, from_pca(mean, components, sigma, coeffs.flatten(0, 1))), rows, cols
+
+
+def train_command(cfg):
+    """The train.py command that reproduces a run: --model and every flag whose value differs from
+    that model's seed defaults (config.json holds every resolved flag; the run's output folder
+    --out is part of it; --resume, --quiet and --device are not)."""
+    import train
+    base = train.resolve(train.parse_args(["--model", cfg["model"]]))
+    skip = {"model", "resume", "quiet", "device", "benchmark", "bench_steps", "family", "data_fingerprint"}
+    words = ["python train.py --model", cfg["model"]]
+    for k, v in cfg.items():
+        if k in skip or k not in base or v is None or json.dumps(v) == json.dumps(base[k]):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k in ("channels_last", "fused_adam") and not v:  # unset: train.resolve_speed's choice
+            continue
+        if k == "betas":
+            words += [f"--beta{i + 1} {b:g}" for i, (b, b0) in enumerate(zip(v, base[k])) if b != b0]
+        elif k == "image_size":
+            words.append(f"{flag} {v[0]}" if v[0] == v[1] else f"{flag} {v[0]}x{v[1]}")
+        elif isinstance(v, bool):
+            words.append(flag if v else "--no-" + flag[2:])
+        else:
+            words.append(f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(words)
+
+
+def machine():
+    """This machine in words: CPU model, cores, AVX-512 / bf16 (Linux's /proc/cpuinfo), or the GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return f"{os.cpu_count()}-core CPU"
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    flags = set((re.search(r"flags\s*:\s*(.*)", info) or [None, ""])[1].split())
+    simd = ("AVX-512" + (" with bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags
+            else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name[1].strip() if name else 'CPU'}, {os.cpu_count()} cores, {simd}"
+
+
+def test_bits_per_dim(cfg, rows):
+    """A VAE's test -ELBO of each metrics.csv row in bits/dim, at evaluate's sigma (likelihood_std):
+    the logged test recon re-expressed as -log N(x; x_hat, sigma^2 I), plus the test KL."""
+    (H, W), sigma = cfg["image_size"], likelihood_std(cfg)
+    D = 3 * H * W
+    out = []
+    for r in rows:
+        recon, kl = float(r["test_recon"]), float(r["test_kl"])
+        if cfg["recon"] != "gnll":  # squared error per image -> the Gaussian NLL at sigma
+            sq = recon * D if cfg["recon"] == "mse-mean" else recon
+            recon = sq / (2 * sigma ** 2) + D / 2 * math.log(2 * math.pi * sigma ** 2)
+        out.append((recon + kl) / (D * math.log(2)))
+    return out
+
+
+def goal(cfg, report, bpd):
+    """What a run reached against issue 17's goals: a GAN's SWD within 1.25x of the real-vs-real
+    floor at 32x32 (1.5x at 64x64); a VAE's test bits/dim plateaued: the last 3 epochs took under
+    5% of the run's whole fall."""
+    said = []
+    s = report["swd_x1e3"]
+    if cfg["family"] in ("adversarial", "wasserstein", "vaegan"):
+        target = 1.25 if max(cfg["image_size"]) <= 32 else 1.5
+        ratio = s["samples_vs_test_mean"] / s["train_vs_test_mean"]
+        said.append(f"SWD {ratio:.2f}x floor: {'reached' if ratio <= target else 'not reached'} (goal {target}x)")
+    if "likelihood" in report and len(bpd) >= 4:
+        last, total = bpd[-4] - bpd[-1], bpd[0] - bpd[-1]
+        share = last / total if total > 0 else float("inf")
+        said.append(f"bits/dim {'plateaued' if 0 <= share < 0.05 else 'still falling' if last > 0 else 'rising'}: "
+                    f"last 3 epochs {-last:+.3g} ({100 * share:.0f}% of the run's fall)")
+    elif "likelihood" in report:
+        said.append("bits/dim: too few epochs to tell a plateau")
+    return "; ".join(said) or "no goal set (no likelihood)"
+
+
+def gallery_run(run, args, pca_run):
+    """One run's pictures into args.out (PNG) and its figures (a dict, also NAME.json there)."""
+    folder = run_folder(run)
+    name = os.path.basename(os.path.normpath(folder))
+    nets, cfg = load_run(run, args.checkpoint, "cuda" if args.device == "cuda" or
+                         (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    import train
+    rows = train.read_metrics(os.path.join(folder, "metrics.csv"))
+    points = train.read_metrics(os.path.join(folder, "steps.csv"))
+    if not rows:
+        raise UsageError(f"{folder} has no metrics.csv rows: train it for an epoch first")
+    pics, out = {}, lambda kind: os.path.join(args.out, f"{name}_{kind}.png")
+    z = torch.randn(32, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
+    data.save_grid(decode(nets, z), out("samples"), nrow=8, title=f"{name}: z ~ N(0, I), epoch {rows[-1]['epoch']}")
+    pics["samples"] = out("samples")
+    if "vae" in nets:
+        train_x, test_x = run_images(cfg)
+        x, labels = reconstruction_rows(nets, test_x[:8], 8)
+        data.save_grid(x, out("recon"), nrow=8, row_labels=labels, title=f"{name}: held-out test images")
+        pics["recon"] = out("recon")
+        if cfg["model"] == "vae-lrelu":
+            stds = [0.25 * i for i in range(1, 9)]
+            x, labels = std_sweep(nets, 8, stds, args.seed)
+            data.save_grid(x, out("std_sweep"), nrow=8, row_labels=labels, title="z = std x eps, one eps per column")
+            pics["std_sweep"] = out("std_sweep")
+        if pca_run and os.path.samefile(folder, pca_run):
+            x, row_labels, col_labels = pca_traversal(nets, fit_pca(nets, train_x), 6, 7, 3.0)
+            data.save_grid(x, out("pca"), nrow=7, row_labels=row_labels, col_labels=col_labels,
+                           title=f"{name}: principal components of the training codes")
+            pics["pca"] = out("pca")
+    data.plot_losses(rows, out("loss"), points, train.loss_units(cfg))
+    pics["loss"] = out("loss")
+    report = gallery_evaluate(nets, cfg, args, os.path.join(args.out, f"{name}.json"))
+    bpd = test_bits_per_dim(cfg, rows) if "likelihood" in report else []
+    secs = [float(r["seconds"]) for r in rows]
+    facts = {"name": name, "model": cfg["model"], "command": train_command(cfg), "epochs": int(rows[-1]["epoch"]),
+             "steps": int(rows[-1]["step"]), "wall_s": sum(secs), "fastest_epoch_s": min(secs),
+             "test_bits_per_dim_by_epoch": bpd, "goal": goal(cfg, report, bpd), "evaluate": report,
+             "pictures": {k: os.path.basename(v) for k, v in pics.items()}}
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(facts, f, indent=2)
+    print(f"{name}: {facts['goal']}")
+    return facts, cfg
+
+
+def gallery_evaluate(nets, cfg, args, cached):
+    """evaluate() of the run, or the figures of an earlier gallery of the very same checkpoint
+    (same bytes, same --n and --seed) found in `cached`: evaluation is the slow part."""
+    import hashlib
+    with open(cfg["checkpoint"], "rb") as f:
+        digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    try:
+        with open(cached) as f:
+            old = json.load(f)["evaluate"]
+        if (old.get("checkpoint_digest"), old["n"], old["seed"]) == (digest, args.n, args.seed) and not args.fresh:
+            return old
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return dict(evaluate(nets, cfg, args.n, seed=args.seed), checkpoint_digest=digest)
+
+
+def gallery_markdown(entries, pictures, where, machine_text):
+    """The Results section: one table of figures, one of commands, then each run's pictures
+    (in the folder `pictures`), linked relative to the folder `where` the Markdown will live in."""
+    link = lambda name: os.path.relpath(os.path.join(pictures, name), where).replace(os.sep, "/")
+    minutes = lambda s: f"{int(s // 60)} min {int(s % 60):02d} s"
+    cfg0 = entries[0][1]
+    H, W = cfg0["image_size"]
+    lines = [f"Each model trained at {H}x{W} on the built-in synthetic faces ({cfg0['n_synthetic']} drawn, "
+             f"{100 * (1 - cfg0['test_fraction']):.0f}/{100 * cfg0['test_fraction']:.0f} train/test split) on "
+             f"{machine_text}. Wall time is the sum of metrics.csv's epoch times (the 2 cores were shared with "
+             f"other work, so in brackets: the fastest epoch x epochs). Figures from `python facegen.py evaluate "
+             f"RUN` on {entries[0][0]['evaluate']['n']} samples against as many held-out test images: "
+             f"sliced Wasserstein distance (x1e3, mean over the Laplacian-pyramid levels) beside the real-vs-real "
+             f"floor (training vs test images), test -ELBO and the k=16 importance-weighted bound in bits/dim "
+             f"(VAEs), and the nearest-training-image ratio (median distance of samples to their nearest training "
+             f"image over that of test images: near 1, no copying).", "",
+             "| run | epochs (steps) | wall time | SWD x1e3 (floor) | ratio | per level: px ratio | "
+             "bits/dim -ELBO (IW) | nearest-train | against the goal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for facts, cfg in entries:
+        r, s = facts["evaluate"], facts["evaluate"]["swd_x1e3"]
+        levels = ", ".join(f"{px}: {a / b:.2f}" for px, a, b in zip(s["level_px"], s["samples_vs_test"], s["train_vs_test"]))
+        lik = r.get("likelihood")
+        bpd = f"{lik['neg_elbo_bpd']:.3f} ({lik['neg_iw_bpd']:.3f})" if lik else "-"
+        lines.append(f"| {facts['name']} | {facts['epochs']} ({facts['steps']}) | {minutes(facts['wall_s'])} "
+                     f"({minutes(facts['fastest_epoch_s'] * facts['epochs'])}) | "
+                     f"{s['samples_vs_test_mean']:.1f} ({s['train_vs_test_mean']:.1f}) | "
+                     f"{s['samples_vs_test_mean'] / s['train_vs_test_mean']:.2f}x | {levels} | {bpd} | "
+                     f"{r['nearest_train_rms']['ratio_median']:.2f} | {facts['goal']} |")
+    lines += ["", "| run | command |", "| --- | --- |"]
+    lines += [f"| {facts['name']} | `{facts['command']}` |" for facts, _ in entries]
+    captions = {"samples": "samples", "recon": "test images over their reconstructions",
+                "std_sweep": "std sweep (seed 003 figs 12-13)", "pca": "latent PCA traversal (seed 003)",
+                "loss": "loss.png"}
+    for facts, _ in entries:
+        lines += ["", f"**{facts['name']}** ({facts['model']}): {facts['goal']}", ""]
+        lines.append(" ".join(f"![{facts['name']} {captions[k]}]({link(v)})"
+                              for k, v in facts["pictures"].items() if k != "loss"))
+        lines += ["", f"[{facts['name']} loss curves]({link(facts['pictures']['loss'])})"]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_gallery(args):
+    """Regenerate the results gallery from run folders: for each run a sample grid, for
+    autoencoders a labelled reconstruction grid, for seed 003's VAE (vae-lrelu) the std sweep,
+    for one VAE (--pca) the PCA traversal, its loss curves, and `evaluate`'s figures with the
+    run's command, epochs and wall time. Writes the PNGs, NAME.json per run and results.md
+    (Markdown for the README's Results section; --readme also replaces the block between
+    <!-- gallery --> and <!-- /gallery --> in that file)."""
+    os.makedirs(args.out, exist_ok=True)
+    folders = [run_folder(r) for r in args.runs]
+    models_of = {}
+    for f in folders:
+        try:
+            with open(os.path.join(f, "config.json")) as fh:
+                models_of[f] = json.load(fh)["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            models_of[f] = None
+    pca_run = ([f for f in folders if os.path.basename(os.path.normpath(f)) == args.pca] if args.pca else
+               [f for f in folders if models_of[f] == "vae-lrelu"] or
+               [f for f in folders if models.FAMILY.get(models_of[f]) == "autoencoder" and models_of[f] != "ae"])
+    if args.pca and not pca_run:
+        raise UsageError(f"--pca {args.pca}: no run folder of that name among RUN")
+    entries = [gallery_run(r, args, pca_run[0] if pca_run else None) for r in args.runs]
+    machine_text = args.machine or machine()
+    path = os.path.join(args.out, "results.md")
+    with open(path, "w") as f:
+        f.write(gallery_markdown(entries, args.out, args.out, machine_text))
+    print(f"wrote {path}")
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        start, end = text.find("<!-- gallery -->"), text.find("<!-- /gallery -->")
+        if start < 0 or end < start:
+            raise UsageError(f"{args.readme} has no <!-- gallery --> ... <!-- /gallery --> block")
+        block = gallery_markdown(entries, args.out, os.path.dirname(os.path.abspath(args.readme)), machine_text)
+        with open(args.readme, "w") as f:
+            f.write(text[:start] + "<!-- gallery -->\n" + block + text[end:])
+        print(f"updated {args.readme}")
+    return path
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 def number_list(s):
@@ -846,6 +1128,7 @@ COMMANDS = {  # name: (function, one-line help)
     "pca": (cmd_pca, "latent PCA grid, and the slider explorer with --serve (seed 003)"),
     "gif": (cmd_gif, "progress.gif from samples/epoch_*.png"),
     "evaluate": (cmd_evaluate, "SWD, nearest-training-image distance, bits/dim -> evaluate.json"),
+    "gallery": (cmd_gallery, "the README's results gallery from run folders: pictures, figures, Markdown"),
 }
 
 
@@ -862,7 +1145,8 @@ def parse_args(argv=None):
     net.add_argument("--seed", type=int, default=0, help="seeds every random draw")
     s = {}
     for name, (fn, short) in COMMANDS.items():
-        s[name] = sub.add_parser(name, parents=[run] if name == "gif" else [run, net], help=short,
+        parents = [net] if name == "gallery" else [run] if name == "gif" else [run, net]
+        s[name] = sub.add_parser(name, parents=parents, help=short,
                                  description=fn.__doc__, formatter_class=Help)
         s[name].set_defaults(fn=fn)
     s["sample"].add_argument("--n", type=positive(int), default=64, help="number of faces")
@@ -891,16 +1175,27 @@ def parse_args(argv=None):
     s["evaluate"].add_argument("--k", type=positive(int), default=16, help="importance samples per test image (VAEs)")
     s["evaluate"].add_argument("--patches", type=positive(int), default=128, help="7x7 patches per image and level")
     s["evaluate"].add_argument("--projections", type=positive(int), default=512, help="SWD random directions")
+    s["gallery"].add_argument("runs", metavar="RUN", nargs="+", help="run folders (or checkpoints)")
+    s["gallery"].add_argument("--out", default="docs", help="folder for the PNGs, NAME.json and results.md")
+    s["gallery"].add_argument("--n", type=positive(int), default=512, help="evaluate: samples and test images compared")
+    s["gallery"].add_argument("--pca", help="the run (folder name) whose PCA traversal to draw (default: a vae-lrelu run)")
+    s["gallery"].add_argument("--machine", help="where the runs trained, in words (default: this machine)")
+    s["gallery"].add_argument("--readme", help="also write the Markdown into this file's <!-- gallery --> block")
+    s["gallery"].add_argument("--fresh", action="store_true", help="re-evaluate even when NAME.json holds this checkpoint's figures")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source line
     try:
         args.fn(args)
-    except UsageError as e:
+    except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed after the checks (disk full, ...)
+        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,15 +1,8 @@
 """facegen.py: every command writes the picture it promises, refusals are one clear line, and the
 metrics agree with closed forms (a linear-Gaussian VAE, shifted image sets, exact copies).
 One tiny VAE and one tiny DCGAN run are trained once for the whole module (32x32, CPU)."""
-import io
 import json
 import math
-import os
-import subprocess
-import sys
-import threading
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -37,9 +30,17 @@ def grid_size(n, nrow, h=H, w=W, pad=2):
     return ncol * (w + pad) + pad, -(-n // ncol) * (h + pad) + pad
 
 
+def has_grid(path, n, nrow):
+    """The picture holds make_grid's grid of n images in its bottom-right corner (labels, if any,
+    left of it and above it: data.labelled_grid)."""
+    (w, h), (gw, gh) = Image.open(path).size, grid_size(n, nrow)
+    return w >= gw and h >= gh
+
+
 def tiles(path, rows, cols, h=H, w=W, pad=2):
-    """The grid at `path` cut back into its images: uint8 (rows, cols, h, w, 3)."""
+    """The grid at `path` (its bottom-right corner) cut back into its images: uint8 (rows, cols, h, w, 3)."""
     a = np.asarray(Image.open(path).convert("RGB"))
+    a = a[a.shape[0] - rows * (h + pad) - pad:, a.shape[1] - cols * (w + pad) - pad:]
     at = lambda i, size: pad + i * (size + pad)                       # first pixel of tile i
     return np.stack([np.stack([a[at(r, h):at(r, h) + h, at(c, w):at(c, w) + w] for c in range(cols)])
                      for r in range(rows)])
@@ -69,7 +70,7 @@ def test_load_run_rebuilds_the_trained_nets_in_eval_mode(runs):
     assert torch.equal(next(iter(nets_file.state_dict().values())), next(iter(saved.values())))
 
 
-@pytest.mark.parametrize("argv", [["reconstruct", "dcgan"], ["pca", "dcgan"], ["sample", "missing"],
+@pytest.mark.parametrize("argv", [["reconstruct", "dcgan"], ["sample", "missing"],
                                   ["sample", "dcgan", "--checkpoint", "best"],       # GANs keep no best.pt
                                   ["interpolate", "vae", "--device", "cuda"]])
 def test_user_errors_are_one_line_exit_2(runs, argv, capsys, tmp_path):
@@ -79,12 +80,6 @@ def test_user_errors_are_one_line_exit_2(runs, argv, capsys, tmp_path):
     assert run_cli(*argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_gan_refusal_from_the_shell_has_no_traceback(runs):
-    p = subprocess.run([sys.executable, "facegen.py", "pca", str(runs["dcgan"])], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.abspath(facegen.__file__)))
-    assert p.returncode == 2 and p.stderr.startswith("error: pca needs an encoder") and "Traceback" not in p.stderr
 
 
 def test_every_command_has_help():
@@ -115,7 +110,7 @@ def test_sample_grid_size_seed_and_std(runs, model, tmp_path):
 def test_reconstruct_shows_the_runs_test_images_over_their_reconstructions(runs, tmp_path):
     assert run_cli("reconstruct", runs["vae"], "--n", 6, "--nrow", 4) == 0
     path = runs["vae"] / "reconstruct.png"
-    assert Image.open(path).size == grid_size(16, 4)                 # 2 row pairs of 4, 2 blanks
+    assert has_grid(path, 16, 4)                                     # 2 row pairs of 4, 2 blanks
     nets, cfg = facegen.load_run(str(runs["vae"]))
     _, test = facegen.run_images(cfg)
     t = tiles(path, 4, 4)
@@ -129,7 +124,7 @@ def test_reconstruct_shows_the_runs_test_images_over_their_reconstructions(runs,
     for i in range(3):
         Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
     assert run_cli("reconstruct", runs["vae"], "--data", folder, "--out", tmp_path / "r.png") == 0
-    assert Image.open(tmp_path / "r.png").size == grid_size(6, 3)
+    assert has_grid(tmp_path / "r.png", 6, 3)
 
 
 @pytest.mark.parametrize("model,extra", [("vae", []), ("vae", ["--slerp", "--noise"]), ("dcgan", ["--slerp"])])
@@ -137,7 +132,7 @@ def test_interpolate_grid(runs, model, extra, tmp_path):
     out = tmp_path / "i.png"
     assert run_cli("interpolate", runs[model], "--rows", 3, "--steps", 5, "--out", out, *extra) == 0
     cols = 5 + 2 * (model == "vae" and "--noise" not in extra)       # real endpoints beside encodings
-    assert Image.open(out).size == grid_size(3 * cols, cols)
+    assert has_grid(out, 3 * cols, cols)
     t = tiles(out, 3, cols)
     assert not np.array_equal(t[0, 0], t[0, -1])                     # two different endpoints
     if cols == 7:                                                     # real images at both ends
@@ -163,7 +158,7 @@ def test_slerp_and_lerp_paths():
 
 def test_std_sweep_rows_differ_only_by_scale(runs, tmp_path):
     assert run_cli("std-sweep", runs["vae"], "--n", 3) == 0
-    assert Image.open(runs["vae"] / "std_sweep.png").size == grid_size(8 * 3, 3)   # 0.25 ... 2.0
+    assert has_grid(runs["vae"] / "std_sweep.png", 8 * 3, 3)                     # 0.25 ... 2.0
     out = tmp_path / "s.png"
     assert run_cli("std-sweep", runs["dcgan"], "--n", 4, "--stds", "0,1,1", "--out", out) == 0
     t = tiles(out, 3, 4)
@@ -194,43 +189,6 @@ def test_latent_pca_matches_the_covariance_eigendecomposition():
     torch.testing.assert_close(((z - mean) @ V[0]).item(), 2 * sigma[0].item())
 
 
-def test_explorer_serves_the_page_and_faces_on_loopback_only(runs):
-    nets, cfg = facegen.load_run(str(runs["vae"]))
-    explorer = facegen.Explorer(nets, *facegen.fit_pca(nets, cfg), k=4, size=128)
-    with pytest.raises(train.UsageError):
-        facegen.make_server(explorer, host="0.0.0.0")
-    server = facegen.make_server(explorer, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        host, port = server.server_address
-        assert host == "127.0.0.1" and port > 0
-        url = f"http://127.0.0.1:{port}"
-        page = urllib.request.urlopen(url + "/", timeout=30).read().decode()
-        assert page.count("PC") >= 1 and 'type: "range"' in page and "face.png?c=" in page
-        faces = []
-        for c in ["0,0,0,0", "2.5,-1,0,0", "-2.5"]:
-            r = urllib.request.urlopen(f"{url}/face.png?c={c}", timeout=30)
-            body = r.read()
-            assert r.headers["Content-Type"] == "image/png" and body[:8] == b"\x89PNG\r\n\x1a\n"
-            assert Image.open(io.BytesIO(body)).size == (128, 128)
-            faces.append(body)
-        assert faces[0] != faces[1] and faces[1] != faces[2]
-        for bad in ["/face.png?c=1,2,3,4,5", "/face.png?c=nan", "/face.png?c=x", "/nothing"]:
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(url + bad, timeout=30)
-            assert e.value.code in (400, 404)
-        forged = urllib.request.Request(url + "/", headers={"Host": "evil.example:80"})
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(forged, timeout=30)
-        assert e.value.code == 403
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
-
-
 def test_gif_holds_the_last_frame(runs, tmp_path):
     out = tmp_path / "p.gif"
     assert run_cli("gif", runs["dcgan"], "--duration-ms", 100, "--hold-last-ms", 900, "--out", out) == 0
@@ -247,16 +205,38 @@ def test_gif_holds_the_last_frame(runs, tmp_path):
 # -----------------------------------------------------------------------------
 # Metrics: sliced Wasserstein on Laplacian pyramids
 
-def test_laplacian_pyramid_levels_and_exact_inverse():
+def _np_blur(a, gain=1.0):
+    """cv2's 5x5 binomial blur, separable, mirrored (BORDER_REFLECT_101) borders: numpy, float64."""
+    k = np.array([1.0, 4, 6, 4, 1]) / 16
+    p = np.pad(a, ((0, 0), (0, 0), (2, 2), (2, 2)), mode="reflect")
+    rows = sum(k[i] * p[:, :, i:i + a.shape[2], :] for i in range(5))
+    return gain * sum(k[j] * rows[:, :, :, j:j + a.shape[3]] for j in range(5))
+
+
+def test_laplacian_pyramid_matches_an_independent_pyrdown_pyrup():
+    """Each level against a separate numpy implementation of cv2's pyrDown / pyrUp (not the
+    reconstruction identity G = L + up(G'), which holds for any up/down by construction)."""
     x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pyr = facegen.laplacian_pyramid(x, 3)
     assert [p.shape[2:] for p in pyr] == [(64, 48), (32, 24), (16, 12)]
-    g = pyr[-1]
-    for lap in reversed(pyr[:-1]):
-        g = lap + facegen.pyr_up(g, lap.shape[2:])
-    torch.testing.assert_close(g, x)
+    g0 = x.numpy()
+    g1 = _np_blur(g0)[:, :, ::2, ::2]
+    g2 = _np_blur(g1)[:, :, ::2, ::2]
+
+    def up(g, shape):
+        u = np.zeros(g.shape[:2] + shape)
+        u[:, :, ::2, ::2] = g
+        return _np_blur(u, gain=4.0)
+
+    torch.testing.assert_close(pyr[2], torch.from_numpy(g2))
+    torch.testing.assert_close(pyr[1], torch.from_numpy(g1 - up(g2, (32, 24))))
+    torch.testing.assert_close(pyr[0], torch.from_numpy(g0 - up(g1, (64, 48))))
     flat = facegen.laplacian_pyramid(torch.full((1, 3, 32, 32), 0.3), 2)
     assert flat[0].abs().max() < 1e-6 and torch.allclose(flat[1], torch.tensor(0.3))  # detail of a flat image: 0
+    # a smooth image has far less detail than white noise of the same range
+    smooth = facegen.laplacian_pyramid(smooth_images(2, 0).double(), 2)[0].abs().mean()
+    noise = facegen.laplacian_pyramid(torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1, 2)[0].abs().mean()
+    assert smooth < 0.2 * noise
 
 
 def test_sliced_wasserstein_zero_symmetric_and_one_dimensional_exact():
