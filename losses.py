@@ -159,20 +159,21 @@ def critic_gen_loss(fake_scores):
     return -fake_scores.mean()
 
 
-def gradient_penalty(critic, real, fake):
+def gradient_penalty(critic, real, fake, eps=None):
     """WGAN-GP gradient penalty (Gulrajani et al. 2017, Algorithm 1), *without* λ:
 
         GP = E_x̂[ (‖∇_x̂ D(x̂)‖₂ − 1)² ],   x̂ = ε x + (1 − ε) x̃,   ε ~ U[0, 1]
 
-    ε is drawn once per sample (shape B×1×1×1) and the norm is taken over all C·H·W values of
-    each sample's gradient: a per-pixel norm is a common bug. Mean over the batch. The caller
+    ε is drawn once per sample (shape B×1×1×1, or given as `eps`) and the norm is taken over all
+    C·H·W values of each sample's gradient: a per-pixel norm is a common bug. Mean over the batch. The caller
     adds λ·GP to critic_loss (λ = 10 in the paper; seed 002 tried 0.5 and 5).
 
     create_graph=True keeps the penalty differentiable w.r.t. the critic's parameters. fake is
     detached: the penalty trains the critic only. The per-sample gradient is only meaningful
     for a critic without BatchNorm (seed 002: samples in a batch must not interact).
     """
-    eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), dtype=real.dtype, device=real.device)
+    if eps is None:  # train.py passes its rank's slice of one global draw under torchrun
+        eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), dtype=real.dtype, device=real.device)
     x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     scores = critic(x_hat)
     # Σ_i D(x̂_i) has gradient ∇D(x̂_i) in row i, since each score depends on its own sample only.

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 
 import numpy as np
@@ -70,7 +71,7 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        obs_std=1.0, recon="mse", gan_loss="bce", n_critic=1, clip=0.0,
                        gp_weight=0.0, flip=False, jitter=0.0, arch=None, critic_norm="none",
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
-                       amp=False, channels_last=False, compile=False, benchmark=False,
+                       amp=False, channels_last=None, compile=False, benchmark=False,
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None)
 
 
@@ -136,7 +137,8 @@ def critic_step(run, x):
     loss_d = d_loss_fn(d_real, d_fake)                                 # L_D
     gp = None
     if cfg["gp_weight"]:
-        gp = losses.gradient_penalty(run.penalty_critic, x, x_fake.to(x.dtype))  # E[(‖∇D(x̂)‖₂ − 1)²]
+        eps = run.noise(x.shape[0], 1, 1, 1, draw=torch.rand, dtype=x.dtype)   # ε ~ U[0, 1] per sample
+        gp = losses.gradient_penalty(run.penalty_critic, x, x_fake.to(x.dtype), eps)  # E[(‖∇D(x̂)‖₂ − 1)²]
         loss_d = loss_d + cfg["gp_weight"] * gp                        #   L_D += λ·GP
     norm = optimizer_step(run, "D", loss_d)
     if cfg["clip"]:
@@ -229,13 +231,13 @@ def train(run):
     pictures and the checkpoints; progress.gif at the end."""
     cfg = run.cfg
     rows = [r for r in read_metrics(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
-    progress = Progress(cfg["quiet"] or not run.main)
+    progress = Progress(run, cfg["quiet"] or not run.main)  # also the loss curve's points: steps.csv
     for steps, completes in epochs_to_run(run):
         t0, n_images = time.time(), 0
         for xs in steps:
             run.count(take_step(run, xs), len(xs))
             n_images += len(xs) * cfg["batch_size"]
-            if run.stop:  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
+            if run.stopping():  # Ctrl-C / SIGTERM arrived during the step: it is complete, save here
                 raise KeyboardInterrupt
             if run.step % cfg["log_every"] == 0:
                 run.check_finite()
@@ -243,7 +245,8 @@ def train(run):
             if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
                 run.checkpoint()
         progress.clear()
-        end_epoch(run, rows, completes, time.time() - t0, n_images)
+        end_epoch(run, rows, completes, time.time() - t0, n_images, progress.points)
+        progress.mark(run)  # the epoch's sums restart: so does the next point's window
     if run.main:
         frames = data.epoch_frames(os.path.join(run.out, "samples"))
         if frames:
@@ -288,16 +291,16 @@ def take_step(run, xs):
     return STEPS[run.cfg["family"]](run, xs)
 
 
-def end_epoch(run, rows, completes, seconds, n_images):
-    """The metrics.csv row (train means, test losses, images/s), loss.png, the pictures, then
-    best.pt (lowest test loss) and last.pt."""
+def end_epoch(run, rows, completes, seconds, n_images, points=()):
+    """The metrics.csv row (train means, test losses, images/s), loss.png (the rows and the
+    steps.csv points), the pictures, then best.pt (lowest test loss) and last.pt."""
     run.check_finite()
     row = {"epoch": run.epoch + 1, "step": run.step, **run.means(), **test_losses(run),
            "images_per_s": n_images / max(seconds, 1e-9), "seconds": seconds}
     if run.main:
         rows.append(row)
         write_metrics(run.metrics_path, rows)
-        data.plot_losses(rows, os.path.join(run.out, "loss.png"))
+        data.plot_losses(rows, os.path.join(run.out, "loss.png"), points, loss_units(run.cfg))
         write_pictures(run, run.epoch + 1)
         print(f"epoch {run.epoch + 1}/{run.cfg['epochs']} {fmt({k: v for k, v in row.items() if k != 'epoch'})}", flush=True)
     if completes:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
@@ -307,6 +310,33 @@ def end_epoch(run, rows, completes, seconds, n_images):
         run.best = row["test_loss"]                 # leaves best.pt behind last.pt
         run.checkpoint("best.pt")
     run.checkpoint("last.pt")
+
+
+def loss_units(cfg):
+    """Each logged term's quantity and unit: loss.png's y-axis labels (ASCII: pillow's default
+    font has no Greek)."""
+    recon = {"gnll": f"Gaussian NLL (sigma {cfg['obs_std']:g}), nats/image",
+             "mse": "squared error/image (sum over pixels)",
+             "mse-mean": "mean squared error/pixel"}[cfg["recon"]]
+    units = {"recon": recon, "kl": "KL, nats/image", "grad_norm": "gradient L2 norm",
+             "grad_norm_D": "gradient L2 norm", "grad_norm_G": "gradient L2 norm",
+             "adv": "BCE -log D(x_hat, x_p), nats", "wasserstein": "E[D(x)] - E[D(G(z))], critic units",
+             "gp": "(|grad D(x_mix)| - 1)^2"}
+    if cfg["family"] in ("autoencoder", "vaegan"):
+        weighted = cfg["kl_weight"] != 1 or cfg["recon_scale"] != 1
+        loss = ("-ELBO, nats/image" if cfg["recon"] == "gnll" and not weighted
+                else "recon (no KL)" if cfg["kl_weight"] == 0 and cfg["recon_scale"] == 1
+                else f"{cfg['recon_scale']:g} recon + {cfg['kl_weight']:g} KL".removeprefix("1 "))
+        units["loss"] = ("adv + " if cfg["family"] == "vaegan" else "") + loss
+    d_loss, g_loss, score = {
+        "bce": ("BCE, nats (real + fake)", "BCE -log D(G(z)), nats", "sigmoid(score), probability"),
+        "ls": ("squared error (real + fake)", "squared error (D(G(z)) - 1)^2", "raw score (targets 1, 0)"),
+        "wasserstein": ("E[D(G(z))] - E[D(x)]" + (" + lambda GP" if cfg["gp_weight"] else "") + ", critic units",
+                        "-E[D(G(z))], critic units", None)}[cfg["gan_loss"]]
+    units.update(loss_d=d_loss, loss_g=g_loss)
+    if score:
+        units["D(x)"] = units["D(G(z))"] = score
+    return units
 
 
 # =============================================================================
@@ -413,14 +443,16 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=positive(int), default=None, help="steps between progress lines and NaN checks")
     g.add_argument("--quiet", action="store_true", default=None, help="no progress line, only the per-epoch summary")
     g = p.add_argument_group("speed")
-    g.add_argument("--amp", action="store_true", default=None, help="bf16 autocast (CUDA, or a CPU with bf16 instructions)")
-    g.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
+    g.add_argument("--amp", action="store_true", default=None,
+                   help="bf16 autocast where bf16 is native (CUDA Ampere on; CPU with AVX512-BF16/AMX); elsewhere one note, then fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: what measured fastest on this device, see README Speed)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
-                   help="one-kernel Adam update (default: on for CUDA)")
+                   help="one-kernel Adam update (default: on; off for a run recorded before it was)")
     g.add_argument("--benchmark", action="store_true", default=None,
                    help="time steady-state steps of the fast path against a plain eager baseline, print images/s and ratios, then exit")
-    g.add_argument("--bench-steps", type=positive(int), default=20, help="timed steps per benchmark variant")
+    g.add_argument("--bench-steps", type=positive(int), default=None, help="timed steps per benchmark variant (default: 3 on CPU, 20 on CUDA)")
     return p.parse_args(argv)
 
 
@@ -515,6 +547,7 @@ class Run:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
         self.main = self.rank == 0
+        resolve_speed(cfg, self.device, say=self.main)  # unset speed switches: this device's fastest
         # --- nets and optimizers (nets first: an unsupported image size is refused before any data is decoded)
         torch.manual_seed(cfg["seed"])
         try:
@@ -565,10 +598,11 @@ class Run:
         if resume_state is not None:
             self.load_state(resume_state)
 
-    def noise(self, n):
-        """n draws of N(0, I) in latent space: this rank's slice of one draw for the global batch,
-        so N processes see exactly the noise one process would (and 1 process: plain randn)."""
-        eps = torch.randn(n * self.world, self.latent_dim, device=self.device)
+    def noise(self, n, *shape, draw=torch.randn, dtype=None):
+        """n draws of N(0, I) in latent space (or of `draw`, e.g. torch.rand, with `shape`): this
+        rank's slice of one draw for the global batch, so N processes see exactly the noise one
+        process would (and 1 process: a plain draw)."""
+        eps = draw(n * self.world, *(shape or (self.latent_dim,)), device=self.device, dtype=dtype)
         return eps[self.rank * n:(self.rank + 1) * n]
 
     def make_optimizer(self, params):
@@ -591,16 +625,28 @@ class Run:
             bad = torch.where(torch.isfinite(v), NEVER, self.step)
             self.term_bad[k] = torch.minimum(self.term_bad[k], bad) if k in self.term_bad else bad
 
+    def global_meter(self):
+        """The epoch's sums of the logged terms over the global batch: under torchrun the ranks'
+        sums averaged (a collective: every rank calls it), so metrics.csv reads the same whether
+        the run used 1 or N processes."""
+        if self.world == 1 or not self.meter:
+            return dict(self.meter)
+        flat = torch.stack(list(self.meter.values()))
+        torch.distributed.all_reduce(flat)
+        return dict(zip(self.meter, flat / self.world))
+
     def means(self):
-        """The epoch's mean of each logged term so far, over the global batch: under torchrun the
-        ranks' sums are averaged (every rank must call this), so metrics.csv reads the same
-        whether the run used 1 or N processes."""
-        sums = dict(self.meter)
-        if self.world > 1 and sums:
-            flat = torch.stack(list(sums.values()))
-            torch.distributed.all_reduce(flat)
-            sums = dict(zip(sums, flat / self.world))
-        return {k: float(v) / max(self.meter_n, 1) for k, v in sums.items()}
+        """The epoch's mean of each logged term so far (one host read)."""
+        return {k: float(v) / max(self.meter_n, 1) for k, v in self.global_meter().items()}
+
+    def stopping(self):
+        """Did a signal ask the run to stop? Under torchrun the ranks agree (any rank's signal
+        stops them all after the same step), so they save the same state together."""
+        if self.world == 1:
+            return bool(self.stop)
+        flag = torch.tensor([len(self.stop)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def state(self):
         return {"nets": self.nets.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.opt.items()},
@@ -660,6 +706,7 @@ class Run:
 
     def checkpoint(self, name="last.pt"):
         self.check_finite()
+        self.meter = self.global_meter()  # every rank holds, and the checkpoint keeps, the global sums
         if self.main:
             save_checkpoint(self.state(), os.path.join(self.out, name))
 
@@ -846,15 +893,47 @@ def catch_signals(run):
 
 
 class Progress:
-    """A progress line that a terminal redraws in place; plain lines every 30 s otherwise."""
+    """Every --log-every steps: a point of the loss curve (each logged term's mean over the steps
+    since the previous point, the epoch's start or the resume) appended to steps.csv, and a
+    progress line that a terminal redraws in place (plain lines every 30 s otherwise). A resumed
+    run keeps the points up to its checkpoint and redoes the later ones: none is duplicated."""
 
-    def __init__(self, quiet):
-        self.quiet, self.tty, self.last = quiet, sys.stdout.isatty(), 0.0
+    def __init__(self, run, quiet):
+        self.quiet, self.tty, self.last, self.main = quiet, sys.stdout.isatty(), 0.0, run.main
+        self.path = os.path.join(run.out, "steps.csv")
+        old = os.path.join(os.path.dirname(run.rows_path), "steps.csv")  # the resumed run's
+        self.points = [p for p in read_metrics(old) if int(p["step"]) <= run.step]
+        self.header = None
+        if self.main and (self.points or os.path.exists(self.path)):
+            self.rewrite()
+        self.mark(run)
+
+    def mark(self, run):
+        """Remember the epoch's sums so far: the next point averages the steps after this."""
+        self.prev = (run.means(), run.meter_n)
+
+    def rewrite(self):
+        if self.points:
+            write_metrics(self.path, self.points)
+            self.header = list(self.points[0])
+        elif os.path.exists(self.path):  # points of an attempt that never reached a checkpoint
+            os.remove(self.path)
 
     def update(self, run, rate):
-        """Every rank calls this (run.means() is a collective under torchrun); rank 0 prints."""
+        """Every rank calls this (run.means() is a collective under torchrun); rank 0 writes."""
+        means, n = run.means(), run.meter_n
+        (prev, prev_n), self.prev = self.prev, (means, n)
+        if n > prev_n:  # window mean = (sum now - sum at the previous point) / steps between
+            point = {"epoch": run.epoch + 1, "step": run.step,
+                     **{k: (v * n - prev.get(k, 0.0) * prev_n) / (n - prev_n) for k, v in means.items()}}
+            self.points.append(point)
+            if self.main and list(point) == self.header:
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.header).writerow(point)
+            elif self.main:
+                self.rewrite()
         total, images_per_step = total_steps(run), steps_per_update(run.cfg) * run.cfg["batch_size"]
-        text = (f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(run.means())} "
+        text = (f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} "
                 f"| {rate:.0f} img/s | eta {(total - run.step) * images_per_step / max(rate, 1e-9):.0f}s")
         now = time.time()
         if self.quiet or (not self.tty and now - self.last < 30):
@@ -941,6 +1020,7 @@ def main(argv=None):
     """Exit codes: 0 done, 1 a write failed (disk full...), 2 usage, 3 NaN/Inf, 130 interrupted.
     Every one prints one line, no traceback; none of them leaves a damaged or non-finite last.pt."""
     args = parse_args(argv)
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, no source line
     out = lock = None
     try:
         cfg, state = config_from(args)
@@ -995,7 +1075,60 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# --benchmark: steady-state images/s of each speed switch against a plain eager baseline.
+# Speed switches: their defaults on the machine a run starts on, and --benchmark.
+
+# What measured fastest on CPU: NHWC 1.11-1.17x and fused Adam 1.03-1.12x, together 1.13-1.27x, for
+# the DCGAN and the VAE on a 2-core AMD EPYC with AVX-512 + bf16 and under an AVX2-only simulation
+# (README "Speed"). Neither changes what is computed, only the rounding.
+CPU_DEFAULTS = dict(channels_last=True, fused_adam=True)
+
+
+def native_bf16(device):
+    """Whether bf16 autocast runs on bf16 hardware. CUDA: a GPU with native bf16 (Ampere on).
+    CPU: bf16 instructions (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm; torch.cpu.get_capabilities)
+    that oneDNN, which runs the convolutions, will use (torch.ops.mkldnn._is_mkldnn_bf16_supported,
+    which honours ONEDNN_MAX_CPU_ISA). Without them bf16 convolutions fall back to slow kernels:
+    25x slower than fp32 on a 2-core AVX2-only EPYC (issue 12)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    get = getattr(torch.cpu, "get_capabilities", None)
+    caps = get() if get else {"avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+    try:
+        onednn = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        onednn = False
+    return bool(onednn and any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16")))
+
+
+def describe_cpu():
+    """'AMD EPYC, ATen AVX512, native bf16 yes': what a CPU speed figure depends on."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    name = (get() if get else {}).get("cpu_name") or "CPU"
+    return (f"{name}, {torch.get_num_threads()} threads, ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"native bf16 {'yes' if native_bf16(torch.device('cpu')) else 'no'}")
+
+
+def resolve_speed(cfg, device, say=True):
+    """Settle the speed switches for this device, in cfg (so config.json records them).
+    --amp without native bf16 trains in fp32 and says so in one line (config.json: amp false):
+    bf16 there would be ~25x slower, and fp32 gives the same model. Unset switches take what
+    measured fastest (CPU_DEFAULTS; CUDA: fused Adam). A resumed run keeps its recorded choice:
+    NHWC and fused Adam round differently, and resume is bitwise exact (a run recorded before
+    these defaults existed has fused_adam null, which Run.make_optimizer still reads as CUDA-only)."""
+    if cfg["amp"] and not native_bf16(device):
+        if say:
+            what = "GPU" if device.type == "cuda" else f"CPU ({describe_cpu()})"
+            print(f"note: --amp ignored: this {what} has no native bf16, where bf16 autocast runs ~25x "
+                  f"slower than fp32; training in fp32 (config.json records amp: false)", file=sys.stderr)
+        cfg["amp"] = False
+    if cfg.get("resume"):
+        return cfg
+    measured = CPU_DEFAULTS if device.type == "cpu" else dict(channels_last=None, fused_adam=True)
+    for k, v in measured.items():
+        if cfg[k] is None and not (k == "fused_adam" and cfg["optimizer"] != "adam"):
+            cfg[k] = bool(v)
+    return cfg
+
 
 BASELINE = dict(plain=True, channels_last=False, amp=False, compile=False, fused_adam=False)
 SWITCHES = [  # (label, change on top of the resident-data loop)
@@ -1004,6 +1137,7 @@ SWITCHES = [  # (label, change on top of the resident-data loop)
     ("bf16 autocast (--amp)", dict(amp=True)),
     ("torch.compile (--compile)", dict(compile=True)),
 ]
+HOPELESS = 0.5  # a configuration below this fraction of the baseline after one round is not timed again
 
 
 def plain_batches(run, cfg):
@@ -1049,44 +1183,68 @@ class Timed:
 
 def best_rates(timed, steps, rounds):
     """Interleave the configurations for `rounds` rounds and keep each one's best round, so a
-    burst of load from elsewhere on the machine penalises no configuration in particular."""
-    best = [0.0] * len(timed)
-    for _ in range(rounds):
+    burst of load from elsewhere on the machine penalises no configuration in particular.
+    One below HOPELESS x timed[0] (the baseline) after the first round is hopeless: it is not
+    timed again (a 25x slower switch would otherwise take most of the benchmark's time).
+    Returns (best rates, indices dropped after round 1)."""
+    best, dropped = [0.0] * len(timed), set()
+    for r in range(rounds):
         for i, t in enumerate(timed):
-            best[i] = max(best[i], t.rate(steps))
-    return best
+            if i not in dropped:
+                best[i] = max(best[i], t.rate(steps))
+        if r == 0:
+            dropped = {i for i, b in enumerate(best) if i and b < HOPELESS * best[0]}
+    return best, dropped
 
 
 def benchmark(cfg, rounds=3):
     """Each switch alone on top of resident data, then all the switches that paid together,
-    each as images/s and as a ratio to the plain eager fp32 NCHW baseline."""
+    each as images/s and as a ratio to the plain eager fp32 NCHW baseline. --amp is skipped
+    where there is no native bf16 (it would train in fp32); a hopeless switch is dropped."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("--benchmark runs in one process; time DDP with a torchrun --max-steps run")
+    base = Timed(dict(cfg, **BASELINE))
+    device = base.run.device
+    steps = cfg["bench_steps"] or (20 if device.type == "cuda" else 3)
     h, w = cfg["image_size"]
-    print(f"benchmark {cfg['model']} {h}x{w} batch {cfg['batch_size']}: best of {rounds} interleaved rounds "
-          f"of {cfg['bench_steps']} steps", flush=True)
-    switches = [s for s in SWITCHES if not s[1].get("compile") or cfg["compile"]]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else describe_cpu()
+    print(f"benchmark {cfg['model']} {h}x{w} batch {cfg['batch_size']} on {where}: best of {rounds} "
+          f"interleaved rounds of {steps} steps", flush=True)
+    switches, skipped = [], []
+    for label, change in SWITCHES:
+        if change.get("compile") and not cfg["compile"]:
+            continue
+        if change.get("amp") and not native_bf16(device):
+            skipped.append(f"{label}: skipped, no native bf16 here (--amp trains in fp32 on this machine)")
+            continue
+        if change.get("fused_adam") and cfg["optimizer"] != "adam":
+            continue
+        switches.append((label, change))
     resident = dict(cfg, **dict(BASELINE, plain=False))
-    configs = [("baseline: eager fp32 NCHW, DataLoader + host augmentation, loss read every step",
-                dict(cfg, **BASELINE)),
+    configs = [("baseline: eager fp32 NCHW, DataLoader + host augmentation, loss read every step", None),
                ("uint8 data resident on the device, augmentation there, no per-step sync", resident)]
     configs += [(f"resident + {label}", dict(resident, **change)) for label, change in switches]
-    timed = [Timed(c) for _, c in configs]
-    rates = best_rates(timed, cfg["bench_steps"], rounds)
-    for (label, _), r, t in zip(configs, rates, timed):
+    timed = [base] + [Timed(c) for _, c in configs[1:]]
+    rates, dropped = best_rates(timed, steps, rounds)
+    for i, ((label, _), r, t) in enumerate(zip(configs, rates, timed)):
         mem = f"  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if t.cuda else ""
-        print(f"{r:10.1f} img/s  {r / rates[0]:5.2f}x  {label}{mem}")
+        gone = f"  (hopeless: < {HOPELESS}x the baseline after round 1, dropped)" if i in dropped else ""
+        print(f"{r:10.1f} img/s  {r / rates[0]:5.2f}x  {label}{mem}{gone}")
+    for line in skipped:
+        print(f"{'':24s}{line}")
     paid = [change for (_, change), r in zip(switches, rates[2:]) if r > 1.02 * rates[1]]
     fast = dict(resident)
     for change in paid:
         fast.update(change)
-    del timed
-    base, best = best_rates([Timed(dict(cfg, **BASELINE)), Timed(fast)], cfg["bench_steps"], rounds)
+    del timed[1:]
+    (base_rate, best), _ = best_rates([base, Timed(fast)], steps, rounds)
     names = [k for k in ("channels_last", "fused_adam", "amp", "compile") if fast[k]]
-    print(f"{best:10.1f} img/s  {best / base:5.2f}x  fast path: resident data + {' + '.join(names) or 'nothing else'} "
-          f"(baseline re-timed beside it: {base:.1f} img/s)")
-    return base, best
-
+    print(f"{best:10.1f} img/s  {best / base_rate:5.2f}x  fast path: resident data + {' + '.join(names) or 'nothing else'} "
+          f"(baseline re-timed beside it: {base_rate:.1f} img/s)")
+    defaults = resolve_speed(dict(cfg, amp=False), device, say=False)
+    print(f"defaults of a run here: channels_last {defaults['channels_last']}, fused Adam "
+          f"{defaults['fused_adam']}, amp off unless --amp (honoured only with native bf16)")
+    return base_rate, best
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -341,3 +341,26 @@ def test_batchnorm_critic_couples_samples():
     assert any(isinstance(m, BN) for m in D.modules())
     other, _ = _cross_sample_grad(D, torch.randn(4, 3, 32, 32))
     assert other > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's parameter counts are the code's
+# ---------------------------------------------------------------------------------------------
+
+def _readme_row(name):
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+    assert rows, f"README has no Models row for {name}"
+    return rows[0]
+
+
+@pytest.mark.parametrize("name,size,kwargs", [
+    ("vae", 64, {}), ("vae", 64, {"latent_dim": 512}), ("vae-vgg", 64, {}), ("vae-in", (64, 48), {}),
+    ("ae", 64, {}), ("vae-lrelu", 64, {}), ("dcgan", 64, {"arch": "classic"}), ("dcgan", 64, {"arch": "seed002"}),
+    ("wgan", 64, {}), ("wgan-gp", 64, {"critic_norm": "none"}), ("vaegan", 64, {}),
+])
+def test_readme_parameter_counts(name, size, kwargs):
+    """Every count the README's Models table quotes is what build_model builds (all nets)."""
+    n = count_params(build_model(name, size, **kwargs))
+    assert f"{n:,}" in _readme_row(name), (name, kwargs, f"{n:,}")
