@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin,  # noqa: F401 -- registers the
                  PngImagePlugin, WebPImagePlugin)                  # decoders _FORMATS allows
 
@@ -287,53 +287,134 @@ def make_grid(images, nrow=8, padding=2, pad_value=0):
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_grid(images, path, nrow=8, padding=2):
-    """Write make_grid(images) as a PNG, creating parent folders."""
+def save_grid(images, path, nrow=8, padding=2, **labels):
+    """Write make_grid(images) as a PNG, creating parent folders; with labels (row_labels,
+    col_labels, title, scale: see labelled_grid), the labelled picture."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(make_grid(images, nrow, padding)).save(path)
+    grid = make_grid(images, nrow, padding)
+    (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
 
 
-def plot_losses(rows, path, width=720, panel_h=150):
-    """metrics.csv as small multiples drawn with pillow: one panel per term with its own y axis
-    (a VAE's reconstruction and KL differ by 10^4), train and test of a term in one panel,
-    D(x) with D(G(z)). No plotting library: the design card allows torch, numpy and pillow."""
+def font(size=10):
+    """Pillow's built-in font (no font file needed; ASCII only: no Greek, no minus sign)."""
+    return ImageFont.load_default(size)
+
+
+def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None, scale=1):
+    """A make_grid picture (uint8 H x W x 3) of cell = (h, w) images that explains itself: each
+    row's label in a band to its left, each column's above it (labels may hold a newline; "" for
+    none), a title line on top. The grid itself keeps the bottom-right corner, unchanged (scale
+    enlarges it, nearest neighbour, so that labels fit)."""
+    (h, w), p, f = cell, padding, font()
+    img = Image.fromarray(grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    d = ImageDraw.Draw(img)
+    size = lambda t: d.multiline_textbbox((0, 0), t, font=f, spacing=1)[2:]
+    left = max((size(t)[0] for t in row_labels if t), default=-6) + 6
+    col_h = max((size(t)[1] for t in col_labels if t), default=-4) + 4
+    title_w, title_h = (size(title)[0] + 4, size(title)[1] + 6) if title else (0, 0)
+    left = max(left, title_w - img.width)  # the faces keep the bottom-right corner
+    out = Image.new("RGB", (left + img.width, title_h + col_h + img.height), "white")
+    out.paste(img, (left, title_h + col_h))
+    d = ImageDraw.Draw(out)
+    if title:
+        d.text((2, 2), title, fill="black", font=f)
+    for r, t in enumerate(row_labels):  # right-aligned, centred on the row
+        y = title_h + col_h + scale * (p + r * (h + p) + h / 2)
+        d.multiline_text((left - 3, y), t, fill="black", font=f, anchor="rm", align="right", spacing=1)
+    for c, t in enumerate(col_labels):  # centred over the column
+        x = left + scale * (p + c * (w + p) + w / 2)
+        d.multiline_text((x, title_h + col_h - 2), t, fill="black", font=f, anchor="md", align="center", spacing=1)
+    return out
+
+
+def nice_ticks(lo, hi, log=False, n=5, integer=False):
+    """About n round tick values in [lo, hi] (steps of 1, 2 or 5 x 10^k, at least 1 if integer);
+    log: powers of ten, and 2 and 5 times them when the range spans under 3 decades."""
+    if log:
+        k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+        mult = (1,) if k1 - k0 > 3 else (1, 2, 5)
+        return [m * 10.0 ** k for k in range(k0, k1 + 1) for m in mult if lo <= m * 10.0 ** k <= hi]
+    raw = (hi - lo) / max(n - 1, 1)
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    step = max(step, 1) if integer else step
+    return [i * step for i in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def tick_label(v):
+    """1500000 -> '1.5e6', 0.25 -> '0.25', 2000 -> '2000': short and exact for round ticks."""
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        m, e = f"{v:.1e}".split("e")
+        return f"{m.removesuffix('.0')}e{int(e)}"
+    return f"{v:.4g}"
+
+
+def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
+    """metrics.csv rows (one per epoch) and steps.csv points (every --log-every steps), drawn
+    with pillow as small multiples: one panel per term, titled with its quantity and unit
+    (units: {term: label}), its own y axis (log when a positive term spans over 1.5 decades: a
+    VAE's NLL falls 100x), x in optimizer steps with the epoch ends as grey lines. Train terms
+    are drawn from the points when there are any (else from the epoch means), test terms
+    (per epoch) beside them; D(x) shares a panel with D(G(z)). No plotting library: the design
+    card allows torch, numpy and pillow."""
+    units, points, f = units or {}, list(points), font(11)
     skip = {"epoch", "step", "images_per_s", "seconds"}
-    keys = [k for k in (rows[0] if rows else {}) if k not in skip]
-    keys = [k for k in keys if all(r.get(k, "") not in ("", None) for r in rows)]
+    has = lambda rs, k: rs and all(r.get(k, "") not in ("", None) for r in rs)
+    keys = [k for k in dict.fromkeys([*(rows[0] if rows else {}), *(points[0] if points else {})])
+            if k not in skip and (has(rows, k) or has(points, k))]
     groups = {}
     for k in keys:  # test_recon joins recon; D(G(z)) joins D(x)
         base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
         groups.setdefault(base if base in keys else k, []).append(k)
-    img = Image.new("RGB", (width, max(1, len(groups)) * panel_h + 30), "white")
-    d = ImageDraw.Draw(img)
-    ep = [float(r["epoch"]) for r in rows]
-    x0, x1 = (min(ep), max(ep)) if ep else (0, 1)
+    series = {k: [(float(r["step"]), float(r[k])) for r in (points if has(points, k) else rows)] for k in keys}
+    ends = [float(r["step"]) for r in rows]
+    every = int(points[1]["step"]) - int(points[0]["step"]) if len(points) > 1 else "N"
+    xs = [x for k in keys for x, _ in series[k]] + ends
+    x0, x1 = (0.0, max(xs)) if xs else (0.0, 1.0)
     x1 = x1 if x1 > x0 else x0 + 1
-    left, right = 70, width - 170
-    px = lambda e: left + (e - x0) / (x1 - x0) * (right - left)
+    left, right = 64, width - 150
+    img = Image.new("RGB", (width, max(1, len(groups)) * panel_h + 24), "white")
+    d = ImageDraw.Draw(img)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
     for i, (name, members) in enumerate(groups.items()):
-        top, bottom = 10 + i * panel_h, 10 + (i + 1) * panel_h - 25
-        vals = {k: [float(r[k]) for r in rows] for k in members}
-        finite = [v for vs in vals.values() for v in vs if math.isfinite(v)] or [0.0]
+        top, bottom = 22 + i * panel_h, (i + 1) * panel_h - 8
+        d.text((left, top - 16), f"{', '.join(members)}: {units.get(name, name)}", fill="black", font=f)
+        finite = [v for k in members for _, v in series[k] if math.isfinite(v)] or [0.0]
         lo, hi = min(finite), max(finite)
-        lo, hi = (lo, hi) if hi > lo else (lo - 1, hi + 1)
-        py = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
+        log = lo > 0 and hi / lo > 30
+        if log:
+            lo, hi = lo / 1.1, hi * 1.1
+            ty = lambda v: math.log10(max(v, lo))
+        else:
+            pad = (hi - lo) * 0.05 or max(abs(hi) * 0.05, 1e-3)
+            lo, hi = lo - pad, hi + pad
+            ty = lambda v: v
+        py = lambda v: bottom - (ty(v) - ty(lo)) / (ty(hi) - ty(lo)) * (bottom - top)
+        for x in ends if len(ends) <= 60 else ends[::math.ceil(len(ends) / 60)]:
+            d.line([px(x), top, px(x), bottom], fill="#dddddd")
+        for v in nice_ticks(lo, hi, log):
+            d.line([left - 4, py(v), left, py(v)], fill="black")
+            d.line([left + 1, py(v), right - 1, py(v)], fill="#f0f0f0")
+            d.text((left - 6, py(v)), tick_label(v), fill="black", font=f, anchor="rm")
+        for v in nice_ticks(x0, x1, integer=True):
+            d.line([px(v), bottom, px(v), bottom + 4], fill="black")
+            if i == len(groups) - 1:
+                d.text((px(v), bottom + 5), tick_label(v), fill="black", font=f, anchor="mt")
         d.rectangle([left, top, right, bottom], outline="black")
-        for v in (lo, (lo + hi) / 2, hi):
-            d.text((4, py(v) - 6), f"{v:.4g}", fill="black")
         for j, k in enumerate(members):
             c = colours[j % len(colours)]
-            pts = [(px(e), py(v)) for e, v in zip(ep, vals[k]) if math.isfinite(v)]
+            pts = [(px(x), py(v)) for x, v in series[k] if math.isfinite(v)]
             if len(pts) > 1:
-                d.line(pts, fill=c, width=2)
-            for x, y in pts:
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-            d.line([right + 10, top + 10 + 16 * j, right + 30, top + 10 + 16 * j], fill=c, width=3)
-            d.text((right + 35, top + 4 + 16 * j), k, fill="black")
-        d.text((px(x0) - 3, bottom + 3), f"{x0:g}", fill="black")
-        d.text((px(x1) - 6, bottom + 3), f"{x1:g}", fill="black")
-    d.text(((left + right) // 2 - 15, img.height - 16), "epoch", fill="black")
+                d.line(pts, fill=c, width=1 if has(points, k) else 2)
+            if not has(points, k) or len(pts) == 1:
+                for x, y in pts:
+                    d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
+            how = f"mean of {every} steps" if has(points, k) else "per epoch"
+            d.line([right + 8, top + 8 + 28 * j, right + 26, top + 8 + 28 * j], fill=c, width=3)
+            d.text((right + 31, top + 2 + 28 * j), f"{k}\n{how}", fill="black", font=f, spacing=1)
+    d.text(((left + right) // 2, img.height - 2), "optimizer step (grey lines: epoch ends)",
+           fill="black", font=f, anchor="md")
     img.save(path)
 
 

@@ -15,6 +15,7 @@ loading a run -> latent geometry -> metrics -> the PCA explorer -> one function 
 import argparse
 import collections
 import csv
+import hashlib
 import http.server
 import io
 import json
@@ -33,6 +34,7 @@ from PIL import Image
 import data
 import losses
 import models
+import train
 from train import UsageError, load_checkpoint, non_negative, positive
 
 # -----------------------------------------------------------------------------
@@ -892,7 +894,6 @@ def train_command(cfg):
     """The train.py command that reproduces a run: --model and every flag whose value differs from
     that model's seed defaults (config.json holds every resolved flag; the run's output folder
     --out is part of it; --resume, --quiet and --device are not)."""
-    import train
     base = train.resolve(train.parse_args(["--model", cfg["model"]]))
     skip = {"model", "resume", "quiet", "device", "benchmark", "bench_steps", "family", "data_fingerprint"}
     words = ["python train.py --model", cfg["model"]]
@@ -914,19 +915,8 @@ def train_command(cfg):
 
 
 def machine():
-    """This machine in words: CPU model, cores, AVX-512 / bf16 (Linux's /proc/cpuinfo), or the GPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return f"{os.cpu_count()}-core CPU"
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    flags = set((re.search(r"flags\s*:\s*(.*)", info) or [None, ""])[1].split())
-    simd = ("AVX-512" + (" with bf16" if "avx512_bf16" in flags else "") if "avx512f" in flags
-            else "AVX2" if "avx2" in flags else "no AVX2")
-    return f"{name[1].strip() if name else 'CPU'}, {os.cpu_count()} cores, {simd}"
+    """This machine in words: the GPU, or the CPU as train.py's speed notes describe it."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else train.describe_cpu()
 
 
 def test_bits_per_dim(cfg, rows):
@@ -957,11 +947,11 @@ def goal(cfg, report, bpd):
     if "likelihood" in report and len(bpd) >= 4:
         last, total = bpd[-4] - bpd[-1], bpd[0] - bpd[-1]
         share = last / total if total > 0 else float("inf")
-        said.append(f"bits/dim {'plateaued' if 0 <= share < 0.05 else 'still falling' if last > 0 else 'rising'}: "
-                    f"last 3 epochs {-last:+.3g} ({100 * share:.0f}% of the run's fall)")
+        trend = "plateaued" if 0 <= share < 0.05 else "still falling" if last > 0 else "rising"
+        said.append(f"test bits/dim {trend}: {-last:+.3g} over the last 3 epochs, {100 * share:.0f}% of the run's fall")
     elif "likelihood" in report:
         said.append("bits/dim: too few epochs to tell a plateau")
-    return "; ".join(said) or "no goal set (no likelihood)"
+    return "; ".join(said) or "no goal set (not a GAN, no likelihood)"
 
 
 def gallery_run(run, args, pca_run):
@@ -970,7 +960,6 @@ def gallery_run(run, args, pca_run):
     name = os.path.basename(os.path.normpath(folder))
     nets, cfg = load_run(run, args.checkpoint, "cuda" if args.device == "cuda" or
                          (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    import train
     rows = train.read_metrics(os.path.join(folder, "metrics.csv"))
     points = train.read_metrics(os.path.join(folder, "steps.csv"))
     if not rows:
@@ -1012,17 +1001,16 @@ def gallery_run(run, args, pca_run):
 def gallery_evaluate(nets, cfg, args, cached):
     """evaluate() of the run, or the figures of an earlier gallery of the very same checkpoint
     (same bytes, same --n and --seed) found in `cached`: evaluation is the slow part."""
-    import hashlib
     with open(cfg["checkpoint"], "rb") as f:
-        digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+        key = [hashlib.blake2b(f.read(), digest_size=16).hexdigest(), args.n, args.seed]
     try:
         with open(cached) as f:
             old = json.load(f)["evaluate"]
-        if (old.get("checkpoint_digest"), old["n"], old["seed"]) == (digest, args.n, args.seed) and not args.fresh:
+        if old["gallery_key"] == key and not args.fresh:
             return old
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return dict(evaluate(nets, cfg, args.n, seed=args.seed), checkpoint_digest=digest)
+    return dict(evaluate(nets, cfg, args.n, seed=args.seed), gallery_key=key)
 
 
 def gallery_markdown(entries, pictures, where, machine_text):
@@ -1030,40 +1018,40 @@ def gallery_markdown(entries, pictures, where, machine_text):
     (in the folder `pictures`), linked relative to the folder `where` the Markdown will live in."""
     link = lambda name: os.path.relpath(os.path.join(pictures, name), where).replace(os.sep, "/")
     minutes = lambda s: f"{int(s // 60)} min {int(s % 60):02d} s"
-    cfg0 = entries[0][1]
-    H, W = cfg0["image_size"]
-    lines = [f"Each model trained at {H}x{W} on the built-in synthetic faces ({cfg0['n_synthetic']} drawn, "
-             f"{100 * (1 - cfg0['test_fraction']):.0f}/{100 * cfg0['test_fraction']:.0f} train/test split) on "
-             f"{machine_text}. Wall time is the sum of metrics.csv's epoch times (the 2 cores were shared with "
-             f"other work, so in brackets: the fastest epoch x epochs). Figures from `python facegen.py evaluate "
-             f"RUN` on {entries[0][0]['evaluate']['n']} samples against as many held-out test images: "
-             f"sliced Wasserstein distance (x1e3, mean over the Laplacian-pyramid levels) beside the real-vs-real "
-             f"floor (training vs test images), test -ELBO and the k=16 importance-weighted bound in bits/dim "
-             f"(VAEs), and the nearest-training-image ratio (median distance of samples to their nearest training "
-             f"image over that of test images: near 1, no copying).", "",
-             "| run | epochs (steps) | wall time | SWD x1e3 (floor) | ratio | per level: px ratio | "
-             "bits/dim -ELBO (IW) | nearest-train | against the goal |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cfg, n = entries[0][1], entries[0][0]["evaluate"]["n"]
+    source = f"`{cfg['data']}`" if cfg.get("data") else f"the built-in synthetic faces ({cfg['n_synthetic']} drawn)"
+    split = f"{100 * (1 - cfg['test_fraction']):.0f}/{100 * cfg['test_fraction']:.0f}"
+    lines = [f"Trained on {source}, {split} train/test split, on {machine_text}. Wall time: the sum of "
+             f"metrics.csv's epoch times (in brackets, the fastest epoch times the epochs: the machine was shared "
+             f"with other work). Figures from `python facegen.py evaluate RUN` on {n} samples and as many held-out "
+             f"test images: sliced Wasserstein distance (x1e3, mean over the Laplacian-pyramid levels) beside the "
+             f"real-vs-real floor (training vs test images) and their ratio, overall and per level; test -ELBO "
+             f"and the k=16 importance-weighted bound in bits/dim (VAEs); the nearest-training-image ratio (median "
+             f"distance of samples to their nearest training image over that of test images: near 1, no copying).",
+             "", "| run | size | epochs (steps) | wall time | SWD x1e3 (floor) | ratio | per level | "
+                 "bits/dim -ELBO (IW) | nearest-train | against the goal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for facts, cfg in entries:
         r, s = facts["evaluate"], facts["evaluate"]["swd_x1e3"]
-        levels = ", ".join(f"{px}: {a / b:.2f}" for px, a, b in zip(s["level_px"], s["samples_vs_test"], s["train_vs_test"]))
+        levels = ", ".join(f"{px} px {a / b:.2f}x" for px, a, b in
+                           zip(s["level_px"], s["samples_vs_test"], s["train_vs_test"]))
         lik = r.get("likelihood")
-        bpd = f"{lik['neg_elbo_bpd']:.3f} ({lik['neg_iw_bpd']:.3f})" if lik else "-"
-        lines.append(f"| {facts['name']} | {facts['epochs']} ({facts['steps']}) | {minutes(facts['wall_s'])} "
-                     f"({minutes(facts['fastest_epoch_s'] * facts['epochs'])}) | "
-                     f"{s['samples_vs_test_mean']:.1f} ({s['train_vs_test_mean']:.1f}) | "
-                     f"{s['samples_vs_test_mean'] / s['train_vs_test_mean']:.2f}x | {levels} | {bpd} | "
-                     f"{r['nearest_train_rms']['ratio_median']:.2f} | {facts['goal']} |")
+        done = f"{facts['epochs']}" + (f" of {cfg['epochs']}" if facts["epochs"] < cfg["epochs"] else "")
+        cells = [facts["name"], "x".join(map(str, cfg["image_size"])), f"{done} ({facts['steps']})",
+                 f"{minutes(facts['wall_s'])} ({minutes(facts['fastest_epoch_s'] * facts['epochs'])})",
+                 f"{s['samples_vs_test_mean']:.1f} ({s['train_vs_test_mean']:.1f})",
+                 f"{s['samples_vs_test_mean'] / s['train_vs_test_mean']:.2f}x", levels,
+                 f"{lik['neg_elbo_bpd']:.3f} ({lik['neg_iw_bpd']:.3f})" if lik else "-",
+                 f"{r['nearest_train_rms']['ratio_median']:.2f}", facts["goal"]]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| run | command |", "| --- | --- |"]
     lines += [f"| {facts['name']} | `{facts['command']}` |" for facts, _ in entries]
     captions = {"samples": "samples", "recon": "test images over their reconstructions",
-                "std_sweep": "std sweep (seed 003 figs 12-13)", "pca": "latent PCA traversal (seed 003)",
-                "loss": "loss.png"}
+                "std_sweep": "std sweep (seed 003 figs 12-13)", "pca": "latent PCA traversal (seed 003)"}
     for facts, _ in entries:
-        lines += ["", f"**{facts['name']}** ({facts['model']}): {facts['goal']}", ""]
-        lines.append(" ".join(f"![{facts['name']} {captions[k]}]({link(v)})"
-                              for k, v in facts["pictures"].items() if k != "loss"))
-        lines += ["", f"[{facts['name']} loss curves]({link(facts['pictures']['loss'])})"]
+        pics = facts["pictures"]
+        lines += ["", f"**{facts['name']}** ({facts['model']}): {facts['goal']}; [loss curves]({link(pics['loss'])})",
+                  "", " ".join(f"![{facts['name']} {captions[k]}]({link(v)})" for k, v in pics.items() if k != "loss")]
     return "\n".join(lines) + "\n"
 
 
@@ -1181,7 +1169,8 @@ def parse_args(argv=None):
     s["gallery"].add_argument("--pca", help="the run (folder name) whose PCA traversal to draw (default: a vae-lrelu run)")
     s["gallery"].add_argument("--machine", help="where the runs trained, in words (default: this machine)")
     s["gallery"].add_argument("--readme", help="also write the Markdown into this file's <!-- gallery --> block")
-    s["gallery"].add_argument("--fresh", action="store_true", help="re-evaluate even when NAME.json holds this checkpoint's figures")
+    s["gallery"].add_argument("--fresh", action="store_true",
+                              help="re-evaluate even when NAME.json holds this checkpoint's figures")
     return p.parse_args(argv)
 
 
