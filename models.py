@@ -26,14 +26,15 @@ MODELS = {
     "wgan": "seed 002: DCGAN generator + critic (D with BN, raw score), weight clipping",
     "wgan-gp": "seed 002: DCGAN generator + critic without BatchNorm (critic_norm 'none' or 'layer')",
     "vaegan": "seed 003: the vae-lrelu net + 5-layer conv discriminator (BN, LeakyReLU)",
+    "sngan": "seed 002's future work: DCGAN generator + spectrally normalised D without BN, hinge loss",
 }
 FAMILY = {"vae": "autoencoder", "vae-vgg": "autoencoder", "vae-in": "autoencoder",
           "ae": "autoencoder", "vae-lrelu": "autoencoder", "dcgan": "adversarial",
-          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan"}
+          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan", "sngan": "adversarial"}
 DEFAULT_LATENT = {"vae": 64, "vae-vgg": 512, "vae-in": 64, "ae": 128, "vae-lrelu": 128,
-                  "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128}
+                  "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128, "sngan": 128}
 ARCHS = ("classic", "seed002")
-DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
 CRITIC_NORMS = ("none", "layer")
 
 _SIZES = {name: [(64, 64), (32, 32)] for name in MODELS}
@@ -141,6 +142,45 @@ def _project(z_dim, shape, norm, act):
     """z (B, z_dim) -> Linear -> reshape to `shape` (C, H, W) -> norm -> act.
     The DCGAN 'project and reshape'; the norm is per channel, after the reshape."""
     return [nn.Linear(z_dim, math.prod(shape)), nn.Unflatten(1, shape)] + _norm(norm, shape[0]) + _act(act)
+
+
+class SpectralNorm(nn.Module):
+    """A conv or linear layer whose weight is divided by its largest singular value (Miyato et al.
+    2018): W_SN = W / σ(W), so the layer is 1-Lipschitz and D, a stack of them with LeakyReLU, is too.
+
+    σ(W) of the matrix W (out, in·k·k) is estimated by power iteration with a persistent left
+    singular vector u (a buffer: it is saved in checkpoints, so a resumed run continues the very
+    same estimate). One iteration per training forward, as in the paper's Algorithm 1:
+        v ← Wᵀu / ‖Wᵀu‖,   u ← W v / ‖W v‖        (no gradient: u is a constant for backprop)
+        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)
+    In eval mode u is frozen. Hand-written rather than torch.nn.utils.parametrizations.spectral_norm
+    so the reader sees the ten lines that are the method; tests check σ against
+    torch.linalg.matrix_norm(W, ord=2).
+    """
+
+    def __init__(self, layer, eps=1e-12):
+        super().__init__()
+        self.layer, self.eps = layer, eps
+        u = torch.randn(layer.weight.shape[0])                  # (out,): from the global RNG
+        self.register_buffer("u", u / u.norm().clamp_min(eps))
+
+    def sigma(self):
+        """Power-iteration estimate of the spectral norm of the layer's weight (one step in training)."""
+        W = self.layer.weight.flatten(1)                        # (out, in·k·k)
+        if self.training:
+            with torch.no_grad():
+                v = W.t().float() @ self.u
+                v = v / v.norm().clamp_min(self.eps)            # v ← Wᵀu / ‖Wᵀu‖
+                u = W.float() @ v
+                self.u.copy_(u / u.norm().clamp_min(self.eps))  # u ← Wv / ‖Wv‖
+        u = self.u.clone()          # a copy in the graph: the next forward updates the buffer in place
+        return (W.t() @ u.to(W.dtype)).norm()                   # σ = ‖Wᵀu‖
+
+    def forward(self, x):
+        layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
+        if isinstance(layer, nn.Linear):
+            return nn.functional.linear(x, w, layer.bias)
+        return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 class Generator(nn.Sequential):
@@ -344,15 +384,19 @@ def _generator(side, z, arch):
     return Generator(z, *head, *body, *out)
 
 
-def _discriminator(side, arch, norm):
+def _discriminator(side, arch, norm, spectral=False):
     """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
     layer -> conv 4x4 valid -> 1 x 1 x 1 score. classic: the same with conv 4x4 s2 p1 (5 layers).
-    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample)."""
+    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample).
+    spectral: every conv wrapped in SpectralNorm (SN-GAN; norm 'none': SN replaces BN)."""
     k, p = (5, 2) if arch == "seed002" else (4, 1)
     body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
                              norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
     score, _ = conv_stack(shape, [(1, 4, 1, 0)], "none", None)       # 1 x 1 x 1
-    return Discriminator(*body, *score)
+    layers = [*body, *score]
+    if spectral:
+        layers = [SpectralNorm(m) if isinstance(m, nn.Conv2d) else m for m in layers]
+    return Discriminator(*layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,10 +408,10 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
 
     Returns an nn.ModuleDict:
       autoencoders (vae, vae-vgg, vae-in, ae, vae-lrelu): {"vae": net}
-      dcgan, wgan, wgan-gp:                                {"G": generator, "D": discriminator}
+      dcgan, wgan, wgan-gp, sngan:                         {"G": generator, "D": discriminator}
       vaegan:                                              {"vae": vae-lrelu net, "D": discriminator}
     latent_dim None -> DEFAULT_LATENT[name]. arch ("classic" | "seed002", None -> DEFAULT_ARCH)
-    applies to dcgan, wgan, wgan-gp only; critic_norm ("none" | "layer", None -> "none") to
+    applies to dcgan, wgan, wgan-gp, sngan only; critic_norm ("none" | "layer", None -> "none") to
     wgan-gp only; any other model rejects an arch, and a critic_norm other than None/"none".
     Raises ValueError for an unknown name, unsupported size or bad option.
     """
@@ -393,6 +437,9 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
     elif name == "vaegan":
         # seed 003's D: 5 conv layers, BN, LeakyReLU -- the classic DCGAN discriminator
         models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z), "D": _discriminator(size[0], "classic", "batch")}
+    elif name == "sngan":
+        # Miyato et al. 2018: spectral norm on every layer of D, and no BatchNorm there
+        models = {"G": _generator(size[0], z, arch), "D": _discriminator(size[0], arch, "none", spectral=True)}
     else:
         # seed 002: WGAN-GP removes BatchNorm from the critic (it couples the samples of a batch)
         norm = critic_norm if name == "wgan-gp" else "batch"

@@ -62,6 +62,11 @@ SEED_DEFAULTS = {
     # seed 002: WGAN-GP, lambda 10, n_critic 5 (seed also 2), Adam 1e-4 betas (0, 0.9), batch 128
     "wgan-gp": dict(image_size="64", batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50,
                     gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
+    # seed 002's future work, SN-GAN (Miyato et al. 2018): spectral norm on D + hinge loss. Of the
+    # paper's Adam settings A-F (SN was robust across all), C: lr 2e-4, betas (0.5, 0.999), n_dis 1 --
+    # one D step per G step, the cheapest on a CPU. Batch 64 and z 128 as in the paper.
+    "sngan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50,
+                  gan_loss="hinge", n_critic=1),
     # seed 003: VAE-GAN: the seed-003 VAE + a 5-layer D; adversarial + MSE + KLD (0.01)
     "vaegan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50,
                    recon="mse", kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
@@ -119,14 +124,15 @@ def autoencoder_step(run, xs):
 
 
 # -----------------------------------------------------------------------------
-# GANs (dcgan, wgan, wgan-gp): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al. 2017.
-# DCGAN (bce), LSGAN (ls), WGAN and WGAN-GP differ only in the loss pair losses.GAN_LOSSES
-# [--gan-loss], n_critic, and what follows a critic update (--clip) or joins its loss (--gp-weight).
+# GANs (dcgan, wgan, wgan-gp, sngan): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al. 2017.
+# DCGAN (bce), LSGAN (ls), WGAN, WGAN-GP and SN-GAN (hinge; the spectral norm lives in its D) differ
+# only in the loss pair losses.GAN_LOSSES [--gan-loss], n_critic, and what follows a critic update
+# (--clip) or joins its loss (--gp-weight).
 
 def critic_step(run, x):
     """One update of D (the critic) on a real batch x and fresh z. L_D by --gan-loss:
     bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];
-    wasserstein: E[D(x̃)] − E[D(x)]."""
+    wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))]."""
     cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
     d_loss_fn, _ = losses.GAN_LOSSES[cfg["gan_loss"]]
     with torch.no_grad(), run.autocast():
@@ -148,7 +154,7 @@ def critic_step(run, x):
 
 def generator_step(run, n):
     """One update of G on n fresh z. L_G by --gan-loss: bce (non-saturating): −E[log σ(D(G(z)))];
-    ls: E[(D(G(z)) − 1)²]; wasserstein: −E[D(G(z))]."""
+    ls: E[(D(G(z)) − 1)²]; wasserstein and hinge: −E[D(G(z))]."""
     _, g_loss_fn = losses.GAN_LOSSES[run.cfg["gan_loss"]]
     with run.autocast():
         d_gen = run.fwd["D"](run.fwd["G"](run.noise(n))).float()       # D(G(z)), z ~ N(0, I) fresh
@@ -394,10 +400,11 @@ def parse_args(argv=None):
     g.add_argument("--obs-std", type=positive(float), default=None, help="observation sigma of the Gaussian likelihood (seed 000 'var')")
     g.add_argument("--kl-weight", type=non_negative, default=None, help="beta / lambda on the KL term (seed 000 part 2: 10 or 50)")
     g.add_argument("--recon-scale", type=positive(float), default=None, help="factor on the reconstruction term (seed 000 part 2: 0.01 = NLL/100)")
-    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp)")
+    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp, sngan)")
     g.add_argument("--arch", choices=["classic", "seed002"], default=None, help="DCGAN layout: 5-layer 4x4 (seed 004) or linear + 5x5 (seed 002)")
     g.add_argument("--critic-norm", choices=["none", "layer"], default=None, help="wgan-gp critic normalisation (no BatchNorm)")
-    g.add_argument("--gan-loss", choices=["bce", "ls", "wasserstein"], default=None, help="bce (non-saturating), ls (seed 004 MSE), wasserstein")
+    g.add_argument("--gan-loss", choices=list(losses.GAN_LOSSES), default=None,
+                   help="bce (non-saturating), ls (seed 004 MSE), wasserstein, hinge (SN-GAN)")
     g.add_argument("--n-critic", type=positive(int), default=None, help="critic steps per generator step, each on a fresh real batch")
     g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
     g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")

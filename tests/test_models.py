@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import models as M
@@ -97,7 +98,7 @@ def test_bad_names_and_options_raise():
 
 def test_registries_cover_every_model_and_int_size_and_latent_override():
     assert set(FAMILY) == set(DEFAULT_LATENT) == set(MODELS)
-    assert DEFAULT_ARCH == {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+    assert DEFAULT_ARCH == {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
     assert all((64, 64) in supported_sizes(n) and (32, 32) in supported_sizes(n) for n in MODELS)
     assert (64, 48) in supported_sizes("vae-in") and (32, 24) in supported_sizes("vae-in")
     models = build_model("vae-lrelu", 32, latent_dim=16)                 # int size == (32, 32)
@@ -341,3 +342,49 @@ def test_batchnorm_critic_couples_samples():
     assert any(isinstance(m, BN) for m in D.modules())
     other, _ = _cross_sample_grad(D, torch.randn(4, 3, 32, 32))
     assert other > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral normalisation (SN-GAN)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 16, 4, 2, 1), nn.Linear(20, 12)])
+def test_spectral_norm_power_iteration_matches_matrix_2_norm(layer):
+    torch.manual_seed(0)
+    sn = M.SpectralNorm(layer)
+    W = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    exact = torch.linalg.matrix_norm(W, ord=2)
+    x = torch.randn(2, 8, 8, 8) if isinstance(layer, nn.Conv2d) else torch.randn(2, 20)
+    for _ in range(100):                        # one power-iteration step per training forward
+        sn(x)
+    torch.testing.assert_close(sn.sigma().detach(), exact, rtol=1e-4, atol=0)
+    # the layer it computes uses W / σ(W): spectral norm 1, and the map matches F.conv2d / F.linear with it
+    sn.eval()
+    w_sn = layer.weight / sn.sigma()
+    assert abs(torch.linalg.matrix_norm(w_sn.detach().reshape(len(w_sn), -1), ord=2).item() - 1) < 1e-3
+    ref = (F.conv2d(x, w_sn, layer.bias, 2, 1) if isinstance(layer, nn.Conv2d) else F.linear(x, w_sn, layer.bias))
+    torch.testing.assert_close(sn(x), ref)
+    u = sn.u.clone()
+    sn(x)
+    assert torch.equal(sn.u, u)                 # eval: the estimate is frozen
+
+
+def test_spectral_norm_gradient_is_the_papers_u_v_transpose():
+    # with u held constant, dσ/dW = u vᵀ (Miyato et al. 2018, eq. 12's first term)
+    torch.manual_seed(1)
+    sn = M.SpectralNorm(nn.Linear(6, 5)).eval()
+    W = sn.layer.weight
+    sigma = sn.sigma()
+    (g,) = torch.autograd.grad(sigma, W)
+    v = W.detach().t() @ sn.u
+    v = v / v.norm()
+    torch.testing.assert_close(g, torch.outer(sn.u, v))
+
+
+def test_sngan_discriminator_is_spectrally_normalised_without_batchnorm():
+    nets = build_model("sngan", 32)
+    D = nets["D"]
+    sns = [m for m in D if isinstance(m, M.SpectralNorm)]
+    assert len(sns) == 4 and not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+    assert all(k.endswith(".u") for k in D.state_dict() if "layer" not in k)   # u buffers are checkpointed
+    assert D(torch.zeros(3, 3, 32, 32)).shape == (3,)

@@ -12,7 +12,7 @@ import train
 
 SIZE = {"vae-in": "32x24"}  # smallest supported size per model; 32x32 otherwise
 AUTOENCODERS = ["vae", "vae-vgg", "vae-in", "ae", "vae-lrelu"]
-ALL = AUTOENCODERS + ["dcgan", "wgan", "wgan-gp", "vaegan"]
+ALL = AUTOENCODERS + ["dcgan", "wgan", "wgan-gp", "vaegan", "sngan"]
 
 
 def run_train(out, model, *extra):
@@ -51,13 +51,15 @@ def test_seed_defaults_are_the_seeds_hyperparameters(tmp_path):
     assert (cfg["lr"], cfg["betas"], cfg["n_critic"], cfg["gp_weight"], cfg["batch_size"]) == (1e-4, (0.0, 0.9), 5, 10.0, 128)
     cfg = train.resolve(train.parse_args(["--model", "vae"]))
     assert (cfg["obs_std"], cfg["lr"], cfg["latent_dim"], cfg["batch_size"], cfg["epochs"]) == (0.01, 1e-4, 64, 64, 500)
+    cfg = train.resolve(train.parse_args(["--model", "sngan"]))
+    assert (cfg["gan_loss"], cfg["lr"], cfg["betas"], cfg["n_critic"], cfg["latent_dim"]) == ("hinge", 2e-4, (0.5, 0.999), 1, 128)
     cfg = train.resolve(train.parse_args(["--model", "wgan"]))
     assert (cfg["optimizer"], cfg["clip"], cfg["n_critic"]) == ("rmsprop", 0.01, 5)
     cfg = train.resolve(train.parse_args(["--model", "vae", "--kl-weight", "10", "--recon-scale", "0.01"]))
     assert (cfg["kl_weight"], cfg["recon_scale"]) == (10.0, 0.01)
 
 
-@pytest.mark.parametrize("model,extra", [("vae", []), ("wgan-gp", ["--n-critic", "2"])])
+@pytest.mark.parametrize("model,extra", [("vae", []), ("wgan-gp", ["--n-critic", "2"]), ("sngan", [])])
 def test_resume_is_bitwise_exact(tmp_path, model, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(straight, model, "--epochs", "2", *extra) == 0
