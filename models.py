@@ -499,6 +499,22 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
     return models
 
 
+class Classifier(nn.Module):
+    """x (B, 3, H, W) -> one logit vector per attribute, (B, classes[k]) each: the attribute reader
+    of facegen.py's `control` (it measures whether generated faces carry the requested labels).
+    3 x [conv 4x4 s2 + BN + LeakyReLU(0.2)] (32, 64, 128 maps) -> one Linear for every attribute."""
+
+    def __init__(self, image_size, classes):
+        super().__init__()
+        body, shape = conv_stack((3, *image_size), [(32, 4, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1)],
+                                 "batch", "lrelu")                       # 128 x H/8 x W/8
+        self.body, self.classes = nn.Sequential(*body, nn.Flatten()), tuple(classes)
+        self.head = nn.Linear(math.prod(shape), sum(classes))
+
+    def forward(self, x):
+        return self.head(self.body(x)).split(self.classes, 1)
+
+
 def label_classes(labels):
     """{attribute: [values]} (a run's cfg["labels"]) -> the number of values of each, () for None."""
     return tuple(len(v) for v in (labels or {}).values())
