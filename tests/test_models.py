@@ -388,3 +388,48 @@ def test_sngan_discriminator_is_spectrally_normalised_without_batchnorm():
     assert len(sns) == 4 and not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
     assert all(k.endswith(".u") for k in D.state_dict() if "layer" not in k)   # u buffers are checkpointed
     assert D(torch.zeros(3, 3, 32, 32)).shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional models: concatenated labels in G / the decoder / the encoder, a projection D
+# ---------------------------------------------------------------------------------------------
+
+CLASSES = (5, 2, 2)
+
+
+def test_projection_discriminator_adds_the_label_embeddings_inner_product():
+    torch.manual_seed(0)
+    D = build_model("sngan", 32, classes=CLASSES)["D"].eval()
+    with torch.no_grad():
+        D.embed.normal_()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([[0, 1, 0], [4, 0, 1], [2, 1, 1], [0, 0, 0]])
+    phi = nn.Sequential(*list(D)[:-1])(x)                       # φ(x): C x 4 x 4
+    psi = list(D)[-1](phi).flatten()                            # ψ(φ(x))
+    V = D.embed.detach()
+    rows = [V[y[i, 0]] + V[5 + y[i, 1]] + V[7 + y[i, 2]] for i in range(4)]   # one row per attribute value
+    ref = psi + torch.stack([r @ phi[i].sum((1, 2)) for i, r in enumerate(rows)])
+    assert_close(D(x, y), ref, rtol=1e-5, atol=1e-4)
+    # V = 0 (as built): D(x, y) is the unconditional score for every label
+    D0 = build_model("sngan", 32, classes=CLASSES)["D"].eval()
+    assert_close(D0(x, y), nn.Sequential(*list(D0))(x).flatten())
+
+
+def test_conditional_generator_and_cvae_use_the_label():
+    torch.manual_seed(0)
+    nets = build_model("dcgan", 32, classes=CLASSES).eval()
+    z = torch.randn(2, 100)
+    a, b = torch.tensor([[0, 0, 0]] * 2), torch.tensor([[3, 1, 1]] * 2)
+    assert M.one_hot(b, CLASSES).tolist() == [[0, 0, 0, 1, 0, 0, 1, 0, 1]] * 2
+    assert not torch.allclose(nets["G"](z, a), nets["G"](z, b))
+    vae = build_model("vae-lrelu", 32, classes=CLASSES)["vae"].eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(vae.encode(x, a)[0], vae.encode(x, b)[0])              # q(z|x, y)
+    assert not torch.allclose(vae.decode(z.new_zeros(2, 128), a), vae.decode(z.new_zeros(2, 128), b))
+    # unconditional models are untouched: same parameters as before, y ignored
+    assert count_params(build_model("dcgan", 32)) < count_params(build_model("dcgan", 32, classes=CLASSES))
+
+
+def test_classifier_reads_one_logit_vector_per_attribute():
+    clf = M.Classifier((32, 32), CLASSES)
+    out = clf(torch.zeros(3, 3, 32, 32))
+    assert [o.shape for o in out] == [(3, 5), (3, 2), (3, 2)]

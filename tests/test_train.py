@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import data
 import models
 import train
 
@@ -59,7 +60,8 @@ def test_seed_defaults_are_the_seeds_hyperparameters(tmp_path):
     assert (cfg["kl_weight"], cfg["recon_scale"]) == (10.0, 0.01)
 
 
-@pytest.mark.parametrize("model,extra", [("vae", []), ("wgan-gp", ["--n-critic", "2"]), ("sngan", [])])
+@pytest.mark.parametrize("model,extra", [("vae", []), ("wgan-gp", ["--n-critic", "2"]), ("sngan", []),
+                                         ("sngan", ["--conditional"])])
 def test_resume_is_bitwise_exact(tmp_path, model, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(straight, model, "--epochs", "2", *extra) == 0
@@ -166,3 +168,59 @@ def test_a_gan_needs_n_critic_batches(tmp_path, capsys):
     assert train.main(["--model", "wgan", "--image-size", "32", "--n-synthetic", "160", "--batch-size", "32",
                        "--out", str(tmp_path / "w"), "--quiet"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional models, the VAE-GAN's adversarial weight
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["sngan", "vae-lrelu", "vaegan", "wgan-gp"])
+def test_conditional_smoke_every_family(tmp_path, model):
+    out = tmp_path / model
+    extra = ["--n-critic", "1"] if model == "wgan-gp" else []
+    argv = ["--model", model, "--conditional", "--image-size", "32", "--n-synthetic", "64", "--batch-size", "8",
+            "--max-steps", "2", "--epochs", "1", "--out", str(out), "--quiet", *extra]
+    assert train.main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["labels"] == {"hair": ["dark", "brown", "blond", "grey", "colourful"],
+                             "glasses": ["no", "yes"], "beard": ["no", "yes"]}
+    nets = models.build_model(model, 32, classes=models.label_classes(cfg["labels"]))
+    nets.load_state_dict(weights(out / "last.pt"))               # the conditional nets, exactly
+
+
+def test_conditional_steps_see_the_labels_of_their_batch(tmp_path, monkeypatch):
+    seen, real_step = [], train.critic_step
+
+    def spy(run, x, y):
+        seen.append((x, y))
+        return real_step(run, x, y)
+
+    monkeypatch.setattr(train, "critic_step", spy)
+    assert run_train(tmp_path / "c", "sngan", "--conditional", "--max-steps", "2") == 0
+    train_y = data.run_labels(json.loads((tmp_path / "c" / "config.json").read_text()))[0]
+    for x, y in seen:
+        assert y.shape == (8, 3) and y.dtype == torch.long
+    batches = data.Batches(data.run_data(json.loads((tmp_path / "c" / "config.json").read_text()))[0], 8,
+                           seed=0, labels=train_y)
+    for (x, y), (bx, by) in zip(seen, batches.epoch(0)):        # the rows of the data's own batches
+        assert torch.equal(x, bx) and torch.equal(y, by)
+
+
+def test_conditional_flags_are_refused_where_they_mean_nothing(tmp_path, capsys):
+    assert train.main(["--model", "dcgan", "--attr-file", "x.txt"]) == 2
+    assert train.main(["--model", "dcgan", "--adv-weight", "10"]) == 2
+    assert train.main(["--model", "sngan", "--conditional", "--attrs", "Smiling", "--attr-file", "x.txt",
+                       "--image-size", "32", "--n-synthetic", "64", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--attr-file only applies with --conditional" in err and "does not use --adv-weight" in err
+    assert "synthetic faces carry their own labels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("w", [0.0, 50.0])
+def test_vaegan_adv_weight_scales_only_the_adversarial_term(tmp_path, w):
+    out = tmp_path / f"w{w}"
+    assert run_train(out, "vaegan", "--max-steps", "3", "--adv-weight", str(w)) == 0
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    loss, adv, recon, kl = (float(row[k]) for k in ("loss", "adv", "recon", "kl"))
+    # epoch means are linear: mean(loss) = w·mean(adv) + mean(recon) + β·mean(kl), β = 0.01 (seed 003)
+    assert loss == pytest.approx(w * adv + recon + 0.01 * kl, rel=1e-4)
