@@ -156,8 +156,8 @@ def critic_step(run, x, y):
 
 
 def generator_step(run, n, y):
-    """One update of G on n fresh z (conditional: for the labels y). L_G by --gan-loss: bce (non-saturating): −E[log σ(D(G(z)))];
-    ls: E[(D(G(z)) − 1)²]; wasserstein and hinge: −E[D(G(z))]."""
+    """One update of G on n fresh z (conditional: for the labels y). L_G by --gan-loss:
+    bce (non-saturating): −E[log σ(D(G(z)))]; ls: E[(D(G(z)) − 1)²]; wasserstein, hinge: −E[D(G(z))]."""
     _, g_loss_fn = losses.GAN_LOSSES[run.cfg["gan_loss"]]
     with run.autocast():
         d_gen = run.fwd["D"](run.fwd["G"](run.noise(n), y), y).float()  # D(G(z [, y]) [, y]), z fresh
@@ -609,9 +609,8 @@ class Run:
         # conditional: the samples take the labels of the first 64 test images, in turn
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         self.fixed_z = torch.randn(64, self.latent_dim, generator=gen).to(self.device)
-        self.fixed_x, self.fixed_y = pair(next(iter(self.test_batches.epoch(0))))
-        self.fixed_x = self.fixed_x[:8]
-        self.fixed_y = None if test_y is None else self.fixed_y[:8]
+        x, y = pair(next(iter(self.test_batches.epoch(0))))
+        self.fixed_x, self.fixed_y = x[:8], None if y is None else y[:8]
         self.sample_y = None if test_y is None else test_y[torch.arange(64) % len(test_y)].to(self.device)
         # --- counters, meters, the NaN watch, signals
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
