@@ -4,6 +4,7 @@ Reading order follows the data:
 
     source (folder | .zip | synthetic) --load_images--> uint8 N x 3 x H x W  (decoded once, cached)
         --split_indices--> train / test --Batches--> float [-1, 1] on the device, augmented
+    (conditional models: load_labels gives each image's attributes, int64 N x K, split alike)
 
 Every image is converted to RGB, centre-cropped to the target aspect ratio and resized with an
 antialiased filter. Decoding happens once per (source, file list, size); later calls read the cache.
@@ -91,6 +92,12 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     a folder we may not list) are skipped with one warning that counts them; DataError when
     nothing is left. The cache key is described in _identify: any change re-decodes.
     """
+    return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
+
+
+def _load(source, size, n_synthetic, seed, cache_dir, verbose):
+    """load_images -> (images, cache meta, names of the files decoded, in row order; None for
+    synthetic faces, whose meta["factors"] holds their labels)."""
     size = parse_size(size)
     H, W = size
     kind, path, names, unreadable, label, key = _identify(source, size, n_synthetic, seed)
@@ -98,10 +105,11 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     npy = _cache_dir(cache_dir) / f"{label}-{H}x{W}-{key[:16]}.npy"
 
     x, meta = _read_cache(npy, size)
-    hit = x is not None
+    hit = x is not None and (kind != "synthetic" or "factors" in meta)   # older caches had no labels
     if not hit:
         if kind == "synthetic":
-            arr, bad = synthetic_faces(n_synthetic, size, seed).numpy(), []
+            arr, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
+            arr, bad = arr.numpy(), []
         else:
             arr, bad = _decode_files(kind, path, names, size, verbose)
             bad = sorted(unreadable + bad)
@@ -109,13 +117,16 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
                 raise DataError(f"none of the {len(bad)} image files in {src} could be read "
                                 f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
         meta = {"n": len(arr), "skipped": [list(b) for b in bad], "total": len(arr) + len(bad)}
+        if kind == "synthetic":
+            meta["factors"] = factors.tolist()
         _write_cache(npy, arr, meta)
         x = torch.from_numpy(arr)
     _warn_skipped(meta["skipped"], meta["total"], src)
     if verbose:
         print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}"
               f"{' [cache hit]' if hit else ''}", flush=True)
-    return x
+    skipped = {n for n, _ in meta["skipped"]}
+    return x, meta, None if names is None else [n for n in names if n not in skipped]
 
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
@@ -155,6 +166,77 @@ def run_data(cfg, verbose=False):
     return images[train_idx], images[test_idx]
 
 
+def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
+    """The labels of load_images(source, size, ...), row for row -> (int64 N x K, info), where
+    info = {attribute: [its value names]} and row entry k indexes the k-th attribute's values.
+      synthetic faces: SYNTHETIC_LABELS (hair colour group, glasses, beard), the factors the
+          renderer drew, kept in the cache beside the images;
+      attr_file: a CelebA-style list_attr_celeba.txt -- line 1 the image count, line 2 the
+          attribute names, then one line 'FILE v1 v2 ...' per image with v = 1 or -1 -- matched by
+          file name; attrs (names) picks columns, default all; -1 -> "no" (0), 1 -> "yes" (1);
+      otherwise the ImageFolder convention: the first folder below the root (below a zip's one
+          top folder, if all its images share one) names the class, classes sorted by name."""
+    x, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False)
+    if names is None:
+        if attr_file is not None or attrs:
+            raise DataError("the synthetic faces carry their own labels (hair, glasses, beard): "
+                            "--attr-file/--attrs are for real data")
+        return torch.tensor(meta["factors"], dtype=torch.long).view(len(x), -1), dict(SYNTHETIC_LABELS)
+    if attr_file is not None:
+        return _attr_labels(attr_file, names, attrs)
+    if attrs:
+        raise DataError("--attrs picks columns of an attribute file: give --attr-file too")
+    parts = [n.split("/") for n in names]
+    if len({p[0] for p in parts}) == 1 and all(len(p) > 2 for p in parts):
+        parts = [p[1:] for p in parts]                  # a zip's single top folder is the root
+    if any(len(p) < 2 for p in parts):
+        loose = next("/".join(p) for p in parts if len(p) < 2)
+        raise DataError(f"labels from subfolders: every image must sit in a class folder below the "
+                        f"root, but {_show(loose)} does not (or give --attr-file)")
+    classes = sorted({p[0] for p in parts})
+    y = torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long)
+    return y, {"class": classes}
+
+
+def _attr_labels(path, names, attrs):
+    """CelebA's list_attr_celeba.txt -> (int64 N x K in {0, 1}, info) for the decoded files `names`."""
+    try:
+        with _open_regular(Path(path).expanduser()) as f:
+            lines = f.read().decode("utf-8").splitlines()
+        header = lines[1].split()
+        rows = {}
+        for line in lines[2:]:
+            cols = line.split()
+            if cols:
+                rows[cols[0]] = cols[1:]
+    except (OSError, UnicodeDecodeError, IndexError, DataError) as e:
+        raise DataError(f"cannot read the attribute file {_show(path)} ({_why(e)})") from None
+    want = attrs or header
+    missing = [a for a in want if a not in header]
+    if missing:
+        raise DataError(f"attribute(s) {', '.join(missing)} not in {_show(path)}; it has {', '.join(header)}")
+    cols = [header.index(a) for a in want]
+    y, absent = [], []
+    for n in names:
+        row = rows.get(n.rsplit("/", 1)[-1])
+        if row is None or len(row) != len(header) or any(row[c] not in ("1", "-1") for c in cols):
+            absent.append(n)
+            continue
+        y.append([int(row[c] == "1") for c in cols])
+    if absent:
+        raise DataError(f"{len(absent)} image(s) have no valid row (±1 per attribute) in "
+                        f"{_show(path)}, first {_show(absent[0])}")
+    return torch.tensor(y, dtype=torch.long).view(len(names), len(cols)), {a: ["no", "yes"] for a in want}
+
+
+def run_labels(cfg):
+    """A run's labels split as run_data splits its images -> (train, test, info) (load_labels)."""
+    y, info = load_labels(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
+                          seed=cfg["seed"], attr_file=cfg.get("attr_file"), attrs=cfg.get("attrs"))
+    train_idx, test_idx = split_indices(len(y), cfg["test_fraction"], cfg["seed"])
+    return y[train_idx], y[test_idx], info
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Batches: shuffled, augmented with h-flip and torchvision ColorJitter semantics per sample
 # ---------------------------------------------------------------------------------------------
@@ -168,13 +250,16 @@ class Batches:
     """
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
-                 device="cpu", rank=0, world_size=1, drop_last=True):
+                 device="cpu", rank=0, world_size=1, drop_last=True, labels=None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError("Batches expects a uint8 tensor N x C x H x W")
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of "
                              f"world size {world_size} (rank {rank})")
+        if labels is not None and len(labels) != len(images_uint8):
+            raise ValueError(f"{len(labels)} labels for {len(images_uint8)} images")
         self.images = images_uint8.to(device)            # moved once: a GPU-resident dataset
+        self.labels = None if labels is None else labels.to(device)
         self.batch_size, self.seed, self.flip, self.jitter = batch_size, seed, flip, jitter
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
@@ -184,7 +269,8 @@ class Batches:
 
     def epoch(self, epoch, start=0):
         """Yield float batches in [-1, 1] on the device, (batch_size // world_size) x 3 x H x W,
-        beginning at batch index `start`."""
+        beginning at batch index `start`; with labels, (x, y) pairs, y the same rows' labels
+        (int64 (batch_size // world_size) x K; augmentation never changes a label)."""
         perm = torch.randperm(len(self.images), generator=_rng(self.seed, "order", epoch))
         perm = perm.to(self.images.device)
         B, ws, r = self.batch_size, self.world_size, self.rank
@@ -196,7 +282,7 @@ class Batches:
             if self.flip or self.jitter > 0:
                 x = augment(x, _rng(self.seed, "aug", epoch, i), self.flip, self.jitter,
                             rows=(lo, len(idx)))
-            yield x
+            yield x if self.labels is None else (x, self.labels.index_select(0, idx[lo:hi]))
 
 
 def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
@@ -768,8 +854,10 @@ def _why(e):
 # background and shirt colour, and the head's position, size and tilt. The parts below draw
 # their random numbers in a fixed order: changing that order changes every face (and the cache).
 
-def synthetic_faces(n, size=(64, 64), seed=0):
-    """n procedural cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i)."""
+def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
+    """n procedural cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i).
+    factors=True: (images, int64 n x 3 labels), SYNTHETIC_LABELS' attributes, drawn by the same
+    random numbers that draw the face (recording them changes no pixel)."""
     size = parse_size(size)
     chunks = [(i, min(i + _FACE_CHUNK, n), size, seed) for i in range(0, n, _FACE_CHUNK)]
     workers = min(os.cpu_count() or 1, 8)
@@ -782,27 +870,33 @@ def synthetic_faces(n, size=(64, 64), seed=0):
             warnings.warn(f"drawing faces in one process ({type(e).__name__}: {e})")
     if parts is None:
         parts = [_render_range(c) for c in chunks]
-    if not parts:
-        return torch.empty(0, 3, *size, dtype=torch.uint8)
-    return torch.from_numpy(np.concatenate(parts))
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts])) if parts else torch.empty(0, 3, *size, dtype=torch.uint8)
+    if not factors:
+        return images
+    return images, torch.from_numpy(np.concatenate([p[1] for p in parts])) if parts else torch.empty(0, 3, dtype=torch.long)
 
 
 _FACE_CHUNK, _FACE_POOL_MIN = 500, 2000     # faces per task; fewer faces are drawn in-process
 
 
 def _render_range(args):
-    """Faces start..stop-1 -> uint8 (stop-start) x 3 x H x W (a picklable unit of work)."""
+    """Faces start..stop-1 -> (uint8 (stop-start) x 3 x H x W, int64 (stop-start) x 3 factors)
+    (a picklable unit of work)."""
     start, stop, size, seed = args
     S = max(128, 2 * max(size))                     # supersample, then an antialiased resize
     out = np.empty((stop - start, 3, *size), np.uint8)
+    factors = np.empty((stop - start, len(SYNTHETIC_LABELS)), np.int64)
     for i in range(start, stop):
         rng = random.Random(f"facegen-face/{seed}/{i}")   # each face depends on (seed, i) only
-        out[i - start] = np.asarray(_fit(_draw_face(rng, S), size)).transpose(2, 0, 1)
-    return out
+        f = _draw_face(rng, S)
+        out[i - start] = np.asarray(_fit(_tilt_and_crop(f), size)).transpose(2, 0, 1)
+        factors[i - start] = (f.hair_group, f.glasses, f.beard)     # SYNTHETIC_LABELS order
+    return out, factors
 
 
 def _draw_face(rng, S):
-    """One cartoon face on an S x S canvas, part by part, back to front."""
+    """One cartoon face, part by part, back to front; _tilt_and_crop(face) is its S x S picture
+    and face.hair_group, .glasses, .beard its labels."""
     f = _Face(rng, S)                  # position, size, colours, head shape
     _shoulders(f)
     _hair_behind(f)
@@ -815,7 +909,7 @@ def _draw_face(rng, S):
     _mouth(f)
     _hair_in_front(f)
     _glasses(f)
-    return _tilt_and_crop(f)
+    return f                           # _tilt_and_crop(f) is the picture
 
 
 class _Face:
@@ -833,6 +927,7 @@ class _Face:
         t = rng.random() * (len(_SKIN) - 1)
         skin = self.skin = _mix(_SKIN[int(t)], _SKIN[min(int(t) + 1, len(_SKIN) - 1)], t % 1)
         hair = rng.choice(_FUN_HAIR) if rng.random() < 0.1 else rng.choice(_HAIR)
+        self.hair_group = _HAIR_GROUP.get(hair, len(HAIR_GROUPS) - 1)   # a label; draws nothing
         self.hair = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in hair)
         self.line, self.dark = _mix(skin, (40, 20, 12), 0.5), (30, 20, 20)
         self.style = rng.choice(_HAIR_STYLES)
@@ -974,7 +1069,8 @@ def _nose(f):
 def _facial_hair(f):
     """A beard (the jaw outline closed above the mouth) and a moustache."""
     u, cx, a, my = f.u, f.cx, f.a, f.my
-    if f.style != "long" and f.rng.random() < 0.1:
+    f.beard = f.style != "long" and f.rng.random() < 0.1    # the label records the same draw
+    if f.beard:
         chin = _head_pts(**dict(f.head, a=a * 1.01, bb=f.bb * 1.03), t0=0.15, t1=math.pi - 0.15,
                          m=24)
         f.d.polygon(chin + [(cx - a * 0.6, my - u * 0.02), (cx + a * 0.6, my - u * 0.02)],
@@ -1066,7 +1162,8 @@ def _hairline(f, side, hl, part):
 def _glasses(f):
     """Round or square frames in one of four colours, with arms and a bridge."""
     rng, cx, ey, ex, lw = f.rng, f.cx, f.ey, f.ex, f.lw
-    if rng.random() >= 0.15:
+    f.glasses = rng.random() < 0.15                         # the label records the same draw
+    if not f.glasses:
         return
     frame = rng.choice([(25, 25, 30), (110, 60, 30), (180, 30, 40), (40, 60, 150)])
     gw, lens = f.ew * 1.45, f.d.ellipse if rng.random() < 0.5 else f.d.rectangle
@@ -1099,6 +1196,10 @@ _FUN_HAIR = [(64, 104, 208), (222, 98, 168), (76, 166, 106), (136, 82, 188), (22
 _IRIS = [(96, 60, 32), (58, 38, 24), (66, 122, 198), (68, 138, 86), (138, 108, 52),
          (108, 124, 140)]
 _HAIR_STYLES = ("bald", "buzz", "short", "side", "bangs", "long", "spiky", "curly", "bun")
+# the hair-colour label: _HAIR's nine colours in four groups, any _FUN_HAIR colour the fifth
+HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")
+_HAIR_GROUP = {c: g for g, cs in enumerate([_HAIR[0:2], _HAIR[2:5], _HAIR[5:7], _HAIR[7:9]]) for c in cs}
+SYNTHETIC_LABELS = {"hair": list(HAIR_GROUPS), "glasses": ["no", "yes"], "beard": ["no", "yes"]}
 
 
 def _mix(c1, c2, t):

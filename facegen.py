@@ -7,6 +7,9 @@
     python facegen.py pca runs/vae-lrelu --serve          # seed 003's latent PCA GUI (fig 17)
     python facegen.py gif runs/dcgan --hold-last-ms 3000  # seed 000's "learning fast forward"
     python facegen.py evaluate runs/vae                   # bits/dim, IW bound, SWD, copying check
+    python facegen.py sample runs/c --label hair=blond     # conditional runs: requested labels
+    python facegen.py attributes runs/c --attr glasses    # rows = attribute values, columns = same z
+    python facegen.py control runs/c                      # classifier accuracy on generated faces
 
 RUN is a run folder (its last.pt; --checkpoint best for best.pt) or a checkpoint file. Each command
 writes one file, in the run folder unless --out says otherwise, and prints its path. Reading order:
@@ -50,7 +53,7 @@ def load_run(path, checkpoint="last", device="cpu"):
     cfg = state["config"]
     try:
         nets = models.build_model(cfg["model"], tuple(cfg["image_size"]), cfg["latent_dim"],
-                                  cfg.get("arch"), cfg.get("critic_norm"))
+                                  cfg.get("arch"), cfg.get("critic_norm"), models.label_classes(cfg.get("labels")))
         nets.load_state_dict(state["nets"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise UsageError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0]}")
@@ -71,18 +74,38 @@ def to_float(x, device="cpu"):
 
 
 def encoder(nets, command):
-    """The run's autoencoder. GANs have none, so a command that encodes refuses them."""
+    """The run's autoencoder. GANs have none, so a command that encodes refuses them; so is a
+    conditional one (a CVAE's q(z|x, y) needs every image's labels: not wired into these commands)."""
     if "vae" not in nets:
         raise UsageError(f"{command} needs an encoder (autoencoders, vaegan) and this run is a GAN; "
                          "use sample, interpolate, std-sweep or evaluate")
+    if nets["vae"].classes:
+        raise UsageError(f"{command} does not handle conditional autoencoders yet; use sample, attributes or control")
     return nets["vae"]
 
 
+def classes_of(nets):
+    """The number of values of each label attribute of a conditional model; () otherwise."""
+    return (nets["vae"] if "vae" in nets else nets["G"]).classes
+
+
+def random_labels(nets, n, generator):
+    """n label rows, every attribute's value uniform over its values (None for an unconditional model)."""
+    classes = classes_of(nets)
+    if not classes:
+        return None
+    return torch.stack([torch.randint(0, c, (n,), generator=generator) for c in classes], 1)
+
+
 @torch.no_grad()
-def decode(nets, z, batch=256):
-    """z (N, latent_dim) -> images (N, 3, H, W) on the CPU, by the VAE decoder or G, in batches."""
+def decode(nets, z, y=None, batch=256):
+    """z (N, latent_dim) [, labels y (N, K)] -> images (N, 3, H, W) on the CPU, by the VAE decoder
+    or G, in batches. A conditional model given no y draws uniform labels (seed 0)."""
     G, dev = models.generator(nets), next(nets.parameters()).device
-    return torch.cat([G(z[i:i + batch].to(dev)).float().cpu() for i in range(0, len(z), batch)])
+    if y is None:
+        y = random_labels(nets, len(z), torch.Generator().manual_seed(0))
+    part = lambda t, i: None if t is None else t[i:i + batch].to(dev)  # noqa: E731
+    return torch.cat([G(part(z, i), part(y, i)).float().cpu() for i in range(0, len(z), batch)])
 
 
 @torch.no_grad()
@@ -659,12 +682,52 @@ def save(images, args, name, nrow, **labels):
     return path
 
 
+def parse_labels(text, info):
+    """'hair=blond,glasses=yes' -> {attribute index: value index}, checked against the run's
+    labels info {attribute: [values]}."""
+    names, chosen = list(info), {}
+    for item in filter(None, (text or "").split(",")):
+        attr, _, value = item.partition("=")
+        if attr not in info or value not in info[attr]:
+            raise UsageError(f"--label {item!r}: the run's labels are "
+                             + "; ".join(f"{a}={'|'.join(v)}" for a, v in info.items()))
+        chosen[names.index(attr)] = info[attr].index(value)
+    return chosen
+
+
 def cmd_sample(args):
     """A grid of --n faces decoded from z ~ N(0, std² I); std < 1 keeps z closer to the centre
-    (seed 001 fig 13): more typical, less varied faces."""
-    nets, _ = open_run(args)
-    z = args.std * torch.randn(args.n, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
-    return save(decode(nets, z), args, "sample.png", args.nrow)
+    (seed 001 fig 13): more typical, less varied faces. Conditional runs: --label fixes
+    attributes (e.g. hair=blond,glasses=yes); the others are drawn uniformly per face."""
+    nets, cfg = open_run(args)
+    g = torch.Generator().manual_seed(args.seed)
+    z = args.std * torch.randn(args.n, models.latent_dim(nets), generator=g)
+    y = random_labels(nets, args.n, g)
+    if args.label and y is None:
+        raise UsageError("--label needs a conditional run (train.py --conditional)")
+    for k, v in parse_labels(args.label, cfg.get("labels") or {}).items():
+        y[:, k] = v
+    return save(decode(nets, z, y), args, "sample.png", args.nrow)
+
+
+def cmd_attributes(args):
+    """The attribute grid: one row per value of --attr, the columns the same --n draws of z (and
+    the same values of the other attributes: --label, else their first value), so a row differs
+    from the next only in the label."""
+    nets, cfg = open_run(args)
+    info = cfg.get("labels")
+    if not info:
+        raise UsageError("attributes needs a conditional run (train.py --conditional)")
+    if args.attr not in info:
+        raise UsageError(f"--attr must be one of {', '.join(info)}; got {args.attr!r}")
+    k, values = list(info).index(args.attr), info[args.attr]
+    z = torch.randn(args.n, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
+    y = torch.zeros(len(values), args.n, len(info), dtype=torch.long)
+    for j, v in parse_labels(args.label, info).items():
+        y[..., j] = v
+    y[..., k] = torch.arange(len(values))[:, None]                       # row r: value r
+    print(f"rows: {args.attr} = " + ", ".join(values))
+    return save(decode(nets, z.repeat(len(values), 1), y.flatten(0, 1)), args, f"attributes_{args.attr}.png", args.n)
 
 
 def cmd_reconstruct(args):
@@ -844,6 +907,92 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512):
         report["likelihood"] = {"obs_std": sigma, "k": k, "neg_elbo_nats": elbo, "neg_iw_nats": iw,
                                 "neg_elbo_bpd": bpd(elbo), "neg_iw_bpd": bpd(iw)}
     return report
+
+
+# -----------------------------------------------------------------------------
+# Measured control of a conditional model: classification accuracy score (CAS) per requested label.
+
+def train_classifier(images, labels, classes, epochs=5, seed=0, batch=128, lr=1e-3):
+    """models.Classifier fitted to labelled real images (uint8, h-flip augmentation): Adam, the
+    cross-entropy of each attribute summed. Returns it in eval mode."""
+    torch.manual_seed(seed)
+    clf = models.Classifier(tuple(images.shape[2:]), classes)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
+    batches = data.Batches(images, min(batch, len(images)), seed=seed, flip=True, labels=labels)
+    for epoch in range(epochs):
+        for x, y in batches.epoch(epoch):
+            loss = sum(F.cross_entropy(logits, y[:, k]) for k, logits in enumerate(clf(x)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return clf.eval()
+
+
+@torch.no_grad()
+def predict(clf, x, batch=512):
+    """float images (N, 3, H, W) in [-1, 1] -> the classifier's value per attribute, int64 (N, K)."""
+    out = [torch.stack([l.argmax(1) for l in clf(x[i:i + batch].cpu())], 1) for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def control(nets, cfg, n=256, epochs=5, seed=0):
+    """How reliably generated faces carry the requested labels (classification accuracy score,
+    Ravuri & Vinyals 2019, read the other way round: a classifier trained on real faces judges
+    generated ones). 1. a models.Classifier learns the run's training images and labels;
+    2. on the held-out test images, its accuracy per attribute value (recall: of the faces with
+    value v, the share it reads as v) -- how well the attribute can be read at all; 3. for every
+    attribute k and value v, n faces generated with y_k = v (the other attributes copied from
+    random test labels, so they follow the data) and the share it reads as v. Each attribute's
+    'balanced' figure is the mean over its values, for real and generated faces alike, so a
+    rare value (glasses: 15%) counts as much as a common one."""
+    if not cfg.get("labels"):
+        raise UsageError("control needs a conditional run (train.py --conditional)")
+    train_x, test_x = run_images(cfg)
+    train_y, test_y, info = data.run_labels(cfg)
+    classes = models.label_classes(info)
+    clf = train_classifier(train_x, train_y, classes, epochs, seed)
+    read = predict(clf, to_float(test_x))
+    g = torch.Generator().manual_seed(seed)
+    report = {"run": cfg["checkpoint"], "model": cfg["model"], "trained_steps": cfg["trained_steps"],
+              "classifier_epochs": epochs, "n_per_value": n, "n_test": len(test_x), "attributes": {}}
+    for k, (attr, values) in enumerate(info.items()):
+        real_acc = (read[:, k] == test_y[:, k]).float().mean().item()
+        per_value = {}
+        for v, name in enumerate(values):
+            has = test_y[:, k] == v
+            y = test_y[torch.randint(len(test_y), (n,), generator=g)]
+            y[:, k] = v
+            z = torch.randn(n, models.latent_dim(nets), generator=g)
+            got = predict(clf, decode(nets, z, y))[:, k]
+            per_value[name] = {"n_test": int(has.sum()),
+                               "real": (read[has, k] == v).float().mean().item() if has.any() else None,
+                               "generated": (got == v).float().mean().item()}
+        real_vals = [p["real"] for p in per_value.values() if p["real"] is not None]
+        report["attributes"][attr] = {
+            "real_accuracy": real_acc, "values": per_value,
+            "real_balanced": sum(real_vals) / len(real_vals),
+            "generated_balanced": sum(p["generated"] for p in per_value.values()) / len(per_value)}
+    return report
+
+
+def cmd_control(args):
+    """Write control.json and print, per attribute and value, the classifier's accuracy on
+    held-out real faces and on faces generated for that value: see control()."""
+    nets, cfg = open_run(args)
+    r = control(nets, cfg, args.n, args.epochs, args.seed)
+    path = out_path(args, "control.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(r, f, indent=2)
+    print(f"  {'attribute = value':30s} {'real (test)':>12s} {'generated':>10s}   classifier: {args.epochs} epochs")
+    for attr, a in r["attributes"].items():
+        for name, p in a["values"].items():
+            real = "n/a" if p["real"] is None else f"{100 * p['real']:.1f}%"
+            print(f"  {attr + ' = ' + name:30s} {real:>12s} {100 * p['generated']:9.1f}%   ({p['n_test']} test faces)")
+        print(f"  {attr + ', balanced':30s} {100 * a['real_balanced']:11.1f}% {100 * a['generated_balanced']:9.1f}%   "
+              f"(plain accuracy on test faces {100 * a['real_accuracy']:.1f}%)")
+    print(f"wrote {path}")
+    return path
 
 
 def cmd_evaluate(args):
@@ -1117,6 +1266,8 @@ COMMANDS = {  # name: (function, one-line help)
     "gif": (cmd_gif, "progress.gif from samples/epoch_*.png"),
     "evaluate": (cmd_evaluate, "SWD, nearest-training-image distance, bits/dim -> evaluate.json"),
     "gallery": (cmd_gallery, "the README's results gallery from run folders: pictures, figures, Markdown"),
+    "attributes": (cmd_attributes, "conditional runs: rows = the values of one attribute, columns = the same z"),
+    "control": (cmd_control, "conditional runs: does a classifier trained on real faces read the requested labels?"),
 }
 
 
@@ -1140,6 +1291,12 @@ def parse_args(argv=None):
     s["sample"].add_argument("--n", type=positive(int), default=64, help="number of faces")
     s["sample"].add_argument("--std", type=non_negative, default=1.0, help="std of z (< 1: closer to the centre)")
     s["sample"].add_argument("--nrow", type=positive(int), default=8, help="faces per grid row")
+    s["sample"].add_argument("--label", help="conditional runs: fixed labels, e.g. hair=blond,glasses=yes")
+    s["attributes"].add_argument("--attr", required=True, help="the attribute whose values make the rows")
+    s["attributes"].add_argument("--n", type=positive(int), default=8, help="columns: draws of z")
+    s["attributes"].add_argument("--label", help="values of the other attributes (default: their first)")
+    s["control"].add_argument("--n", type=positive(int), default=256, help="generated faces per attribute value")
+    s["control"].add_argument("--epochs", type=positive(int), default=5, help="classifier training epochs")
     s["reconstruct"].add_argument("--n", type=positive(int), default=16, help="number of images")
     s["reconstruct"].add_argument("--nrow", type=positive(int), default=8, help="images per row")
     s["reconstruct"].add_argument("--data", help="folder or .zip of images instead of the run's test split")

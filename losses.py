@@ -14,6 +14,7 @@ inside the BCE losses, never in the network.
     d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), seed 004
     critic_loss, critic_gen_loss  E[D(x̃)] − E[D(x)];  −E[D(x̃)]     Arjovsky 2017, seed 002
     gradient_penalty              E[(‖∇D(x̂)‖₂ − 1)²], λ by caller   Gulrajani 2017, seed 002
+    d_loss_hinge, g_loss_hinge    E[relu(1 − D(x))] + E[relu(1 + D(x̃))]; −E[D(x̃)]   Miyato 2018 (SN-GAN)
 
 Weight clipping (WGAN) is a parameter update, not a loss: it lives beside the training loop.
 """
@@ -182,9 +183,31 @@ def gradient_penalty(critic, real, fake, eps=None):
     return ((grad_norm - 1) ** 2).mean()
 
 
+# ---------------------------------------------------------------------------------------------
+# Hinge loss (SN-GAN, seed 002's future work)
+# ---------------------------------------------------------------------------------------------
+
+def d_loss_hinge(real_scores, fake_scores):
+    """Hinge discriminator loss (Lim & Ye 2017; Miyato et al. 2018, eq. 17 with SN), to minimise:
+
+        L_D = E[relu(1 − D(x))] + E[relu(1 + D(x̃))]     on raw scores, mean over each batch
+
+    A real image scored above +1, or a fake below −1, costs nothing: D stops pushing samples it
+    already separates by the margin, and its gradient comes from the ones near the boundary.
+    """
+    return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
+
+
+def g_loss_hinge(fake_scores):
+    """Hinge generator loss (Miyato et al. 2018): L_G = −E[D(x̃)], the Wasserstein generator loss;
+    only D's loss has the margin."""
+    return -fake_scores.mean()
+
+
 # name (train.py's --gan-loss) -> (discriminator/critic loss, generator loss)
 GAN_LOSSES = {
     "bce": (d_loss, g_loss),
     "ls": (d_loss_ls, g_loss_ls),
     "wasserstein": (critic_loss, critic_gen_loss),
+    "hinge": (d_loss_hinge, g_loss_hinge),
 }

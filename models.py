@@ -26,14 +26,15 @@ MODELS = {
     "wgan": "seed 002: DCGAN generator + critic (D with BN, raw score), weight clipping",
     "wgan-gp": "seed 002: DCGAN generator + critic without BatchNorm (critic_norm 'none' or 'layer')",
     "vaegan": "seed 003: the vae-lrelu net + 5-layer conv discriminator (BN, LeakyReLU)",
+    "sngan": "seed 002's future work: DCGAN generator + spectrally normalised D without BN, hinge loss",
 }
 FAMILY = {"vae": "autoencoder", "vae-vgg": "autoencoder", "vae-in": "autoencoder",
           "ae": "autoencoder", "vae-lrelu": "autoencoder", "dcgan": "adversarial",
-          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan"}
+          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan", "sngan": "adversarial"}
 DEFAULT_LATENT = {"vae": 64, "vae-vgg": 512, "vae-in": 64, "ae": 128, "vae-lrelu": 128,
-                  "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128}
+                  "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128, "sngan": 128}
 ARCHS = ("classic", "seed002")
-DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
 CRITIC_NORMS = ("none", "layer")
 
 _SIZES = {name: [(64, 64), (32, 32)] for name in MODELS}
@@ -143,20 +144,99 @@ def _project(z_dim, shape, norm, act):
     return [nn.Linear(z_dim, math.prod(shape)), nn.Unflatten(1, shape)] + _norm(norm, shape[0]) + _act(act)
 
 
-class Generator(nn.Sequential):
-    """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]. GAN generators and VAE decoders."""
+class SpectralNorm(nn.Module):
+    """A conv or linear layer whose weight is divided by its largest singular value (Miyato et al.
+    2018): W_SN = W / σ(W), so the layer is 1-Lipschitz and D, a stack of them with LeakyReLU, is too.
 
-    def __init__(self, latent_dim, *layers):
+    σ(W) of the matrix W (out, in·k·k) is estimated by power iteration with a persistent left
+    singular vector u (a buffer: it is saved in checkpoints, so a resumed run continues the very
+    same estimate). One iteration per training forward, as in the paper's Algorithm 1:
+        v ← Wᵀu / ‖Wᵀu‖,   u ← W v / ‖W v‖        (no gradient: u is a constant for backprop)
+        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)
+    In eval mode u is frozen. Hand-written rather than torch.nn.utils.parametrizations.spectral_norm
+    so the reader sees the ten lines that are the method; tests check σ against
+    torch.linalg.matrix_norm(W, ord=2).
+    """
+
+    def __init__(self, layer, eps=1e-12):
+        super().__init__()
+        self.layer, self.eps = layer, eps
+        u = torch.randn(layer.weight.shape[0])                  # (out,): from the global RNG
+        self.register_buffer("u", u / u.norm().clamp_min(eps))
+
+    def sigma(self):
+        """Power-iteration estimate of the spectral norm of the layer's weight (one step in training)."""
+        W = self.layer.weight.flatten(1)                        # (out, in·k·k)
+        if self.training:
+            with torch.no_grad():
+                v = W.t().float() @ self.u
+                v = v / v.norm().clamp_min(self.eps)            # v ← Wᵀu / ‖Wᵀu‖
+                u = W.float() @ v
+                self.u.copy_(u / u.norm().clamp_min(self.eps))  # u ← Wv / ‖Wv‖
+        u = self.u.clone()          # a copy in the graph: the next forward updates the buffer in place
+        return (W.t() @ u.to(W.dtype)).norm()                   # σ = ‖Wᵀu‖
+
+    def forward(self, x):
+        layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
+        if isinstance(layer, nn.Linear):
+            return nn.functional.linear(x, w, layer.bias)
+        return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def one_hot(y, classes):
+    """Labels y (B, K), entry k in range(classes[k]) -> (B, sum(classes)): the K one-hot codes side by side."""
+    return torch.cat([nn.functional.one_hot(y[:, k], n) for k, n in enumerate(classes)], 1).float()
+
+
+class Generator(nn.Sequential):
+    """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]. GAN generators and VAE decoders.
+    Conditional (classes = the number of values of each of K attributes): forward(z, y) decodes
+    [z, one_hot(y)], so the first layer takes latent_dim + sum(classes) inputs (Mirza & Osindero
+    2014's concatenation: the simplest way to give G the label, and the same code for a CVAE)."""
+
+    def __init__(self, latent_dim, *layers, classes=()):
         super().__init__(*layers)
-        self.latent_dim = latent_dim
+        self.latent_dim, self.classes = latent_dim, tuple(classes)
+
+    def forward(self, z, y=None):
+        if self.classes:
+            z = torch.cat([z, one_hot(y, self.classes).to(z.dtype)], 1)    # [z, y] (B, z + sum(classes))
+        return super().forward(z)
 
 
 class Discriminator(nn.Sequential):
     """x (B, 3, H, W) -> raw score (B,): a logit for the BCE/LS losses, a critic value for the
-    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable)."""
+    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable).
 
-    def forward(self, x):
-        return super().forward(x).reshape(len(x))   # (B, 1, 1, 1) -> (B,)
+    Conditional: the projection discriminator (Miyato & Koyama 2018),
+        D(x, y) = ψ(φ(x)) + Σ_k V_k[y_k]ᵀ φ(x),   φ(x) = the last features summed over H x W,
+    one embedding row V_k[v] (C,) per value v of attribute k. Chosen over concatenating y to
+    D's input: the label enters as an inner product with the features D already computes, which
+    is what the paper shows controls the class far better, and needs no label-sized input channels.
+    """
+
+    def __init__(self, *layers, classes=()):
+        super().__init__(*layers)
+        self.classes = tuple(classes)
+        if self.classes:
+            c = next(m for m in reversed(layers) if isinstance(m, (nn.Conv2d, SpectralNorm)))
+            c = (c.layer if isinstance(c, SpectralNorm) else c).in_channels          # C of φ(x)
+            # V: every attribute's rows stacked, attribute k's starting at offsets[k] (a Parameter,
+            # not a module, so the Sequential's layers stay exactly the unconditional D's). V = 0
+            # at first: D starts as the unconditional D and learns what each label adds.
+            self.embed = nn.Parameter(torch.zeros(sum(self.classes), c))
+            self.register_buffer("offsets", torch.tensor([0, *self.classes[:-1]]).cumsum(0), persistent=False)
+
+    def forward(self, x, y=None):
+        if not self.classes:
+            return super().forward(x).reshape(len(x))   # (B, 1, 1, 1) -> (B,)
+        *body, last = self
+        h = x
+        for layer in body:
+            h = layer(h)                                   # C x 4 x 4
+        score = last(h).reshape(len(x))                    # ψ(φ(x)) (B,)
+        v = self.embed[y + self.offsets].sum(1)            # Σ_k V_k[y_k] (B, C)
+        return score + (v * h.sum((2, 3))).sum(1)          # + ⟨Σ_k V_k[y_k], φ(x)⟩
 
 
 class VAE(nn.Module):
@@ -172,32 +252,36 @@ class VAE(nn.Module):
         super().__init__()
         self.encoder, self.head, self.decoder = encoder, head, decoder
         self.variational = variational
-        self.latent_dim = decoder.latent_dim
+        self.latent_dim, self.classes = decoder.latent_dim, decoder.classes
 
-    def encode(self, x):
-        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None)."""
-        h = self.head(self.encoder(x))
+    def encode(self, x, y=None):
+        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None).
+        Conditional (a CVAE, Sohn et al. 2015): q(z|x, y), the head reads [features, one_hot(y)]."""
+        h = self.encoder(x)
+        if self.classes:
+            h = torch.cat([h, one_hot(y, self.classes).to(h.dtype)], 1)
+        h = self.head(h)
         if not self.variational:
             return h, None
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar
 
-    def decode(self, z):
-        """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]."""
-        return self.decoder(z)
+    def decode(self, z, y=None):
+        """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]; a CVAE decodes p(x|z, y)."""
+        return self.decoder(z, y)
 
-    def forward(self, x, eps=None):
+    def forward(self, x, eps=None, y=None):
         """x -> (x_hat, mu, logvar); a VAE always samples z = mu + sigma * eps, the AE uses z = mu."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         z = mu if logvar is None else reparameterize(mu, logvar, eps)
-        return self.decode(z), mu, logvar
+        return self.decode(z, y), mu, logvar
 
 
 # ---------------------------------------------------------------------------------------------
 # Autoencoders
 # ---------------------------------------------------------------------------------------------
 
-def _vae_wuga(size, z):
+def _vae_wuga(size, z, classes=()):
     """Seed 000 (Wuga): conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity
     activation; decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
     H, W = size
@@ -207,7 +291,7 @@ def _vae_wuga(size, z):
         (256, 5, 2, 2),     # 256 x 8 x 8
         (512, 5, 2, 2),     # 512 x 4 x 4
     ], "batch", "relu")
-    n = c * h * w           # 8192
+    n = c * h * w + sum(classes)  # 8192 (+ the one-hot labels of a CVAE)
     head = nn.Sequential(nn.Linear(n, 2 * z), nn.BatchNorm1d(2 * z))        # [mu, logvar] (2z)
     start = (256, H // 8, W // 8)                                          # 256 x 8 x 8
     # output_padding 1 makes a 5x5 s2 p2 convT double exactly (TF 'same' padding in Wuga's code)
@@ -217,7 +301,7 @@ def _vae_wuga(size, z):
         (32, 5, 2, 2, 1),   # 32 x 64 x 64
     ], "batch", "relu", transpose=True)
     out, _ = conv_stack(shape, [(3, 5, 1, 2, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z, start, "batch", "relu"), *dec, *out)
+    decoder = Generator(z, *_project(z + sum(classes), start, "batch", "relu"), *dec, *out, classes=classes)
     return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
 
 
@@ -226,7 +310,7 @@ def _c3(*channels):
     return [(c, 3, 1, 1) for c in channels]
 
 
-def _vae_vgg(size, z):
+def _vae_vgg(size, z, classes=()):
     """Seed 000 part 3: VGG16's 13 conv 3x3 in 5 blocks, each block ended by a 2x2 max-pool, as
     encoder; mirrored decoder of [x2 nearest upsample + 3x3 convs]. The seed shows no norm
     layers; we add BN after every conv (the seed fought exploding gradients, and BN is what makes
@@ -239,7 +323,7 @@ def _vae_vgg(size, z):
         *_c3(512, 512, 512), "pool",    # 512 x 4 x 4
         *_c3(512, 512, 512), "pool",    # 512 x 2 x 2
     ], "batch", "relu")
-    head = nn.Linear(c * h * w, 2 * z)                                  # 2048 -> [mu, logvar]
+    head = nn.Linear(c * h * w + sum(classes), 2 * z)                   # 2048 -> [mu, logvar]
     dec, shape = conv_stack((c, h, w), [
         "up", *_c3(512, 512, 512),      # 512 x 4 x 4
         "up", *_c3(512, 512, 256),      # 256 x 8 x 8
@@ -248,11 +332,11 @@ def _vae_vgg(size, z):
         "up", *_c3(64),                 # 64 x 64 x 64
     ], "batch", "relu")
     out, _ = conv_stack(shape, _c3(3), "none", "tanh")                  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z, (c, h, w), "batch", "relu"), *dec, *out)
+    decoder = Generator(z, *_project(z + sum(classes), (c, h, w), "batch", "relu"), *dec, *out, classes=classes)
     return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
 
 
-def _vae_in(size, z):
+def _vae_in(size, z, classes=()):
     """Seed 001: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar;
     decoder FC -> reshape -> the mirrored convT stack -> tanh. 32-pixel-high images drop the
     deepest (256-channel) stage, so 32x24 ends on the same 4x3 grid as 64x48."""
@@ -280,15 +364,15 @@ def _vae_in(size, z):
     if H < 64:
         enc_spec, dec_spec = enc_spec[:-2], dec_spec[2:]
     enc, start = conv_stack((3, H, W), enc_spec, "instance", "relu")    # 256 x 4 x 3
-    head = nn.Linear(math.prod(start), 2 * z)                           # 3072 -> [mu, logvar]
+    head = nn.Linear(math.prod(start) + sum(classes), 2 * z)            # 3072 -> [mu, logvar]
     dec, shape = conv_stack(start, dec_spec, "instance", "relu", transpose=True)
     out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 48
     # seed: "Fully connected layer, Reshape input" with no norm or activation in between
-    decoder = Generator(z, *_project(z, start, "none", None), *dec, *out)
+    decoder = Generator(z, *_project(z + sum(classes), start, "none", None), *dec, *out, classes=classes)
     return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
 
 
-def _conv_ae(size, z, channels, variational):
+def _conv_ae(size, z, channels, variational, classes=()):
     """Seed 003: conv 4x4 s2 p1 + BN + LeakyReLU(0.2) per channel count, a Linear bottleneck
     (the AE's code, or the VAE's [mu, logvar]), Linear -> reshape + BN + LeakyReLU, then the
     mirrored convT 4x4 s2 p1 stack -> tanh. Seed 003's figures are not in the text: kernel 4,
@@ -296,11 +380,11 @@ def _conv_ae(size, z, channels, variational):
     H, W = size
     enc, start = conv_stack((3, H, W), [(c, 4, 2, 1) for c in channels],  # vae-lrelu: 32 x 32 x 32,
                             "batch", "lrelu")                              # ..., 256 x 4 x 4
-    head = nn.Linear(math.prod(start), 2 * z if variational else z)      # 4096 -> [mu, logvar]
+    head = nn.Linear(math.prod(start) + sum(classes), 2 * z if variational else z)  # 4096 -> [mu, logvar]
     dec, shape = conv_stack(start, [(c, 4, 2, 1, 0) for c in channels[-2::-1]],  # 128 x 8 x 8,
                             "batch", "lrelu", transpose=True)                   # ..., 32 x 32 x 32
     out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z, start, "batch", "lrelu"), *dec, *out)
+    decoder = Generator(z, *_project(z + sum(classes), start, "batch", "lrelu"), *dec, *out, classes=classes)
     return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder, variational)
 
 
@@ -311,8 +395,8 @@ _AUTOENCODERS = {
     "vae": _vae_wuga,
     "vae-vgg": _vae_vgg,
     "vae-in": _vae_in,
-    "ae": lambda size, z: _conv_ae(size, z, AE_CHANNELS, variational=False),
-    "vae-lrelu": lambda size, z: _conv_ae(size, z, VAE_LRELU_CHANNELS, variational=True),
+    "ae": lambda size, z, classes=(): _conv_ae(size, z, AE_CHANNELS, False, classes),
+    "vae-lrelu": lambda size, z, classes=(): _conv_ae(size, z, VAE_LRELU_CHANNELS, True, classes),
 }
 
 
@@ -326,49 +410,56 @@ def _gan_channels(side):
     return [64 * 2 ** i for i in range(int(math.log2(side)) - 2)]
 
 
-def _generator(side, z, arch):
+def _generator(side, z, arch, classes=()):
     """seed002: z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2 (256, 128, 64, 3) -> tanh.
     classic (seed 004, Radford et al. 2016): z as z x 1 x 1 -> convT 4x4 s1 p0 -> 512 x 4 x 4,
     then convT 4x4 s2 p1 up to 3 x 64 x 64, BN + ReLU after all but the last, tanh."""
     ch = _gan_channels(side)[::-1]                                    # 512, 256, 128, 64
+    z_in = z + sum(classes)                                           # [z, one_hot(y)]
     if arch == "seed002":
-        head = _project(z, (ch[0], 4, 4), "batch", "relu")           # 512 x 4 x 4
+        head = _project(z_in, (ch[0], 4, 4), "batch", "relu")        # 512 x 4 x 4
         body, shape = conv_stack((ch[0], 4, 4), [(c, 5, 2, 2, 1) for c in ch[1:]],
                                  "batch", "relu", transpose=True)     # 256x8x8, 128x16x16, 64x32x32
         out, _ = conv_stack(shape, [(3, 5, 2, 2, 1)], "none", "tanh", transpose=True)  # 3 x 64 x 64
     else:
-        head = [nn.Unflatten(1, (z, 1, 1))]                          # z x 1 x 1
-        body, shape = conv_stack((z, 1, 1), [(ch[0], 4, 1, 0, 0)] + [(c, 4, 2, 1, 0) for c in ch[1:]],
+        head = [nn.Unflatten(1, (z_in, 1, 1))]                       # z x 1 x 1
+        body, shape = conv_stack((z_in, 1, 1), [(ch[0], 4, 1, 0, 0)] + [(c, 4, 2, 1, 0) for c in ch[1:]],
                                  "batch", "relu", transpose=True)     # 512x4x4, ..., 64x32x32
         out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
-    return Generator(z, *head, *body, *out)
+    return Generator(z, *head, *body, *out, classes=classes)
 
 
-def _discriminator(side, arch, norm):
+def _discriminator(side, arch, norm, spectral=False, classes=()):
     """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
     layer -> conv 4x4 valid -> 1 x 1 x 1 score. classic: the same with conv 4x4 s2 p1 (5 layers).
-    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample)."""
+    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample).
+    spectral: every conv wrapped in SpectralNorm (SN-GAN; norm 'none': SN replaces BN)."""
     k, p = (5, 2) if arch == "seed002" else (4, 1)
     body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
                              norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
     score, _ = conv_stack(shape, [(1, 4, 1, 0)], "none", None)       # 1 x 1 x 1
-    return Discriminator(*body, *score)
+    layers = [*body, *score]
+    if spectral:
+        layers = [SpectralNorm(m) if isinstance(m, nn.Conv2d) else m for m in layers]
+    return Discriminator(*layers, classes=classes)
 
 
 # ---------------------------------------------------------------------------------------------
 # build_model: the one constructor train.py and facegen.py share
 # ---------------------------------------------------------------------------------------------
 
-def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None):
+def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=()):
     """Build model `name` for images of `image_size` ((H, W) or an int) with init_weights applied.
 
     Returns an nn.ModuleDict:
       autoencoders (vae, vae-vgg, vae-in, ae, vae-lrelu): {"vae": net}
-      dcgan, wgan, wgan-gp:                                {"G": generator, "D": discriminator}
+      dcgan, wgan, wgan-gp, sngan:                         {"G": generator, "D": discriminator}
       vaegan:                                              {"vae": vae-lrelu net, "D": discriminator}
     latent_dim None -> DEFAULT_LATENT[name]. arch ("classic" | "seed002", None -> DEFAULT_ARCH)
-    applies to dcgan, wgan, wgan-gp only; critic_norm ("none" | "layer", None -> "none") to
+    applies to dcgan, wgan, wgan-gp, sngan only; critic_norm ("none" | "layer", None -> "none") to
     wgan-gp only; any other model rejects an arch, and a critic_norm other than None/"none".
+    classes (the number of values of each attribute, e.g. (5, 2, 2)) makes it conditional: G and
+    the decoder take [z, one_hot(y)], the encoder reads y too (CVAE), D is a projection D.
     Raises ValueError for an unknown name, unsupported size or bad option.
     """
     sizes = supported_sizes(name)
@@ -389,21 +480,48 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         raise ValueError(f"critic_norm {critic_norm!r}: 'none' or 'layer', and 'layer' only for wgan-gp")
 
     if FAMILY[name] == "autoencoder":
-        models = {"vae": _AUTOENCODERS[name](size, z)}
+        models = {"vae": _AUTOENCODERS[name](size, z, classes)}
     elif name == "vaegan":
         # seed 003's D: 5 conv layers, BN, LeakyReLU -- the classic DCGAN discriminator
-        models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z), "D": _discriminator(size[0], "classic", "batch")}
+        models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z, classes),
+                  "D": _discriminator(size[0], "classic", "batch", classes=classes)}
+    elif name == "sngan":
+        # Miyato et al. 2018: spectral norm on every layer of D, and no BatchNorm there. The
+        # projection's V is not normalised (Miyato & Koyama do): a deviation, V is small.
+        models = {"G": _generator(size[0], z, arch, classes),
+                  "D": _discriminator(size[0], arch, "none", spectral=True, classes=classes)}
     else:
         # seed 002: WGAN-GP removes BatchNorm from the critic (it couples the samples of a batch)
         norm = critic_norm if name == "wgan-gp" else "batch"
-        models = {"G": _generator(size[0], z, arch), "D": _discriminator(size[0], arch, norm)}
+        models = {"G": _generator(size[0], z, arch, classes), "D": _discriminator(size[0], arch, norm, classes=classes)}
     models = nn.ModuleDict(models)
     models.apply(init_weights)
     return models
 
 
+class Classifier(nn.Module):
+    """x (B, 3, H, W) -> one logit vector per attribute, (B, classes[k]) each: the attribute reader
+    of facegen.py's `control` (it measures whether generated faces carry the requested labels).
+    3 x [conv 4x4 s2 + BN + LeakyReLU(0.2)] (32, 64, 128 maps) -> one Linear for every attribute."""
+
+    def __init__(self, image_size, classes):
+        super().__init__()
+        body, shape = conv_stack((3, *image_size), [(32, 4, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1)],
+                                 "batch", "lrelu")                       # 128 x H/8 x W/8
+        self.body, self.classes = nn.Sequential(*body, nn.Flatten()), tuple(classes)
+        self.head = nn.Linear(math.prod(shape), sum(classes))
+
+    def forward(self, x):
+        return self.head(self.body(x)).split(self.classes, 1)
+
+
+def label_classes(labels):
+    """{attribute: [values]} (a run's cfg["labels"]) -> the number of values of each, () for None."""
+    return tuple(len(v) for v in (labels or {}).values())
+
+
 def generator(models):
-    """The map z (B, latent_dim) -> images (B, 3, H, W) of a built model: VAE decode, or G."""
+    """The map (z (B, latent_dim)[, y]) -> images (B, 3, H, W) of a built model: VAE decode, or G."""
     return models["vae"].decode if "vae" in models else models["G"]
 
 

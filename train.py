@@ -63,6 +63,11 @@ SEED_DEFAULTS = {
     # seed 002: WGAN-GP, lambda 10, n_critic 5 (seed also 2), Adam 1e-4 betas (0, 0.9), batch 128
     "wgan-gp": dict(image_size="64", batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50,
                     gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
+    # seed 002's future work, SN-GAN (Miyato et al. 2018): spectral norm on D + hinge loss. Of the
+    # paper's Adam settings A-F (SN was robust across all), C: lr 2e-4, betas (0.5, 0.999), n_dis 1 --
+    # one D step per G step, the cheapest on a CPU. Batch 64 and z 128 as in the paper.
+    "sngan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50,
+                  gan_loss="hinge", n_critic=1),
     # seed 003: VAE-GAN: the seed-003 VAE + a 5-layer D; adversarial + MSE + KLD (0.01)
     "vaegan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50,
                    recon="mse", kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
@@ -72,7 +77,8 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        gp_weight=0.0, flip=False, jitter=0.0, arch=None, critic_norm="none",
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=None, compile=False, benchmark=False,
-                       grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None)
+                       grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None,
+                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None)
 
 
 # -----------------------------------------------------------------------------
@@ -109,36 +115,39 @@ def elbo_terms(cfg, x, x_hat, mu, logvar):
     return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
 
 
-def autoencoder_step(run, xs):
-    """One update of the VAE on a batch x."""
-    (x,) = xs
+def autoencoder_step(run, batches):
+    """One update of the VAE on a batch x (labels y for a CVAE: q(z|x, y), p(x|z, y); else None)."""
+    ((x, y),) = batches
     with run.autocast():
-        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(x.shape[0]))  # x̂ = Dec(μ + σ·ε), ε ~ N(0, I)
+        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(x.shape[0]), y)  # x̂ = Dec(μ + σ·ε [, y]), ε ~ N(0, I)
     loss, recon, kl = elbo_terms(run.cfg, x, x_hat, mu, logvar)      # −ELBO = recon + β·KL
     norm = optimizer_step(run, "vae", loss)
     return logged(loss=loss, recon=recon, kl=kl, grad_norm=norm)
 
 
 # -----------------------------------------------------------------------------
-# GANs (dcgan, wgan, wgan-gp): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al. 2017.
-# DCGAN (bce), LSGAN (ls), WGAN and WGAN-GP differ only in the loss pair losses.GAN_LOSSES
-# [--gan-loss], n_critic, and what follows a critic update (--clip) or joins its loss (--gp-weight).
+# GANs (dcgan, wgan, wgan-gp, sngan): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al. 2017.
+# DCGAN (bce), LSGAN (ls), WGAN, WGAN-GP and SN-GAN (hinge; the spectral norm lives in its D) differ
+# only in the loss pair losses.GAN_LOSSES [--gan-loss], n_critic, and what follows a critic update
+# (--clip) or joins its loss (--gp-weight).
 
-def critic_step(run, x):
-    """One update of D (the critic) on a real batch x and fresh z. L_D by --gan-loss:
+def critic_step(run, x, y):
+    """One update of D (the critic) on a real batch x and fresh z (conditional: both scored with
+    the real batch's labels y, and the fakes drawn for them; else y is None). L_D by --gan-loss:
     bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];
-    wasserstein: E[D(x̃)] − E[D(x)]."""
+    wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))]."""
     cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
     d_loss_fn, _ = losses.GAN_LOSSES[cfg["gan_loss"]]
     with torch.no_grad(), run.autocast():
-        x_fake = G(run.noise(x.shape[0]))                              # x̃ = G(z), z ~ N(0, I)
+        x_fake = G(run.noise(x.shape[0]), y)                           # x̃ = G(z [, y]), z ~ N(0, I)
     with run.autocast():
-        d_real, d_fake = D(x).float(), D(x_fake).float()               # D(x), D(x̃)
+        d_real, d_fake = D(x, y).float(), D(x_fake, y).float()         # D(x [, y]), D(x̃ [, y])
     loss_d = d_loss_fn(d_real, d_fake)                                 # L_D
     gp = None
     if cfg["gp_weight"]:
+        critic = lambda x_hat: run.penalty_critic(x_hat, y)            # noqa: E731 -- D(·, y)
         eps = run.noise(x.shape[0], 1, 1, 1, draw=torch.rand, dtype=x.dtype)   # ε ~ U[0, 1] per sample
-        gp = losses.gradient_penalty(run.penalty_critic, x, x_fake.to(x.dtype), eps)  # E[(‖∇D(x̂)‖₂ − 1)²]
+        gp = losses.gradient_penalty(critic, x, x_fake.to(x.dtype), eps)  # E[(‖∇D(x̂)‖₂ − 1)²]
         loss_d = loss_d + cfg["gp_weight"] * gp                        #   L_D += λ·GP
     norm = optimizer_step(run, "D", loss_d)
     if cfg["clip"]:
@@ -148,23 +157,24 @@ def critic_step(run, x):
     return logged(gp=gp, loss_d=loss_d, grad_norm_D=norm, **score_stats(cfg, d_real, d_fake))
 
 
-def generator_step(run, n):
-    """One update of G on n fresh z. L_G by --gan-loss: bce (non-saturating): −E[log σ(D(G(z)))];
-    ls: E[(D(G(z)) − 1)²]; wasserstein: −E[D(G(z))]."""
+def generator_step(run, n, y):
+    """One update of G on n fresh z (conditional: for the labels y). L_G by --gan-loss:
+    bce (non-saturating): −E[log σ(D(G(z)))]; ls: E[(D(G(z)) − 1)²]; wasserstein, hinge: −E[D(G(z))]."""
     _, g_loss_fn = losses.GAN_LOSSES[run.cfg["gan_loss"]]
     with run.autocast():
-        d_gen = run.fwd["D"](run.fwd["G"](run.noise(n))).float()       # D(G(z)), z ~ N(0, I) fresh
+        d_gen = run.fwd["D"](run.fwd["G"](run.noise(n), y), y).float()  # D(G(z [, y]) [, y]), z fresh
     loss_g = g_loss_fn(d_gen)                                          # L_G
     norm = optimizer_step(run, "G", loss_g)
     return logged(loss_g=loss_g, grad_norm_G=norm)
 
 
-def gan_step(run, xs):
-    """n_critic critic updates, each on its own real batch of xs, then one generator update.
-    The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last critic update's."""
-    for x in xs:
-        critic = critic_step(run, x)
-    return {**critic, **generator_step(run, xs[-1].shape[0])}
+def gan_step(run, batches):
+    """n_critic critic updates, each on its own real batch, then one generator update (for the
+    last batch's labels). The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last's."""
+    for x, y in batches:
+        critic = critic_step(run, x, y)
+    x, y = batches[-1]
+    return {**critic, **generator_step(run, x.shape[0], y)}
 
 
 def score_stats(cfg, d_real, d_fake):
@@ -180,36 +190,39 @@ def score_stats(cfg, d_real, d_fake):
 # -----------------------------------------------------------------------------
 # VAE-GAN (seed 003): the VAE's decoder is also a GAN generator.
 
-def vaegan_step(run, xs):
+def vaegan_step(run, batches):
     """D learns real x against reconstructions x̂ and decoded noise x_p; the VAE then minimises
-    the adversarial term on the same x̂ and x_p plus its own −ELBO."""
-    (x,) = xs
+    the adversarial term on the same x̂ and x_p plus its own −ELBO (conditional: all for labels y)."""
+    ((x, y),) = batches
     n = x.shape[0]
     z_p = run.noise(n)                                                 # z_p ~ N(0, I)
     with run.autocast():
-        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(n))            # x̂ = Dec(μ + σ·ε)
-        x_p = run.nets["vae"].decode(z_p)                              # x_p = Dec(z_p)
-    fakes = torch.cat([x_hat, x_p])
-    d_out = vaegan_discriminator_step(run, x, fakes.detach())
-    return {**d_out, **vaegan_vae_step(run, x, fakes, x_hat, mu, logvar)}
+        x_hat, mu, logvar = run.fwd["vae"](x, run.noise(n), y)         # x̂ = Dec(μ + σ·ε [, y])
+        x_p = run.nets["vae"].decode(z_p, y)                           # x_p = Dec(z_p [, y])
+    fakes, y2 = torch.cat([x_hat, x_p]), None if y is None else torch.cat([y, y])
+    d_out = vaegan_discriminator_step(run, x, y, fakes.detach(), y2)
+    return {**d_out, **vaegan_vae_step(run, x, fakes, y2, x_hat, mu, logvar)}
 
 
-def vaegan_discriminator_step(run, x, fakes):
+def vaegan_discriminator_step(run, x, y, fakes, y2):
     """L_D = −E[log σ(D(x))] − E[log(1 − σ(D(x̂ ∪ x_p)))]: real -> 1, reconstructions and noise -> 0."""
     with run.autocast():
-        d_real, d_fake = run.fwd["D"](x).float(), run.fwd["D"](fakes).float()
+        d_real, d_fake = run.fwd["D"](x, y).float(), run.fwd["D"](fakes, y2).float()
     loss_d = losses.d_loss(d_real, d_fake)
     optimizer_step(run, "D", loss_d)
     return logged(loss_d=loss_d, **score_stats(run.cfg, d_real, d_fake[: x.shape[0]]))
 
 
-def vaegan_vae_step(run, x, fakes, x_hat, mu, logvar):
-    """L_VAE = −E[log σ(D(x̂ ∪ x_p))] (fool D) + recon + β·KL (the VAE's −ELBO)."""
+def vaegan_vae_step(run, x, fakes, y2, x_hat, mu, logvar):
+    """L_VAE = w·(−E[log σ(D(x̂ ∪ x_p))]) (fool D) + recon + β·KL (the VAE's −ELBO), w = --adv-weight.
+    Scales: the adversarial term is a mean over images of order 1 (log 2 ≈ 0.69 when D is
+    undecided); a summed MSE is of order 10²–10³ per image (0.1 per value x 3·64·64 values): at
+    w = 1 (seed 003) the VAE barely hears D, w ~ 10²–10³ gives the two terms equal say."""
     with run.autocast():
-        d_gen = run.fwd["D"](fakes).float()
+        d_gen = run.fwd["D"](fakes, y2).float()
     elbo, recon, kl = elbo_terms(run.cfg, x, x_hat, mu, logvar)
     adv = losses.g_loss(d_gen)                                         # non-saturating, as for G
-    loss = adv + elbo
+    loss = run.cfg["adv_weight"] * adv + elbo                          # w·L_adv − ELBO
     optimizer_step(run, "vae", loss)
     return logged(loss=loss, adv=adv, recon=recon, kl=kl)
 
@@ -284,11 +297,18 @@ def steps_per_update(cfg):
     return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
 
 
-def take_step(run, xs):
-    """One step of the run's family on its batches (NHWC first with --channels-last)."""
+def pair(batch):
+    """A batch as (x, y): Batches yields x alone when it holds no labels (then y is None)."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
+def take_step(run, batches):
+    """One step of the run's family on its batches, each made an (x, y) pair (y None without
+    labels; NHWC first with --channels-last)."""
+    pairs = [pair(b) for b in batches]
     if run.cfg["channels_last"]:
-        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
-    return STEPS[run.cfg["family"]](run, xs)
+        pairs = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in pairs]
+    return STEPS[run.cfg["family"]](run, pairs)
 
 
 def end_epoch(run, rows, completes, seconds, n_images, points=()):
@@ -354,7 +374,8 @@ RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "chec
 # (seed 003's VAE-GAN is BCE with one D step per VAE step, as the seed describes it).
 _AE, _GAN = {"autoencoder", "vaegan"}, {"adversarial", "wasserstein"}
 FAMILY_FLAGS = {"recon": _AE, "obs_std": _AE, "kl_weight": _AE, "recon_scale": _AE, "arch": _GAN,
-                "critic_norm": _GAN, "gan_loss": _GAN, "n_critic": _GAN, "clip": _GAN, "gp_weight": _GAN}
+                "critic_norm": _GAN, "gan_loss": _GAN, "n_critic": _GAN, "clip": _GAN, "gp_weight": _GAN,
+                "adv_weight": {"vaegan"}}
 
 
 class UsageError(Exception):
@@ -424,16 +445,27 @@ def parse_args(argv=None):
     g.add_argument("--obs-std", type=positive(float), default=None, help="observation sigma of the Gaussian likelihood (seed 000 'var')")
     g.add_argument("--kl-weight", type=non_negative, default=None, help="beta / lambda on the KL term (seed 000 part 2: 10 or 50)")
     g.add_argument("--recon-scale", type=positive(float), default=None, help="factor on the reconstruction term (seed 000 part 2: 0.01 = NLL/100)")
-    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp)")
+    g = p.add_argument_group("GANs (dcgan, wgan, wgan-gp, sngan)")
     g.add_argument("--arch", choices=["classic", "seed002"], default=None, help="DCGAN layout: 5-layer 4x4 (seed 004) or linear + 5x5 (seed 002)")
     g.add_argument("--critic-norm", choices=["none", "layer"], default=None, help="wgan-gp critic normalisation (no BatchNorm)")
-    g.add_argument("--gan-loss", choices=["bce", "ls", "wasserstein"], default=None, help="bce (non-saturating), ls (seed 004 MSE), wasserstein")
+    g.add_argument("--gan-loss", choices=list(losses.GAN_LOSSES), default=None,
+                   help="bce (non-saturating), ls (seed 004 MSE), wasserstein, hinge (SN-GAN)")
     g.add_argument("--n-critic", type=positive(int), default=None, help="critic steps per generator step, each on a fresh real batch")
     g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
     g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
     g.add_argument("--beta1", type=beta, default=None, help="Adam beta1, in [0, 1)")
     g.add_argument("--beta2", type=beta, default=None, help="Adam beta2, in [0, 1)")
+    g.add_argument("--adv-weight", type=non_negative, default=None,
+                   help="vaegan: weight w of the adversarial term in w*L_adv + recon + beta*KL (seed 003: 1)")
+    g = p.add_argument_group("conditional generation (every model)")
+    g.add_argument("--conditional", action="store_true", default=None,
+                   help="condition on labels: G/decoder take [z, one-hot y], the encoder y too (CVAE), "
+                        "D is a projection D. Labels: the synthetic faces' hair/glasses/beard, else "
+                        "subfolder names, or --attr-file")
+    g.add_argument("--attr-file", default=None, help="CelebA-style list_attr_celeba.txt (±1 per attribute) for --data")
+    g.add_argument("--attrs", type=lambda s: [a for a in s.split(",") if a], default=None,
+                   help="comma-separated columns of --attr-file, e.g. Smiling,Male (default: all)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip p=0.5")
     g.add_argument("--jitter", type=non_negative, default=None, help="colour jitter strength (brightness/contrast/saturation)")
@@ -479,6 +511,8 @@ def resolve(args):
                             ("beta2", "--optimizer adam", cfg["optimizer"] == "adam"),
                             ("fused_adam", "--optimizer adam", cfg["optimizer"] == "adam"),
                             ("obs_std", "--recon gnll", cfg["recon"] == "gnll"),
+                            ("attr_file", "--conditional", cfg["conditional"]),
+                            ("attrs", "--conditional --attr-file", cfg["conditional"] and cfg["attr_file"]),
                             ("kl_weight", "a variational model (ae has no KL term)", args.model != "ae")):
         if flag in given and not ok:
             raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs}; "
@@ -517,6 +551,20 @@ def run_folder(path):
 # -----------------------------------------------------------------------------
 # Run setup
 
+def run_labels(cfg):
+    """A conditional run's labels -> (train, test, info); records info ({attribute: values}) in
+    cfg["labels"] (config.json), which facegen.py rebuilds the nets from. A resume must find the
+    same attributes and values."""
+    try:
+        train_y, test_y, info = data.run_labels(cfg)
+    except data.DataError as e:
+        raise UsageError(str(e))
+    if cfg.get("labels", info) != info:
+        raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
+    cfg["labels"] = info
+    return train_y, test_y, info
+
+
 class Run:
     """Everything one training run holds: config, nets, optimizers, data, counters.
 
@@ -548,12 +596,15 @@ class Run:
                 torch.cuda.set_device(self.device)
         self.main = self.rank == 0
         resolve_speed(cfg, self.device, say=self.main)  # unset speed switches: this device's fastest
+        # --- labels of a conditional run first: the nets' input sizes depend on the classes
+        labels = run_labels(cfg) if cfg["conditional"] else None
         # --- nets and optimizers (nets first: an unsupported image size is refused before any data is decoded)
         torch.manual_seed(cfg["seed"])
         try:
             self.nets = models.build_model(cfg["model"], image_size=tuple(cfg["image_size"]),
                                            latent_dim=cfg["latent_dim"], arch=cfg["arch"],
-                                           critic_norm=cfg["critic_norm"]).to(self.device)
+                                           critic_norm=cfg["critic_norm"],
+                                           classes=models.label_classes(cfg.get("labels"))).to(self.device)
         except ValueError as e:
             raise UsageError(str(e))
         per_rank = cfg["batch_size"] // self.world
@@ -581,14 +632,19 @@ class Run:
                                      f"the held-out images give the test loss and the pictures; use more images")
         except data.DataError as e:
             raise UsageError(str(e))
+        train_y, test_y = labels[:2] if labels else (None, None)
         self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
-                                    jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world)
+                                    jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world,
+                                    labels=train_y)
         self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
-                                         device=self.device, drop_last=False)
-        # --- the fixed z and test images of the per-epoch pictures (a private generator)
+                                         device=self.device, drop_last=False, labels=test_y)
+        # --- the fixed z and test images of the per-epoch pictures (a private generator);
+        # conditional: the samples take the labels of the first 64 test images, in turn
         gen = torch.Generator().manual_seed(cfg["seed"] + 1)
         self.fixed_z = torch.randn(64, self.latent_dim, generator=gen).to(self.device)
-        self.fixed_x = next(iter(self.test_batches.epoch(0)))[:8] if len(test) else None
+        x, y = pair(next(iter(self.test_batches.epoch(0))))
+        self.fixed_x, self.fixed_y = x[:8], None if y is None else y[:8]
+        self.sample_y = None if test_y is None else test_y[torch.arange(64) % len(test_y)].to(self.device)
         # --- counters, meters, the NaN watch, signals
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
         self.meter, self.meter_n = {}, 0
@@ -985,8 +1041,8 @@ def test_losses(run):
     totals, n = {}, 0
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(cfg["seed"])
-        for x in run.test_batches.epoch(0):
-            loss, recon, kl = elbo_terms(cfg, x, *vae(x))
+        for x, y in map(pair, run.test_batches.epoch(0)):
+            loss, recon, kl = elbo_terms(cfg, x, *vae(x, None, y))
             terms = {"test_loss": loss, "test_recon": recon, "test_kl": kl}
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * x.shape[0]
@@ -1003,11 +1059,12 @@ def write_pictures(run, epoch):
     nets.eval()
     with torch.no_grad():
         decode = models.generator(nets)
-        data.save_grid(decode(run.fixed_z).float().cpu(), os.path.join(run.out, "samples", f"epoch_{epoch:03d}.png"))
+        data.save_grid(decode(run.fixed_z, run.sample_y).float().cpu(),
+                       os.path.join(run.out, "samples", f"epoch_{epoch:03d}.png"))
         if "vae" in nets:
-            x = run.fixed_x
-            mu, _ = nets["vae"].encode(x)
-            x_hat = nets["vae"].decode(mu)
+            x, y = run.fixed_x, run.fixed_y
+            mu, _ = nets["vae"].encode(x, y)
+            x_hat = nets["vae"].decode(mu, y)
             data.save_grid(torch.cat([x, x_hat]).float().cpu(), os.path.join(run.out, "recon", f"epoch_{epoch:03d}.png"),
                            nrow=x.shape[0])
     nets.train(was_training)
@@ -1203,6 +1260,8 @@ def benchmark(cfg, rounds=3):
     where there is no native bf16 (it would train in fp32); a hopeless switch is dropped."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("--benchmark runs in one process; time DDP with a torchrun --max-steps run")
+    if cfg["conditional"]:
+        raise UsageError("--benchmark times the unconditional models; drop --conditional")
     base = Timed(dict(cfg, **BASELINE))
     device = base.run.device
     steps = cfg["bench_steps"] or (20 if device.type == "cuda" else 3)

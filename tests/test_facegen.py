@@ -400,3 +400,47 @@ def test_evaluate_writes_a_finite_report(runs, model, capsys):
         assert "bits/dim" in out
     else:
         assert "likelihood" not in r and "bits/dim" not in out
+
+
+# -----------------------------------------------------------------------------
+# Conditional runs: sample --label, the attribute grid, measured control
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cond") / "cvae"
+    assert train.main(["--model", "vae-lrelu", "--conditional", "--epochs", "1", "--out", str(out), "--image-size", "32",
+                       "--n-synthetic", "64", "--batch-size", "16", "--quiet"]) == 0
+    return out
+
+
+def test_attribute_grid_rows_are_the_values_and_columns_the_same_z(cond_run, tmp_path):
+    out = tmp_path / "a.png"
+    assert run_cli("attributes", cond_run, "--attr", "hair", "--n", "3", "--label", "glasses=yes", "--out", out) == 0
+    t = tiles(out, 5, 3)
+    nets, _ = facegen.load_run(cond_run)
+    z = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    for r in range(5):                                   # row r: hair value r, glasses yes, beard no
+        want = facegen.decode(nets, z, torch.tensor([[r, 1, 0]] * 3))
+        for c in range(3):
+            assert np.abs(t[r, c].astype(int) - uint8_hwc(want[c]).astype(int)).max() <= 1, (r, c)
+
+
+def test_sample_label_is_checked_against_the_runs_labels(cond_run, runs, tmp_path, capsys):
+    assert run_cli("sample", cond_run, "--n", "4", "--label", "beard=yes", "--out", tmp_path / "s.png") == 0
+    assert Image.open(tmp_path / "s.png").size == grid_size(4, 8)
+    assert run_cli("sample", cond_run, "--label", "hair=pink", "--out", tmp_path / "x.png") == 2
+    assert run_cli("sample", runs["dcgan"], "--label", "hair=blond", "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err
+    assert "hair=dark|brown|blond|grey|colourful" in err and "needs a conditional run" in err
+
+
+def test_control_reports_real_and_generated_accuracy_per_value(cond_run, tmp_path):
+    out = tmp_path / "control.json"
+    assert run_cli("control", cond_run, "--n", "4", "--epochs", "1", "--out", out) == 0
+    r = json.loads(out.read_text())
+    assert list(r["attributes"]) == ["hair", "glasses", "beard"]
+    hair = r["attributes"]["hair"]
+    assert list(hair["values"]) == ["dark", "brown", "blond", "grey", "colourful"]
+    gen = [v["generated"] for v in hair["values"].values()]
+    assert all(0 <= g <= 1 and g * 4 == round(g * 4) for g in gen)       # shares of 4 faces
+    assert hair["generated_balanced"] == pytest.approx(sum(gen) / 5)

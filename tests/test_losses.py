@@ -12,8 +12,8 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence as tor
 from torch.testing import assert_close
 
 import losses
-from losses import (GAN_LOSSES, critic_gen_loss, critic_loss, d_loss, d_loss_ls, elbo_loss, g_loss,
-                    g_loss_ls, gaussian_nll, gradient_penalty, kl_divergence, mse_recon)
+from losses import (GAN_LOSSES, critic_gen_loss, critic_loss, d_loss, d_loss_hinge, d_loss_ls, elbo_loss,
+                    g_loss, g_loss_hinge, g_loss_ls, gaussian_nll, gradient_penalty, kl_divergence, mse_recon)
 
 D64 = torch.float64
 ZERO = torch.tensor(0.0, dtype=D64)
@@ -196,7 +196,24 @@ def test_wasserstein_losses_and_signs():
 
 def test_gan_losses_table():
     assert GAN_LOSSES == {"bce": (d_loss, g_loss), "ls": (d_loss_ls, g_loss_ls),
-                          "wasserstein": (critic_loss, critic_gen_loss)}
+                          "wasserstein": (critic_loss, critic_gen_loss), "hinge": (d_loss_hinge, g_loss_hinge)}
+
+
+def test_hinge_losses_match_torch_hinge_embedding_loss_and_a_loop():
+    g = gen(9)
+    real, fake = 2 * randn(g, 64), 2 * randn(g, 48)
+    # nn.HingeEmbeddingLoss with target −1 is max(0, margin − s): margin 1 on s = D(x) and on s = −D(x̃)
+    hinge = nn.HingeEmbeddingLoss(margin=1.0)
+    ref = hinge(real, -torch.ones_like(real)) + hinge(-fake, -torch.ones_like(fake))
+    assert_close(d_loss_hinge(real, fake), ref)
+    loop = sum(max(0.0, 1 - r) for r in real.tolist()) / 64 + sum(max(0.0, 1 + f) for f in fake.tolist()) / 48
+    assert_close(d_loss_hinge(real, fake).item(), loop)
+    assert_close(g_loss_hinge(fake), -fake.mean())
+    # beyond the margin nothing is learned: real scores > 1 and fake scores < −1 cost 0, gradient 0
+    r, f = torch.tensor([1.5, 3.0], requires_grad=True), torch.tensor([-1.2, -4.0], requires_grad=True)
+    loss = d_loss_hinge(r, f)
+    loss.backward()
+    assert loss.item() == 0 and r.grad.abs().sum() == 0 and f.grad.abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 import models as M
@@ -97,7 +98,7 @@ def test_bad_names_and_options_raise():
 
 def test_registries_cover_every_model_and_int_size_and_latent_override():
     assert set(FAMILY) == set(DEFAULT_LATENT) == set(MODELS)
-    assert DEFAULT_ARCH == {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002"}
+    assert DEFAULT_ARCH == {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
     assert all((64, 64) in supported_sizes(n) and (32, 32) in supported_sizes(n) for n in MODELS)
     assert (64, 48) in supported_sizes("vae-in") and (32, 24) in supported_sizes("vae-in")
     models = build_model("vae-lrelu", 32, latent_dim=16)                 # int size == (32, 32)
@@ -358,9 +359,100 @@ def _readme_row(name):
 @pytest.mark.parametrize("name,size,kwargs", [
     ("vae", 64, {}), ("vae", 64, {"latent_dim": 512}), ("vae-vgg", 64, {}), ("vae-in", (64, 48), {}),
     ("ae", 64, {}), ("vae-lrelu", 64, {}), ("dcgan", 64, {"arch": "classic"}), ("dcgan", 64, {"arch": "seed002"}),
-    ("wgan", 64, {}), ("wgan-gp", 64, {"critic_norm": "none"}), ("vaegan", 64, {}),
+    ("wgan", 64, {}), ("wgan-gp", 64, {"critic_norm": "none"}), ("vaegan", 64, {}), ("sngan", 64, {}),
 ])
 def test_readme_parameter_counts(name, size, kwargs):
     """Every count the README's Models table quotes is what build_model builds (all nets)."""
     n = count_params(build_model(name, size, **kwargs))
     assert f"{n:,}" in _readme_row(name), (name, kwargs, f"{n:,}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral normalisation (SN-GAN)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 16, 4, 2, 1), nn.Linear(20, 12)])
+def test_spectral_norm_power_iteration_matches_matrix_2_norm(layer):
+    torch.manual_seed(0)
+    sn = M.SpectralNorm(layer)
+    W = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    exact = torch.linalg.matrix_norm(W, ord=2)
+    x = torch.randn(2, 8, 8, 8) if isinstance(layer, nn.Conv2d) else torch.randn(2, 20)
+    for _ in range(100):                        # one power-iteration step per training forward
+        sn(x)
+    torch.testing.assert_close(sn.sigma().detach(), exact, rtol=1e-4, atol=0)
+    # the layer it computes uses W / σ(W): spectral norm 1, and the map matches F.conv2d / F.linear with it
+    sn.eval()
+    w_sn = layer.weight / sn.sigma()
+    assert abs(torch.linalg.matrix_norm(w_sn.detach().reshape(len(w_sn), -1), ord=2).item() - 1) < 1e-3
+    ref = (F.conv2d(x, w_sn, layer.bias, 2, 1) if isinstance(layer, nn.Conv2d) else F.linear(x, w_sn, layer.bias))
+    torch.testing.assert_close(sn(x), ref)
+    u = sn.u.clone()
+    sn(x)
+    assert torch.equal(sn.u, u)                 # eval: the estimate is frozen
+
+
+def test_spectral_norm_gradient_is_the_papers_u_v_transpose():
+    # with u held constant, dσ/dW = u vᵀ (Miyato et al. 2018, eq. 12's first term)
+    torch.manual_seed(1)
+    sn = M.SpectralNorm(nn.Linear(6, 5)).eval()
+    W = sn.layer.weight
+    sigma = sn.sigma()
+    (g,) = torch.autograd.grad(sigma, W)
+    v = W.detach().t() @ sn.u
+    v = v / v.norm()
+    torch.testing.assert_close(g, torch.outer(sn.u, v))
+
+
+def test_sngan_discriminator_is_spectrally_normalised_without_batchnorm():
+    nets = build_model("sngan", 32)
+    D = nets["D"]
+    sns = [m for m in D if isinstance(m, M.SpectralNorm)]
+    assert len(sns) == 4 and not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+    assert all(k.endswith(".u") for k in D.state_dict() if "layer" not in k)   # u buffers are checkpointed
+    assert D(torch.zeros(3, 3, 32, 32)).shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional models: concatenated labels in G / the decoder / the encoder, a projection D
+# ---------------------------------------------------------------------------------------------
+
+CLASSES = (5, 2, 2)
+
+
+def test_projection_discriminator_adds_the_label_embeddings_inner_product():
+    torch.manual_seed(0)
+    D = build_model("sngan", 32, classes=CLASSES)["D"].eval()
+    with torch.no_grad():
+        D.embed.normal_()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([[0, 1, 0], [4, 0, 1], [2, 1, 1], [0, 0, 0]])
+    phi = nn.Sequential(*list(D)[:-1])(x)                       # φ(x): C x 4 x 4
+    psi = list(D)[-1](phi).flatten()                            # ψ(φ(x))
+    V = D.embed.detach()
+    rows = [V[y[i, 0]] + V[5 + y[i, 1]] + V[7 + y[i, 2]] for i in range(4)]   # one row per attribute value
+    ref = psi + torch.stack([r @ phi[i].sum((1, 2)) for i, r in enumerate(rows)])
+    assert_close(D(x, y), ref, rtol=1e-5, atol=1e-4)
+    # V = 0 (as built): D(x, y) is the unconditional score for every label
+    D0 = build_model("sngan", 32, classes=CLASSES)["D"].eval()
+    assert_close(D0(x, y), nn.Sequential(*list(D0))(x).flatten())
+
+
+def test_conditional_generator_and_cvae_use_the_label():
+    torch.manual_seed(0)
+    nets = build_model("dcgan", 32, classes=CLASSES).eval()
+    z = torch.randn(2, 100)
+    a, b = torch.tensor([[0, 0, 0]] * 2), torch.tensor([[3, 1, 1]] * 2)
+    assert M.one_hot(b, CLASSES).tolist() == [[0, 0, 0, 1, 0, 0, 1, 0, 1]] * 2
+    assert not torch.allclose(nets["G"](z, a), nets["G"](z, b))
+    vae = build_model("vae-lrelu", 32, classes=CLASSES)["vae"].eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(vae.encode(x, a)[0], vae.encode(x, b)[0])              # q(z|x, y)
+    assert not torch.allclose(vae.decode(z.new_zeros(2, 128), a), vae.decode(z.new_zeros(2, 128), b))
+    # unconditional models are untouched: same parameters as before, y ignored
+    assert count_params(build_model("dcgan", 32)) < count_params(build_model("dcgan", 32, classes=CLASSES))
+
+
+def test_classifier_reads_one_logit_vector_per_attribute():
+    clf = M.Classifier((32, 32), CLASSES)
+    out = clf(torch.zeros(3, 3, 32, 32))
+    assert [o.shape for o in out] == [(3, 5), (3, 2), (3, 2)]

@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 
+import data
 import losses
 import models
 import train
 
 SIZE = {"vae-in": "32x24"}  # smallest supported size per model; 32x32 otherwise
 AUTOENCODERS = ["vae", "vae-vgg", "vae-in", "ae", "vae-lrelu"]
-ALL = AUTOENCODERS + ["dcgan", "wgan", "wgan-gp", "vaegan"]
+ALL = AUTOENCODERS + ["dcgan", "wgan", "wgan-gp", "vaegan", "sngan"]
 
 
 def run_train(out, model, *extra):
@@ -65,7 +66,8 @@ SEEDS = {  # SPEC "Models" / README: each seed's hyperparameters, as resolved wi
                  batch_size=128, gp_weight=0.0),
     "wgan-gp": dict(arch="seed002", gan_loss="wasserstein", critic_norm="none", optimizer="adam", lr=1e-4,
                     betas=(0.0, 0.9), n_critic=5, gp_weight=10.0, batch_size=128, clip=0.0),
-    "vaegan": dict(recon="mse", kl_weight=0.01, gan_loss="bce", latent_dim=128),
+    "vaegan": dict(recon="mse", kl_weight=0.01, gan_loss="bce", latent_dim=128, adv_weight=1.0),
+    "sngan": dict(gan_loss="hinge", lr=2e-4, betas=(0.5, 0.999), n_critic=1, latent_dim=128),
 }
 
 
@@ -113,7 +115,8 @@ def rows_without_timing(path):
 # ae: flip + colour jitter (augmentation RNG); wgan: RMSProp + clipping;
 # wgan-gp: the penalty's eps; vaegan: two nets, noise decoded outside the VAE's forward
 @pytest.mark.parametrize("model,extra", [("ae", []), ("wgan", ["--n-critic", "2"]),
-                                         ("wgan-gp", ["--n-critic", "2"]), ("vaegan", [])])
+                                         ("wgan-gp", ["--n-critic", "2"]), ("vaegan", []), ("sngan", []),
+                                         ("sngan", ["--conditional"])])
 def test_resume_is_bitwise_exact(tmp_path, model, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     small = ["--n-synthetic", "50"]  # 40 training images: 5 batches an epoch
@@ -385,3 +388,59 @@ def test_benchmark_smoke(tmp_path, capsys):
     rates = [float(line.split()[0]) for line in text.splitlines() if "img/s" in line and line.strip()[0].isdigit()]
     assert rates and all(r > 0 and math.isfinite(r) for r in rates), text
     assert not (out / "last.pt").exists()  # a benchmark trains no run
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional models, the VAE-GAN's adversarial weight
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["sngan", "vae-lrelu", "vaegan", "wgan-gp"])
+def test_conditional_smoke_every_family(tmp_path, model):
+    out = tmp_path / model
+    extra = ["--n-critic", "1"] if model == "wgan-gp" else []
+    argv = ["--model", model, "--conditional", "--image-size", "32", "--n-synthetic", "64", "--batch-size", "8",
+            "--max-steps", "2", "--epochs", "1", "--out", str(out), "--quiet", *extra]
+    assert train.main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["labels"] == {"hair": ["dark", "brown", "blond", "grey", "colourful"],
+                             "glasses": ["no", "yes"], "beard": ["no", "yes"]}
+    nets = models.build_model(model, 32, classes=models.label_classes(cfg["labels"]))
+    nets.load_state_dict(weights(out / "last.pt"))               # the conditional nets, exactly
+
+
+def test_conditional_steps_see_the_labels_of_their_batch(tmp_path, monkeypatch):
+    seen, real_step = [], train.critic_step
+
+    def spy(run, x, y):
+        seen.append((x, y))
+        return real_step(run, x, y)
+
+    monkeypatch.setattr(train, "critic_step", spy)
+    assert run_train(tmp_path / "c", "sngan", "--conditional", "--max-steps", "2") == 0
+    train_y = data.run_labels(json.loads((tmp_path / "c" / "config.json").read_text()))[0]
+    for x, y in seen:
+        assert y.shape == (8, 3) and y.dtype == torch.long
+    batches = data.Batches(data.run_data(json.loads((tmp_path / "c" / "config.json").read_text()))[0], 8,
+                           seed=0, labels=train_y)
+    for (x, y), (bx, by) in zip(seen, batches.epoch(0)):        # the rows of the data's own batches
+        assert torch.equal(x, bx) and torch.equal(y, by)
+
+
+def test_conditional_flags_are_refused_where_they_mean_nothing(tmp_path, capsys):
+    assert train.main(["--model", "dcgan", "--attr-file", "x.txt"]) == 2
+    assert train.main(["--model", "dcgan", "--adv-weight", "10"]) == 2
+    assert train.main(["--model", "sngan", "--conditional", "--attrs", "Smiling", "--attr-file", "x.txt",
+                       "--image-size", "32", "--n-synthetic", "64", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--attr-file only applies with --conditional" in err and "does not use --adv-weight" in err
+    assert "synthetic faces carry their own labels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("w", [0.0, 50.0])
+def test_vaegan_adv_weight_scales_only_the_adversarial_term(tmp_path, w):
+    out = tmp_path / f"w{w}"
+    assert run_train(out, "vaegan", "--max-steps", "3", "--adv-weight", str(w)) == 0
+    row = next(csv.DictReader(open(out / "metrics.csv")))
+    loss, adv, recon, kl = (float(row[k]) for k in ("loss", "adv", "recon", "kl"))
+    # epoch means are linear: mean(loss) = w·mean(adv) + mean(recon) + β·mean(kl), β = 0.01 (seed 003)
+    assert loss == pytest.approx(w * adv + recon + 0.01 * kl, rel=1e-4)

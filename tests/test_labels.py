@@ -1,0 +1,113 @@
+"""Labels for conditional models: the synthetic faces' factors, subfolder names (ImageFolder), a
+CelebA-style attribute file; labels stay with their images through the cache, the split and
+Batches (exact mid-epoch resume, data-parallel slicing)."""
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+SIZE = (8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
+
+
+def _put(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (10, 10), (value, value, value)).save(path)
+
+
+def test_synthetic_labels_are_the_factors_drawn_and_leave_the_pixels_alone(tmp_path):
+    x, f = data.synthetic_faces(40, (32, 32), seed=0, factors=True)
+    assert torch.equal(x, data.synthetic_faces(40, (32, 32), seed=0))     # recording draws nothing
+    assert f.shape == (40, 3) and f[:, 0].max() < len(data.HAIR_GROUPS) and set(f[:, 1:].flatten().tolist()) <= {0, 1}
+    assert len(set(f[:, 0].tolist())) >= 4 and f[:, 1].any()              # varied
+    # glasses: a face with glasses differs from the same face drawn without them (independent check)
+    i = int(f[:, 1].nonzero()[0])
+    rng = __import__("random").Random(f"facegen-face/0/{i}")
+    face = data._draw_face(rng, 128)
+    assert face.glasses and face.hair_group == f[i, 0]
+    y, info = data.load_labels(None, (32, 32), n_synthetic=40, seed=0)
+    assert torch.equal(y, f) and list(info) == ["hair", "glasses", "beard"]
+    y2, _ = data.load_labels("synthetic", (32, 32), n_synthetic=40, seed=0)  # from the cache
+    assert torch.equal(y2, f)
+
+
+def test_folder_labels_follow_imagefolder_and_skip_what_was_skipped(tmp_path):
+    root = tmp_path / "faces"
+    _put(root / "smiling" / "a.png", 10)
+    _put(root / "smiling" / "deep" / "b.png", 20)
+    _put(root / "neutral" / "c.png", 30)
+    (root / "neutral" / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1"):
+        x = data.load_images(root, SIZE, verbose=False)
+        y, info = data.load_labels(root, SIZE)
+    assert info == {"class": ["neutral", "smiling"]} and len(y) == len(x) == 3
+    # rows in file-name order: neutral/c, smiling/a, smiling/deep/b
+    assert y[:, 0].tolist() == [0, 1, 1] and x[:, 0, 0, 0].tolist() == [30, 10, 20]
+    zpath = tmp_path / "faces.zip"
+    with zipfile.ZipFile(zpath, "w") as z:                       # one top folder: stripped
+        for p in sorted(root.rglob("*.png")):
+            z.write(p, "top/" + str(p.relative_to(root)))
+    with pytest.warns(UserWarning):
+        yz, infoz = data.load_labels(zpath, SIZE)
+    assert torch.equal(yz, y) and infoz == info
+    _put(root / "loose.png", 40)
+    with pytest.raises(data.DataError, match="class folder"):
+        data.load_labels(root, SIZE)
+
+
+def test_celeba_attribute_file_picks_columns_by_name(tmp_path):
+    root = tmp_path / "img_align_celeba"
+    for i, v in enumerate([10, 20, 30], 1):
+        _put(root / f"00000{i}.jpg", v)
+    attr = tmp_path / "list_attr_celeba.txt"
+    attr.write_text("3\n5_o_Clock_Shadow Male Smiling\n000001.jpg -1  1 -1\n000002.jpg  1 -1  1\n"
+                    "000003.jpg -1 -1  1\n")
+    y, info = data.load_labels(root, SIZE, attr_file=attr, attrs=["Smiling", "Male"])
+    assert info == {"Smiling": ["no", "yes"], "Male": ["no", "yes"]}
+    assert y.tolist() == [[0, 1], [1, 0], [1, 0]]
+    assert data.load_labels(root, SIZE, attr_file=attr)[0].shape == (3, 3)   # default: every column
+    with pytest.raises(data.DataError, match="Bald"):
+        data.load_labels(root, SIZE, attr_file=attr, attrs=["Bald"])
+    attr.write_text("3\nSmiling\n000001.jpg 1\n000002.jpg -1\n")
+    with pytest.raises(data.DataError, match="no valid row"):
+        data.load_labels(root, SIZE, attr_file=attr)
+
+
+def test_run_labels_split_like_run_data():
+    cfg = dict(data=None, image_size=[32, 32], n_synthetic=30, seed=5, test_fraction=0.2)
+    (train_x, test_x), (train_y, test_y, _) = data.run_data(cfg), data.run_labels(cfg)
+    x, y = data.synthetic_faces(30, (32, 32), seed=5, factors=True)
+    tr, te = data.split_indices(30, 0.2, 5)
+    assert torch.equal(train_x, x[tr]) and torch.equal(train_y, y[tr]) and torch.equal(test_y, y[te])
+
+
+def _id_images(n):
+    return torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 3, 4, 4).clone()
+
+
+def _ids(x):
+    return ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
+
+
+def test_batches_keep_labels_with_their_images_on_resume_and_across_ranks():
+    imgs, labels = _id_images(50), torch.arange(50)[:, None] * torch.tensor([[1, 2]])
+    kw = dict(seed=3, flip=True, labels=labels)   # a flip keeps the uniform images readable
+    full = list(data.Batches(imgs, 8, **kw).epoch(2))
+    for x, y in full:
+        assert torch.equal(y, _ids(x)[:, None] * torch.tensor([[1, 2]]))      # row for row
+    resumed = list(data.Batches(imgs, 8, **kw).epoch(2, start=4))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(full[4:], resumed, strict=True))
+    r0 = list(data.Batches(imgs, 8, rank=0, world_size=2, **kw).epoch(2))
+    r1 = list(data.Batches(imgs, 8, rank=1, world_size=2, **kw).epoch(2))
+    for (x, y), (x0, y0), (x1, y1) in zip(full, r0, r1, strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    assert all(isinstance(x, torch.Tensor) for x in data.Batches(imgs, 8).epoch(0))   # no labels: x alone
+    with pytest.raises(ValueError):
+        data.Batches(imgs, 8, labels=labels[:10])
