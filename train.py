@@ -180,7 +180,7 @@ def gan_step(run, batches):
 def score_stats(cfg, d_real, d_fake):
     """What D says of the batch: the Wasserstein estimate E[D(x)] − E[D(x̃)] (critic), the mean
     probabilities σ(D(x)), σ(D(x̃)) (bce: scores are logits), or the mean raw scores (ls: the
-    targets are 1 for real, 0 for fake; LSGAN scores are not logits)."""
+    targets are 1 for real, 0 for fake; hinge: the margins are +1, −1; neither are logits)."""
     if cfg["gan_loss"] == "wasserstein":
         return {"wasserstein": d_real.mean() - d_fake.mean()}
     p = torch.sigmoid if cfg["gan_loss"] == "bce" else (lambda s: s)
@@ -351,6 +351,7 @@ def loss_units(cfg):
     d_loss, g_loss, score = {
         "bce": ("BCE, nats (real + fake)", "BCE -log D(G(z)), nats", "sigmoid(score), probability"),
         "ls": ("squared error (real + fake)", "squared error (D(G(z)) - 1)^2", "raw score (targets 1, 0)"),
+        "hinge": ("E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]", "-E[D(G(z))], score units", "raw score (margins +1, -1)"),
         "wasserstein": ("E[D(G(z))] - E[D(x)]" + (" + lambda GP" if cfg["gp_weight"] else "") + ", critic units",
                         "-E[D(G(z))], critic units", None)}[cfg["gan_loss"]]
     units.update(loss_d=d_loss, loss_g=g_loss)

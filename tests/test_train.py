@@ -213,7 +213,7 @@ def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator
     monkeypatch.setitem(train.STEPS, "wasserstein", spy_gan)
     assert run_train(tmp_path / "w", "wgan-gp", "--n-critic", "3", "--max-steps", "2") == 0
     assert calls == ["D", "D", "D", "G"] * 2
-    assert all(len(xs) == 3 and not torch.equal(xs[0], xs[1]) for xs in batches)
+    assert all(len(xs) == 3 and not torch.equal(xs[0][0], xs[1][0]) for xs in batches)  # (x, y) pairs
 
 
 def spy_run(monkeypatch, setup):
