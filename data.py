@@ -440,9 +440,9 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
     with pillow as small multiples: one panel per term, titled with its quantity and unit
     (units: {term: label}), its own y axis (log when a positive term spans over 1.5 decades: a
     VAE's NLL falls 100x), x in optimizer steps with the epoch ends as grey lines. Train terms
-    are drawn from the points when there are any (else from the epoch means), test terms
-    (per epoch) beside them; D(x) shares a panel with D(G(z)). No plotting library: the design
-    card allows torch, numpy and pillow."""
+    are drawn from the points when there are as many as epochs (else from the epoch means),
+    test terms (per epoch) beside them; D(x) shares a panel with D(G(z)). No plotting library:
+    the design card allows torch, numpy and pillow."""
     units, points, f = units or {}, list(points), font(11)
     skip = {"epoch", "step", "images_per_s", "seconds"}
     has = lambda rs, k: rs and all(r.get(k, "") not in ("", None) for r in rs)
@@ -452,7 +452,8 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
     for k in keys:  # test_recon joins recon; D(G(z)) joins D(x)
         base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
         groups.setdefault(base if base in keys else k, []).append(k)
-    series = {k: [(float(r["step"]), float(r[k])) for r in (points if has(points, k) else rows)] for k in keys}
+    dense = lambda k: has(points, k) and len(points) >= len(rows)  # the points, unless sparser than epochs
+    series = {k: [(float(r["step"]), float(r[k])) for r in (points if dense(k) else rows)] for k in keys}
     ends = [float(r["step"]) for r in rows]
     every = int(points[1]["step"]) - int(points[0]["step"]) if len(points) > 1 else "N"
     xs = [x for k in keys for x, _ in series[k]] + ends
@@ -492,11 +493,11 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
             c = colours[j % len(colours)]
             pts = [(px(x), py(v)) for x, v in series[k] if math.isfinite(v)]
             if len(pts) > 1:
-                d.line(pts, fill=c, width=1 if has(points, k) else 2)
-            if not has(points, k) or len(pts) == 1:
+                d.line(pts, fill=c, width=1 if dense(k) else 2)
+            if not dense(k) or len(pts) == 1:
                 for x, y in pts:
                     d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=c)
-            how = f"mean of {every} steps" if has(points, k) else "per epoch"
+            how = f"mean of {every} steps" if dense(k) else "per epoch"
             d.line([right + 8, top + 8 + 28 * j, right + 26, top + 8 + 28 * j], fill=c, width=3)
             d.text((right + 31, top + 2 + 28 * j), f"{k}\n{how}", fill="black", font=f, spacing=1)
     d.text(((left + right) // 2, img.height - 2), "optimizer step (grey lines: epoch ends)",

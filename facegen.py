@@ -7,6 +7,7 @@
     python facegen.py pca runs/vae-lrelu --serve          # seed 003's latent PCA GUI (fig 17)
     python facegen.py gif runs/dcgan --hold-last-ms 3000  # seed 000's "learning fast forward"
     python facegen.py evaluate runs/vae                   # bits/dim, IW bound, SWD, copying check
+    python facegen.py gallery runs/gallery/* --out docs --readme README.md   # the README's Results
     python facegen.py sample runs/c --label hair=blond     # conditional runs: requested labels
     python facegen.py attributes runs/c --attr glasses    # rows = attribute values, columns = same z
     python facegen.py control runs/c                      # classifier accuracy on generated faces
@@ -1234,9 +1235,10 @@ def cmd_gallery(args):
     if args.readme:
         with open(args.readme) as f:
             text = f.read()
-        start, end = text.find("<!-- gallery -->"), text.find("<!-- /gallery -->")
-        if start < 0 or end < start:
-            raise UsageError(f"{args.readme} has no <!-- gallery --> ... <!-- /gallery --> block")
+        start = text.find("\n<!-- gallery -->\n") + 1  # markers on lines of their own
+        end = text.find("\n<!-- /gallery -->", start) + 1
+        if not 0 < start < end:
+            raise UsageError(f"{args.readme} has no <!-- gallery --> ... <!-- /gallery --> block (each on its own line)")
         block = gallery_markdown(entries, args.out, os.path.dirname(os.path.abspath(args.readme)), machine_text)
         with open(args.readme, "w") as f:
             f.write(text[:start] + "<!-- gallery -->\n" + block + text[end:])
