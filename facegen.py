@@ -843,9 +843,8 @@ def cmd_pca(args):
     train_images, test_images = run_images(cfg) if "vae" in nets else (None, None)
     mean, components, sigma = fit_pca(nets, train_images, seed=args.seed)
     K = min(args.components, len(sigma))
-    coeffs = torch.zeros(K, args.steps, K)
-    coeffs[torch.arange(K), :, torch.arange(K)] = torch.linspace(-args.range, args.range, args.steps)
-    path = save(decode(nets, from_pca(mean, components, sigma, coeffs.flatten(0, 1))), args, "pca.png", args.steps)
+    images, rows, cols = pca_traversal(nets, (mean, components, sigma), K, args.steps, args.range)
+    path = save(images, args, "pca.png", args.steps, row_labels=rows, col_labels=cols)
     about = explorer_about(args.run, cfg, None if train_images is None else len(train_images), len(mean))
     if train_images is None:
         print(about["basis"])
