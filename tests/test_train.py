@@ -115,8 +115,8 @@ def rows_without_timing(path):
 # ae: flip + colour jitter (augmentation RNG); wgan: RMSProp + clipping;
 # wgan-gp: the penalty's eps; vaegan: two nets, noise decoded outside the VAE's forward
 @pytest.mark.parametrize("model,extra", [("ae", []), ("wgan", ["--n-critic", "2"]),
-                                         ("wgan-gp", ["--n-critic", "2"]), ("vaegan", []), ("sngan", []),
-                                         ("sngan", ["--conditional"])])
+                                         ("wgan-gp", ["--n-critic", "2"]), ("vaegan", []),
+                                         ("sngan", ["--conditional"])])  # sngan: the spectral norm's u buffers and the labels
 def test_resume_is_bitwise_exact(tmp_path, model, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     small = ["--n-synthetic", "50"]  # 40 training images: 5 batches an epoch
