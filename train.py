@@ -1100,6 +1100,8 @@ def main(argv=None):
         handlers = catch_signals(run)
         try:
             train(run)
+            if run.world > 1:  # rank 0 writes the last pictures: no rank tears gloo/NCCL down before it ends
+                torch.distributed.barrier()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
             if len(run.stop) > 1:  # a second signal: the step was cut short, keep the last checkpoint
                 print(f"\ninterrupted twice; {run.out}/last.pt holds the last checkpoint", file=sys.stderr)

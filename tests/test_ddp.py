@@ -403,6 +403,7 @@ GP_WORKER = textwrap.dedent(r"""
     loss = loss + 10.0 * losses.gradient_penalty(critic, real[mine], fake[mine])
     loss.backward()
     torch.save({k: p.grad for k, p in D.named_parameters()}, f"{sys.argv[2]}/grad{rank}.pt")
+    torch.distributed.barrier()                # no rank tears gloo down while the other still talks
     torch.distributed.destroy_process_group()
 """)
 
