@@ -524,7 +524,8 @@ def epoch_frames(folder):
 def save_gif(frames, path, duration_ms=200, loop=0):
     """Animated GIF from image paths or PIL images (e.g. epoch_frames(...): the 'fast forward').
     duration_ms: one number, or one per frame. A frame that cannot be read (corrupt, not a
-    regular file, not an image) is skipped with one warning; DataError when none is left."""
+    regular file, not an image) is skipped with one warning; DataError when none is left.
+    Returns the number of frames written."""
     durations = duration_ms if isinstance(duration_ms, (list, tuple)) else None
     imgs, kept, bad = [], [], []
     for i, f in enumerate(frames):
@@ -545,6 +546,7 @@ def save_gif(frames, path, duration_ms=200, loop=0):
     imgs = [im if im.size == imgs[0].size else im.resize(imgs[0].size, _RESAMPLE) for im in imgs]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=duration_ms, loop=loop)
+    return len(imgs)
 
 
 # =============================================================================================

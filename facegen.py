@@ -870,8 +870,8 @@ def cmd_gif(args):
     if not frames:
         raise UsageError(f"no samples/epoch_NNN.png in {folder}")
     path = out_path(args, "progress.gif")
-    data.save_gif(frames, path, duration_ms=[args.duration_ms] * (len(frames) - 1) + [args.hold_last_ms])
-    print(f"wrote {path} ({len(frames)} frames)")
+    kept = data.save_gif(frames, path, duration_ms=[args.duration_ms] * (len(frames) - 1) + [args.hold_last_ms])
+    print(f"wrote {path} ({kept} frames)")
     return path
 
 

@@ -1130,7 +1130,8 @@ def main(argv=None):
             os.close(lock)  # releases the run folder
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    print(f"done: {run.out}")
+    if run.main:  # rank 0 speaks for the run
+        print(f"done: {run.out}")
     return 0
 
 
