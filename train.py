@@ -538,7 +538,8 @@ def config_from(args):
               if not same(fresh[k], saved.get(k))]
     if differ:
         raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
-    cfg = dict(saved, resume=args.resume)
+    # a run saved before a flag existed resumes with that flag's default (the old behaviour)
+    cfg = {**fresh, **saved, "resume": args.resume}
     cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
     cfg["out"] = args.out or run_folder(args.resume)  # the folder given, wherever it was copied or moved
     return cfg, state

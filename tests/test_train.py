@@ -175,6 +175,20 @@ def test_resume_refuses_disagreeing_flags(tmp_path, capsys):
     assert "model dcgan" in err and "latent_dim 7" in err and "Traceback" not in err
 
 
+def test_a_run_saved_before_newer_flags_existed_resumes(tmp_path):
+    """Runs made by an older facegen lack later config keys (here --conditional's and
+    --adv-weight's): a resume takes their defaults, which are the old behaviour."""
+    out = tmp_path / "old"
+    assert run_train(out, "wgan-gp", "--max-steps", "1", "--epochs", "2") == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    for k in ("conditional", "attr_file", "attrs", "adv_weight"):
+        del state["config"][k]
+    torch.save(state, out / "last.pt")
+    assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["conditional"] is False
+
+
 @pytest.mark.parametrize("argv", [["--lr", "0"], ["--batch-size", "-1"], ["--epochs", "0"], ["--latent-dim", "0"]])
 def test_invalid_numbers_are_refused(argv):
     with pytest.raises(SystemExit) as e:
