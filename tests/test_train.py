@@ -230,6 +230,27 @@ def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator
     assert all(len(xs) == 3 and not torch.equal(xs[0][0], xs[1][0]) for xs in batches)  # (x, y) pairs
 
 
+@pytest.mark.parametrize("model,updated", [("dcgan", "G"), ("vaegan", "vae")])
+def test_the_generator_update_computes_no_discriminator_gradient(tmp_path, monkeypatch, model, updated):
+    """G's (the VAE-GAN's VAE's) loss passes through D: its backward leaves D's .grad exactly as
+    D's own update left them (computing more would cost ~8 % of a step, for nothing), and gives
+    every parameter of the net it updates a gradient."""
+    real_step, checked = train.optimizer_step, []
+
+    def spy_step(run, name, loss):
+        before = [p.grad.clone() for p in run.nets["D"].parameters()] if name == updated else None
+        norm = real_step(run, name, loss)
+        if before is not None:
+            assert all(torch.equal(p.grad, g) for p, g in zip(run.nets["D"].parameters(), before))
+            assert all(p.grad is not None for p in run.nets[name].parameters())
+            checked.append(name)
+        return norm
+
+    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    assert run_train(tmp_path / model, model, "--max-steps", "2") == 0
+    assert checked == [updated] * 2
+
+
 def spy_run(monkeypatch, setup):
     """Call setup(run) on the Run that train.main builds, before it trains (via train.train)."""
     real = train.train
