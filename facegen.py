@@ -728,7 +728,8 @@ def cmd_attributes(args):
         y[..., j] = v
     y[..., k] = torch.arange(len(values))[:, None]                       # row r: value r
     print(f"rows: {args.attr} = " + ", ".join(values))
-    return save(decode(nets, z.repeat(len(values), 1), y.flatten(0, 1)), args, f"attributes_{args.attr}.png", args.n)
+    return save(decode(nets, z.repeat(len(values), 1), y.flatten(0, 1)), args, f"attributes_{args.attr}.png", args.n,
+                row_labels=[f"{args.attr}={v}" for v in values], title="rows: the label; columns: the same z")
 
 
 def cmd_reconstruct(args):

@@ -417,6 +417,8 @@ def test_attribute_grid_rows_are_the_values_and_columns_the_same_z(cond_run, tmp
     out = tmp_path / "a.png"
     assert run_cli("attributes", cond_run, "--attr", "hair", "--n", "3", "--label", "glasses=yes", "--out", out) == 0
     t = tiles(out, 5, 3)
+    (w, h), (gw, gh) = Image.open(out).size, grid_size(15, 3)
+    assert w > gw + 20 and h > gh  # + a band of row labels (hair=dark ...) and a title line
     nets, _ = facegen.load_run(cond_run)
     z = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
     for r in range(5):                                   # row r: hair value r, glasses yes, beard no
