@@ -1089,8 +1089,8 @@ def goal(cfg, report, bpd):
     floor at 32x32 (1.5x at 64x64); a VAE's test bits/dim plateaued: the last 3 epochs took under
     5% of the run's whole fall."""
     said = []
-    s = report["swd_x1e3"]
     if cfg["family"] in ("adversarial", "wasserstein", "vaegan"):
+        s = report["swd_x1e3"]
         target = 1.25 if max(cfg["image_size"]) <= 32 else 1.5
         ratio = s["samples_vs_test_mean"] / s["train_vs_test_mean"]
         said.append(f"SWD {ratio:.2f}x floor: {'reached' if ratio <= target else 'not reached'} (goal {target}x)")
@@ -1098,7 +1098,8 @@ def goal(cfg, report, bpd):
         last, total = bpd[-4] - bpd[-1], bpd[0] - bpd[-1]
         share = last / total if total > 0 else float("inf")
         trend = "plateaued" if 0 <= share < 0.05 else "still falling" if last > 0 else "rising"
-        said.append(f"test bits/dim {trend}: {-last:+.3g} over the last 3 epochs, {100 * share:.0f}% of the run's fall")
+        of_fall = f", {100 * share:.0f}% of the run's fall" if total > 0 else f", {-total:+.3g} over the whole run"
+        said.append(f"test bits/dim {trend}: {-last:+.3g} over the last 3 epochs{of_fall}")
     elif "likelihood" in report:
         said.append("bits/dim: too few epochs to tell a plateau")
     return "; ".join(said) or "no goal set (not a GAN, no likelihood)"

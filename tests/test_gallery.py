@@ -161,3 +161,13 @@ def test_gallery_writes_pictures_figures_and_markdown(run, tmp_path):
     before = (out / "vae-lrelu.json").read_text()
     assert facegen.main(argv) == 0
     assert json.loads((out / "vae-lrelu.json").read_text())["evaluate"] == json.loads(before)["evaluate"]
+
+
+def test_goal_reads_the_bits_per_dim_trend():
+    """plateaued: the last 3 epochs took under 5 % of the whole fall; a run whose test bits/dim
+    rose overall says so, not an infinite share."""
+    cfg, report = {"family": "autoencoder"}, {"likelihood": {}}
+    assert "plateaued" in facegen.goal(cfg, report, [2.0, 1.5, 1.2, 1.01, 1.005, 1.002, 1.0])
+    assert "still falling" in facegen.goal(cfg, report, [2.0, 1.9, 1.6, 1.4])
+    said = facegen.goal(cfg, report, [1.0, 0.9, 1.02, 1.03, 1.05])
+    assert "rising" in said and "inf" not in said and "+0.05 over the whole run" in said, said
