@@ -1098,7 +1098,7 @@ def goal(cfg, report, bpd):
         last, total = bpd[-4] - bpd[-1], bpd[0] - bpd[-1]
         share = last / total if total > 0 else float("inf")
         trend = "plateaued" if 0 <= share < 0.05 else "still falling" if last > 0 else "rising"
-        of_fall = f", {100 * share:.0f}% of the run's fall" if total > 0 else f", {-total:+.3g} over the whole run"
+        of_fall = f", {100 * share:.1f}% of the run's fall" if total > 0 else f", {-total:+.3g} over the whole run"
         said.append(f"test bits/dim {trend}: {-last:+.3g} over the last 3 epochs{of_fall}")
     elif "likelihood" in report:
         said.append("bits/dim: too few epochs to tell a plateau")
