@@ -237,6 +237,18 @@ def run_labels(cfg):
     return y[train_idx], y[test_idx], info
 
 
+def balance_weights(labels):
+    """Per-image draw weights under which every attribute's values are equally frequent:
+    w_i = Π_k 1 / count_k(y_ik) (K attributes). Exact when the attributes are independent, as the
+    synthetic faces' factors are (then they stay independent); approximate when they correlate. A conditional model learns
+    p(x | y), which does not depend on how often each y is shown: the rare values (glasses, beard)
+    are just drawn as often as the common ones, for D's real batches and G's requests alike."""
+    w = torch.ones(len(labels), dtype=torch.float64)
+    for k in range(labels.shape[1]):
+        w /= torch.bincount(labels[:, k]).double()[labels[:, k]]
+    return w / w.sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Batches: shuffled, augmented with h-flip and torchvision ColorJitter semantics per sample
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +262,7 @@ class Batches:
     """
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
-                 device="cpu", rank=0, world_size=1, drop_last=True, labels=None):
+                 device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError("Batches expects a uint8 tensor N x C x H x W")
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
@@ -260,6 +272,7 @@ class Batches:
             raise ValueError(f"{len(labels)} labels for {len(images_uint8)} images")
         self.images = images_uint8.to(device)            # moved once: a GPU-resident dataset
         self.labels = None if labels is None else labels.to(device)
+        self.weights = weights  # per-image draw weights (balance_weights): draws with replacement
         self.batch_size, self.seed, self.flip, self.jitter = batch_size, seed, flip, jitter
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
 
@@ -271,7 +284,9 @@ class Batches:
         """Yield float batches in [-1, 1] on the device, (batch_size // world_size) x 3 x H x W,
         beginning at batch index `start`; with labels, (x, y) pairs, y the same rows' labels
         (int64 (batch_size // world_size) x K; augmentation never changes a label)."""
-        perm = torch.randperm(len(self.images), generator=_rng(self.seed, "order", epoch))
+        rng = _rng(self.seed, "order", epoch)
+        perm = (torch.randperm(len(self.images), generator=rng) if self.weights is None else
+                torch.multinomial(self.weights, len(self.images), replacement=True, generator=rng))
         perm = perm.to(self.images.device)
         B, ws, r = self.batch_size, self.world_size, self.rank
         for i in range(start, len(self)):

@@ -79,7 +79,7 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=None, compile=False, benchmark=False,
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None,
-                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None)
+                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None, balance_labels=False)
 
 
 # -----------------------------------------------------------------------------
@@ -471,6 +471,9 @@ def parse_args(argv=None):
     g.add_argument("--attr-file", default=None, help="CelebA-style list_attr_celeba.txt (±1 per attribute) for --data")
     g.add_argument("--attrs", type=lambda s: [a for a in s.split(",") if a], default=None,
                    help="comma-separated columns of --attr-file, e.g. Smiling,Male (default: all)")
+    g.add_argument("--balance-labels", action="store_true", default=None,
+                   help="draw the training images so every attribute's values are equally frequent "
+                        "(rare ones repeat; an epoch is still one dataset's worth of draws)")
     g = p.add_argument_group("augmentation")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flip p=0.5")
     g.add_argument("--jitter", type=non_negative, default=None, help="colour jitter strength (brightness/contrast/saturation)")
@@ -517,6 +520,7 @@ def resolve(args):
                             ("fused_adam", "--optimizer adam", cfg["optimizer"] == "adam"),
                             ("obs_std", "--recon gnll", cfg["recon"] == "gnll"),
                             ("attr_file", "--conditional", cfg["conditional"]),
+                            ("balance_labels", "--conditional", cfg["conditional"]),
                             ("attrs", "--conditional --attr-file", cfg["conditional"] and cfg["attr_file"]),
                             ("kl_weight", "a variational model (ae has no KL term)", args.model != "ae")):
         if flag in given and not ok:
@@ -642,7 +646,7 @@ class Run:
         train_y, test_y = labels[:2] if labels else (None, None)
         self.batches = data.Batches(train_images, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"],
                                     jitter=cfg["jitter"], device=self.device, rank=self.rank, world_size=self.world,
-                                    labels=train_y)
+                                    labels=train_y, weights=data.balance_weights(train_y) if cfg["balance_labels"] else None)
         self.test_batches = data.Batches(test, min(cfg["batch_size"], max(len(test), 1)), seed=cfg["seed"],
                                          device=self.device, drop_last=False, labels=test_y)
         # --- the fixed z and test images of the per-epoch pictures (a private generator);

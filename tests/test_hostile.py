@@ -142,6 +142,7 @@ def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
     (["--model", "wgan", "--fused-adam"], "--fused-adam only applies with --optimizer adam"),
     (["--model", "vae-lrelu", "--obs-std", "0.1"], "--obs-std only applies with --recon gnll"),
     (["--model", "ae", "--kl-weight", "1"], "--kl-weight only applies"),
+    (["--model", "sngan", "--balance-labels"], "--balance-labels only applies with --conditional"),
     (["--model", "vae", "--batch-size", "1"], "BatchNorm"),
     (["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "1", "--batch-size", "1"], "test split is empty"),
 ])

@@ -111,3 +111,24 @@ def test_batches_keep_labels_with_their_images_on_resume_and_across_ranks():
     assert all(isinstance(x, torch.Tensor) for x in data.Batches(imgs, 8).epoch(0))   # no labels: x alone
     with pytest.raises(ValueError):
         data.Batches(imgs, 8, labels=labels[:10])
+
+
+def test_balanced_batches_show_every_attribute_value_equally_often():
+    # independent attributes with rare values (glasses 10 %, beard 5 %, hair 60/30/10 %)
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    y = torch.stack([torch.multinomial(torch.tensor([.6, .3, .1]), n, True, generator=g),
+                     (torch.rand(n, generator=g) < .1).long(), (torch.rand(n, generator=g) < .05).long()], 1)
+    x = torch.arange(n, dtype=torch.int64).remainder(256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous()
+    b = data.Batches(x, 200, seed=0, labels=y, weights=data.balance_weights(y))
+    drawn = torch.cat([yb for e in range(5) for _, yb in b.epoch(e)])
+    assert len(drawn) == 5 * n
+    for k, values in enumerate((3, 2, 2)):                  # counted, not derived from the weights
+        share = torch.bincount(drawn[:, k], minlength=values).double() / len(drawn)
+        assert torch.allclose(share, torch.full((values,), 1 / values, dtype=torch.float64), atol=0.02), (k, share)
+    # still a fixed draw per (seed, epoch): a resume at batch 7 yields the same batches
+    full = [yb for _, yb in b.epoch(3)]
+    assert all(torch.equal(a, c) for a, c in zip(full[7:], [yb for _, yb in b.epoch(3, start=7)]))
+    # and the unweighted loader is untouched: a permutation, each image once
+    plain = data.Batches(x, 200, seed=0, labels=y)
+    assert sorted(torch.cat([xb[:, 0, 0, 0] for xb, _ in plain.epoch(0)]).tolist()) == sorted(((x[:, 0, 0, 0].float() / 127.5) - 1).tolist())
