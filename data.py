@@ -816,8 +816,11 @@ def _read_cache(npy, size):
     try:
         with _open_regular(npy.with_suffix(".json")) as f:
             meta = json.loads(f.read())
-        with _open_regular(npy) as f:
-            arr = np.load(f)
+        with _open_regular(npy) as f:  # mapped, not read: the split copies its rows straight out
+            version = np.lib.format.read_magic(f)  # of it (one copy of the data in memory, not two)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0)(f)
+            arr = np.memmap(f, dtype, "c", f.tell(), shape, "F" if fortran else "C")  # copy-on-write
         skipped = meta["skipped"]
         if (arr.dtype == np.uint8 and arr.shape == (meta["n"], 3, *size)
                 and isinstance(meta["total"], int) and isinstance(skipped, list)

@@ -629,6 +629,13 @@ def test_a_damaged_cache_is_a_cache_miss(tmp_path):
     for bad in ('{"n": 1, "skipped": [1, 2], "total": 1}', '{"n": 1}', "[" * 100000, "\xff"):
         meta.write_text(bad)
         assert torch.equal(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
+    (arr,) = (tmp_path / "c").glob("*.npy")                   # the array is mapped, not read:
+    whole = arr.read_bytes()
+    huge = whole.replace(b"(1, 3,", b"(9999999, 3,")
+    assert huge != whole
+    for bad in (whole[:-5], whole[:20], b"not an npy file", huge):    # truncated, bad header, too short for its shape
+        arr.write_bytes(bad)
+        assert torch.equal(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
     meta.unlink()
     os.mkfifo(meta)                                           # a FIFO where the cache was
     y, _ = _within(60, lambda: data.load_images(root, SIZE, verbose=False,
