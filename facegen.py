@@ -54,7 +54,8 @@ def load_run(path, checkpoint="last", device="cpu"):
     cfg = state["config"]
     try:
         nets = models.build_model(cfg["model"], tuple(cfg["image_size"]), cfg["latent_dim"],
-                                  cfg.get("arch"), cfg.get("critic_norm"), models.label_classes(cfg.get("labels")))
+                                  cfg.get("arch"), cfg.get("critic_norm"), models.label_classes(cfg.get("labels")),
+                                  ema=bool(cfg.get("ema")))
         nets.load_state_dict(state["nets"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise UsageError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0]}")

@@ -7,6 +7,7 @@ one constructor that train.py and facegen.py share.
 Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size in
 the code is computed from the image size with the conv arithmetic, never typed in.
 """
+import copy
 import math
 
 import torch
@@ -451,7 +452,7 @@ def _discriminator(side, arch, norm, spectral=False, classes=()):
 # build_model: the one constructor train.py and facegen.py share
 # ---------------------------------------------------------------------------------------------
 
-def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=()):
+def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False):
     """Build model `name` for images of `image_size` ((H, W) or an int) with init_weights applied.
 
     Returns an nn.ModuleDict:
@@ -463,6 +464,8 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
     wgan-gp only; any other model rejects an arch, and a critic_norm other than None/"none".
     classes (the number of values of each attribute, e.g. (5, 2, 2)) makes it conditional: G and
     the decoder take [z, one_hot(y)], the encoder reads y too (CVAE), D is a projection D.
+    ema adds "G_ema", a frozen copy of G that train.py keeps as a moving average of G's weights
+    (GANs only); generator() then draws from it.
     Raises ValueError for an unknown name, unsupported size or bad option.
     """
     sizes = supported_sizes(name)
@@ -499,6 +502,10 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         models = {"G": _generator(size[0], z, arch, classes), "D": _discriminator(size[0], arch, norm, classes=classes)}
     models = nn.ModuleDict(models)
     models.apply(init_weights)
+    if ema:
+        if "G" not in models:
+            raise ValueError(f"model {name} has no generator G to average (ema: GANs only)")
+        models["G_ema"] = copy.deepcopy(models["G"]).requires_grad_(False)
     return models
 
 
@@ -524,8 +531,9 @@ def label_classes(labels):
 
 
 def generator(models):
-    """The map (z (B, latent_dim)[, y]) -> images (B, 3, H, W) of a built model: VAE decode, or G."""
-    return models["vae"].decode if "vae" in models else models["G"]
+    """The map (z (B, latent_dim)[, y]) -> images (B, 3, H, W) of a built model: VAE decode, or G
+    (its moving average G_ema when the run keeps one)."""
+    return models["vae"].decode if "vae" in models else models["G_ema"] if "G_ema" in models else models["G"]
 
 
 def latent_dim(models):

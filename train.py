@@ -79,7 +79,7 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=None, compile=False, benchmark=False,
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None,
-                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None, balance_labels=False)
+                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None, balance_labels=False, ema=0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -169,6 +169,7 @@ def generator_step(run, n, y):
         d_gen = run.fwd["D"](run.fwd["G"](run.noise(n), y), y).float()  # D(G(z [, y]) [, y]), z fresh
     loss_g = g_loss_fn(d_gen)                                          # L_G
     norm = optimizer_step(run, "G", loss_g)
+    run.average_generator()                                            # --ema: G_ema follows G
     return logged(loss_g=loss_g, grad_norm_G=norm)
 
 
@@ -373,14 +374,14 @@ def loss_units(cfg):
 
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
-             "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last"}
+             "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last", "ema"}
 
 # Family-specific flags and the families that use them; giving one to another family is refused
 # (seed 003's VAE-GAN is BCE with one D step per VAE step, as the seed describes it).
 _AE, _GAN = {"autoencoder", "vaegan"}, {"adversarial", "wasserstein"}
 FAMILY_FLAGS = {"recon": _AE, "obs_std": _AE, "kl_weight": _AE, "recon_scale": _AE, "arch": _GAN,
                 "critic_norm": _GAN, "gan_loss": _GAN, "n_critic": _GAN, "clip": _GAN, "gp_weight": _GAN,
-                "adv_weight": {"vaegan"}}
+                "ema": _GAN, "adv_weight": {"vaegan"}}
 
 
 class UsageError(Exception):
@@ -458,6 +459,9 @@ def parse_args(argv=None):
     g.add_argument("--n-critic", type=positive(int), default=None, help="critic steps per generator step, each on a fresh real batch")
     g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
     g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")
+    g.add_argument("--ema", type=beta, default=None,
+                   help="keep G_ema, a moving average of G's weights with this decay (e.g. 0.999), and "
+                        "draw samples from it; 0: off. May be added on --resume (it starts from G)")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
     g.add_argument("--beta1", type=beta, default=None, help="Adam beta1, in [0, 1)")
     g.add_argument("--beta2", type=beta, default=None, help="Adam beta2, in [0, 1)")
@@ -614,7 +618,8 @@ class Run:
             self.nets = models.build_model(cfg["model"], image_size=tuple(cfg["image_size"]),
                                            latent_dim=cfg["latent_dim"], arch=cfg["arch"],
                                            critic_norm=cfg["critic_norm"],
-                                           classes=models.label_classes(cfg.get("labels"))).to(self.device)
+                                           classes=models.label_classes(cfg.get("labels")),
+                                           ema=bool(cfg["ema"])).to(self.device)
         except ValueError as e:
             raise UsageError(str(e))
         per_rank = cfg["batch_size"] // self.world
@@ -626,11 +631,12 @@ class Run:
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch
             self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)  # (CPU/gloo has no SyncBatchNorm)
         self.latent_dim = models.latent_dim(self.nets)
-        self.opt = {k: self.make_optimizer(m.parameters()) for k, m in self.nets.items()}
-        self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in self.nets.items()}
-        self.fwd = dict(self.nets.items())
+        trained = {k: m for k, m in self.nets.items() if k != "G_ema"}  # G_ema follows G, no optimizer
+        self.opt = {k: self.make_optimizer(m.parameters()) for k, m in trained.items()}
+        self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in trained.items()}
+        self.fwd = trained
         if self.world > 1:
-            self.fwd = {k: DistributedDataParallel(m) for k, m in self.nets.items()}
+            self.fwd = {k: DistributedDataParallel(m) for k, m in trained.items()}
         if cfg["compile"]:
             self.fwd = {k: torch.compile(m) for k, m in self.fwd.items()}
         self.penalty_critic = self.fwd.get("D")  # what the WGAN-GP penalty differentiates through
@@ -678,6 +684,19 @@ class Run:
             return torch.optim.RMSprop(params, lr=cfg["lr"])
         fused = cfg["fused_adam"] if cfg["fused_adam"] is not None else self.device.type == "cuda"
         return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=fused or None)
+
+    def average_generator(self):
+        """--ema d, after each G update: G_ema ← d_t·G_ema + (1 − d_t)·G, d_t = min(d, (1 + t)/(10 + t))
+        at step t, so a short run's average is not stuck at the initial weights (Yazıcı et al. 2019
+        on averaging GAN weights); BatchNorm statistics are copied from G, not averaged."""
+        if "G_ema" not in self.nets:
+            return
+        d = min(self.cfg["ema"], (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for a, w in zip(self.nets["G_ema"].parameters(), self.nets["G"].parameters()):
+                a.lerp_(w, 1 - d)
+            for a, b in zip(self.nets["G_ema"].buffers(), self.nets["G"].buffers()):
+                a.copy_(b)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["amp"])
@@ -731,7 +750,10 @@ class Run:
         """Restore a checkpoint; one that does not fit this run (tampered, another model, missing
         keys, wrong shapes) is a UsageError naming what failed."""
         try:
-            self.nets.load_state_dict(st["nets"])
+            nets = {k: v for k, v in st["nets"].items() if "G_ema" in self.nets or not k.startswith("G_ema.")}
+            if "G_ema" in self.nets and not any(k.startswith("G_ema.") for k in nets):  # --ema added on
+                nets.update({"G_ema." + k[2:]: v for k, v in nets.items() if k.startswith("G.")})  # resume
+            self.nets.load_state_dict(nets)
             for k, o in self.opt.items():
                 o.load_state_dict(st["optimizers"][k])
             self.epoch, self.pos, self.step = int(st["epoch"]), int(st["pos"]), int(st["step"])

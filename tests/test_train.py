@@ -116,7 +116,8 @@ def rows_without_timing(path):
 # wgan-gp: the penalty's eps; vaegan: two nets, noise decoded outside the VAE's forward
 @pytest.mark.parametrize("model,extra", [("ae", []), ("wgan", ["--n-critic", "2"]),
                                          ("wgan-gp", ["--n-critic", "2"]), ("vaegan", []),
-                                         ("sngan", ["--conditional"])])  # sngan: the spectral norm's u buffers and the labels
+                                         ("sngan", ["--conditional"]),  # sngan: the spectral norm's u buffers and the labels
+                                         ("dcgan", ["--ema", "0.9"])])  # the moving average of G
 def test_resume_is_bitwise_exact(tmp_path, model, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     small = ["--n-synthetic", "50"]  # 40 training images: 5 batches an epoch
@@ -479,3 +480,53 @@ def test_vaegan_adv_weight_scales_only_the_adversarial_term(tmp_path, w):
     loss, adv, recon, kl = (float(row[k]) for k in ("loss", "adv", "recon", "kl"))
     # epoch means are linear: mean(loss) = w·mean(adv) + mean(recon) + β·mean(kl), β = 0.01 (seed 003)
     assert loss == pytest.approx(w * adv + recon + 0.01 * kl, rel=1e-4)
+
+
+def test_ema_is_the_moving_average_of_the_generator_and_changes_no_training(tmp_path, monkeypatch):
+    start, after = [], []
+    spy_run(monkeypatch, lambda run: start.extend(p.detach().clone() for p in run.nets["G"].parameters()))
+    real_step = train.optimizer_step
+
+    def record(run, name, loss):
+        norm = real_step(run, name, loss)
+        if name == "G":
+            after.append([p.detach().clone() for p in run.nets["G"].parameters()])
+        return norm
+
+    monkeypatch.setattr(train, "optimizer_step", record)
+    assert run_train(tmp_path / "ema", "dcgan", "--max-steps", "6", "--ema", "0.9") == 0
+    avg = start
+    for t, w in enumerate(after):                       # the decay warms up: min(0.9, (1 + t) / (10 + t))
+        d = min(0.9, (1 + t) / (10 + t))
+        avg = [d * a + (1 - d) * x for a, x in zip(avg, w)]
+    state = weights(tmp_path / "ema" / "last.pt")
+    ema = [v for k, v in state.items() if k.startswith("G_ema.")]
+    params = dict(models.build_model("dcgan", 32, ema=True)["G_ema"].named_parameters())
+    got = [state["G_ema." + k] for k in params]
+    assert len(after) == 6 and len(got) == len(avg) and len(ema) > len(got)
+    assert all(torch.allclose(g, a, atol=1e-6) for g, a in zip(got, avg))
+    assert not torch.allclose(got[0], after[-1][0])    # an average, not G itself
+    for k, v in state.items():                          # BatchNorm statistics: G's own
+        if k.startswith("G_ema.") and "running" in k:
+            assert torch.equal(v, state["G." + k[6:]])
+    # training is untouched: G and D as in a run without --ema; samples come from G_ema
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    assert run_train(tmp_path / "plain", "dcgan", "--max-steps", "6") == 0
+    plain = weights(tmp_path / "plain" / "last.pt")
+    assert plain.keys() == {k for k in state if not k.startswith("G_ema.")}
+    assert all(torch.equal(plain[k], state[k]) for k in plain)
+    nets, _ = __import__("facegen").load_run(str(tmp_path / "ema"))
+    assert models.generator(nets) is nets["G_ema"]
+
+
+def test_ema_can_be_added_on_resume_and_starts_from_g(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(out, "dcgan", "--max-steps", "2") == 0
+    g2 = weights(out / "last.pt")
+    assert run_train(out, "dcgan", "--resume", str(out), "--max-steps", "3", "--ema", "0.99") == 0
+    g3 = weights(out / "last.pt")
+    d = min(0.99, (1 + 2) / (10 + 2))                   # the update after step 3 (t = 2) from G at step 2
+    for k, v in g3.items():
+        if k.startswith("G_ema.") and "running" not in k and "num_batches" not in k:
+            assert torch.allclose(v, d * g2["G." + k[6:]] + (1 - d) * g3["G." + k[6:]], atol=1e-6), k
+    assert sum(k.startswith("G_ema.") for k in g3) == sum(k.startswith("G.") for k in g3)
