@@ -32,7 +32,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["vae", "vae-vgg", "vae-in", "ae", "vae-lrelu", "dcgan", "wgan", "wgan-gp", "vaegan"]
 SIZE = {"vae-in": "32x24"}
-FAMILY_ARGS = {"wgan": ["--n-critic", "1"], "wgan-gp": ["--n-critic", "2"]}
+FAMILY_ARGS = {"wgan": ["--n-critic", "1"], "wgan-gp": ["--n-critic", "2"], "sngan": ["--ema", "0.9"]}  # sngan: + G_ema
 
 
 def tiny(model, out, *extra):
@@ -298,7 +298,9 @@ def test_every_family_under_two_processes_keeps_the_ranks_identical(two, model):
     assert saved["step"] == 2
     for k, v in r0["params"].items():
         assert torch.equal(saved["nets"][k], v), k
-    fresh = models.build_model(model, tuple(train.data.parse_size(SIZE.get(model, "32")))).state_dict()
+    ema = "--ema" in FAMILY_ARGS.get(model, [])
+    assert ema == any(k.startswith("G_ema.") for k in r0["params"])   # G_ema compared above too
+    fresh = models.build_model(model, tuple(train.data.parse_size(SIZE.get(model, "32"))), ema=ema).state_dict()
     assert any(not torch.equal(fresh[k], v) for k, v in r0["params"].items())
 
 
