@@ -459,7 +459,7 @@ def parse_args(argv=None):
     g.add_argument("--n-critic", type=positive(int), default=None, help="critic steps per generator step, each on a fresh real batch")
     g.add_argument("--clip", type=non_negative, default=None, help="WGAN weight clipping c (critic weights kept in [-c, c])")
     g.add_argument("--gp-weight", type=non_negative, default=None, help="WGAN-GP lambda")
-    g.add_argument("--ema", type=beta, default=None,
+    g.add_argument("--ema", type=beta, default=None, metavar="DECAY",
                    help="keep G_ema, a moving average of G's weights with this decay (e.g. 0.999), and "
                         "draw samples from it; 0: off. May be added on --resume (it starts from G)")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
