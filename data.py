@@ -443,11 +443,11 @@ def nice_ticks(lo, hi, log=False, n=5, integer=False):
 
 
 def tick_label(v):
-    """1500000 -> '1.5e6', 0.25 -> '0.25', 2000 -> '2000': short and exact for round ticks."""
+    """1500000 -> '1.5e6', 0.25 -> '0.25', 10000 -> '10000': short and exact for round ticks."""
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
         m, e = f"{v:.1e}".split("e")
         return f"{m.removesuffix('.0')}e{int(e)}"
-    return f"{v:.4g}"
+    return str(int(v)) if float(v).is_integer() else f"{v:.4g}"   # .4g would print 10000 as '1e+04'
 
 
 def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):

@@ -131,7 +131,8 @@ def test_nice_ticks_are_round():
     assert data.nice_ticks(0.13, 0.52) == pytest.approx([0.2, 0.3, 0.4, 0.5])
     assert data.nice_ticks(3e3, 2e5, log=True) == [5e3, 1e4, 2e4, 5e4, 1e5, 2e5]
     assert data.nice_ticks(3e3, 2e6, log=True) == [1e4, 1e5, 1e6]    # over 3 decades: powers of ten
-    assert [data.tick_label(v) for v in (1.5e6, 0.25, 2000, 0)] == ["1.5e6", "0.25", "2000", "0"]
+    assert [data.tick_label(v) for v in (1.5e6, 0.25, 2000, 0, 10000, 12000.0, -20000)] == [
+        "1.5e6", "0.25", "2000", "0", "10000", "12000", "-20000"]
 
 
 # -----------------------------------------------------------------------------
@@ -171,3 +172,12 @@ def test_goal_reads_the_bits_per_dim_trend():
     assert "still falling" in facegen.goal(cfg, report, [2.0, 1.9, 1.6, 1.4])
     said = facegen.goal(cfg, report, [1.0, 0.9, 1.02, 1.03, 1.05])
     assert "rising" in said and "inf" not in said and "+0.05 over the whole run" in said, said
+
+
+def test_wall_time_counts_an_interrupted_epoch_whole():
+    cfg = {"batch_size": 10, "family": "adversarial", "n_critic": 2}      # 20 images a step
+    rows = [{"step": "5", "images_per_s": "50", "seconds": "2"},         # 100 images in 2 s
+            {"step": "10", "images_per_s": "25", "seconds": "1.6"},      # resumed: 40 of its 100 images timed
+            {"step": "12", "images_per_s": "40", "seconds": "1"}]        # a --max-steps tail: 40 images
+    secs, at_best = facegen.epoch_seconds(rows, cfg)
+    assert secs == pytest.approx([2.0, 4.0, 1.0]) and at_best == pytest.approx(240 / 50)
