@@ -240,9 +240,10 @@ def run_labels(cfg):
 def balance_weights(labels):
     """Per-image draw weights under which every attribute's values are equally frequent:
     w_i = Π_k 1 / count_k(y_ik) (K attributes). Exact when the attributes are independent, as the
-    synthetic faces' factors are (then they stay independent); approximate when they correlate. A conditional model learns
-    p(x | y), which does not depend on how often each y is shown: the rare values (glasses, beard)
-    are just drawn as often as the common ones, for D's real batches and G's requests alike."""
+    synthetic faces' factors are (they then stay independent); approximate when they correlate.
+    A conditional model learns p(x | y), which does not depend on how often each y is shown: the
+    rare values (glasses, beard) are just drawn as often as the common ones, for D's real batches
+    and G's requests alike."""
     w = torch.ones(len(labels), dtype=torch.float64)
     for k in range(labels.shape[1]):
         w /= torch.bincount(labels[:, k]).double()[labels[:, k]]
