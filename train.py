@@ -79,7 +79,8 @@ COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, reco
                        seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20, quiet=False,
                        amp=False, channels_last=None, compile=False, benchmark=False,
                        grad_clip=None, checkpoint_every=None, max_steps=None, data=None, fused_adam=None,
-                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None, balance_labels=False, ema=0.0)
+                       adv_weight=1.0, conditional=False, attr_file=None, attrs=None, balance_labels=False, ema=0.0,
+                       reuse_fakes=False)
 
 
 # -----------------------------------------------------------------------------
@@ -135,15 +136,17 @@ def autoencoder_step(run, batches):
 # only in the loss pair losses.GAN_LOSSES [--gan-loss], n_critic, and what follows a critic update
 # (--clip) or joins its loss (--gp-weight).
 
-def critic_step(run, x, y):
+def critic_step(run, x, y, keep=False):
     """One update of D (the critic) on a real batch x and fresh z (conditional: both scored with
     the real batch's labels y, and the fakes drawn for them; else y is None). L_D by --gan-loss:
     bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];
-    wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))]."""
+    wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))].
+    Returns (logged terms, x̃ with G's graph if keep [--reuse-fakes] else None)."""
     cfg, G, D = run.cfg, run.fwd["G"], run.fwd["D"]
     d_loss_fn, _ = losses.GAN_LOSSES[cfg["gan_loss"]]
-    with torch.no_grad(), run.autocast():
-        x_fake = G(run.noise(x.shape[0]), y)                           # x̃ = G(z [, y]), z ~ N(0, I)
+    with torch.set_grad_enabled(keep), run.autocast():
+        kept = G(run.noise(x.shape[0]), y)                             # x̃ = G(z [, y]), z ~ N(0, I)
+    x_fake = kept.detach()                                             # D's update leaves G alone
     with run.autocast():
         d_real, d_fake = D(x, y).float(), D(x_fake, y).float()         # D(x [, y]), D(x̃ [, y])
     loss_d = d_loss_fn(d_real, d_fake)                                 # L_D
@@ -158,15 +161,19 @@ def critic_step(run, x, y):
         with torch.no_grad():
             for w in run.nets["D"].parameters():
                 w.clamp_(-cfg["clip"], cfg["clip"])                    # w ← clip(w, −c, c)
-    return logged(gp=gp, loss_d=loss_d, grad_norm_D=norm, **score_stats(cfg, d_real, d_fake))
+    stats = logged(gp=gp, loss_d=loss_d, grad_norm_D=norm, **score_stats(cfg, d_real, d_fake))
+    return stats, (kept if keep else None)
 
 
-def generator_step(run, n, y):
-    """One update of G on n fresh z (conditional: for the labels y). L_G by --gan-loss:
+def generator_step(run, n, y, fakes=None):
+    """One update of G on n fresh z (conditional: for the labels y), or on `fakes`, the last
+    critic update's G(z) with its graph (--reuse-fakes). L_G by --gan-loss:
     bce (non-saturating): −E[log σ(D(G(z)))]; ls: E[(D(G(z)) − 1)²]; wasserstein, hinge: −E[D(G(z))]."""
     _, g_loss_fn = losses.GAN_LOSSES[run.cfg["gan_loss"]]
     with run.autocast(), run.passing_through("D"):
-        d_gen = run.fwd["D"](run.fwd["G"](run.noise(n), y), y).float()  # D(G(z [, y]) [, y]), z fresh
+        if fakes is None:
+            fakes = run.fwd["G"](run.noise(n), y)                      # G(z [, y]), z fresh
+        d_gen = run.fwd["D"](fakes, y).float()                         # D(G(z [, y]) [, y])
     loss_g = g_loss_fn(d_gen)                                          # L_G
     norm = optimizer_step(run, "G", loss_g)
     run.average_generator()                                            # --ema: G_ema follows G
@@ -175,11 +182,14 @@ def generator_step(run, n, y):
 
 def gan_step(run, batches):
     """n_critic critic updates, each on its own real batch, then one generator update (for the
-    last batch's labels). The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last's."""
-    for x, y in batches:
-        critic = critic_step(run, x, y)
+    last batch's labels). The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last's.
+    --reuse-fakes: G's update scores the last critic update's fakes (with the D just updated), as
+    pytorch/examples does, instead of fresh z (Goodfellow et al. 2014, Algorithm 1): one G
+    forward fewer per step, for G's graph held through D's update."""
+    for i, (x, y) in enumerate(batches):
+        critic, fakes = critic_step(run, x, y, keep=run.cfg["reuse_fakes"] and i == len(batches) - 1)
     x, y = batches[-1]
-    return {**critic, **generator_step(run, x.shape[0], y)}
+    return {**critic, **generator_step(run, x.shape[0], y, fakes)}
 
 
 def score_stats(cfg, d_real, d_fake):
@@ -381,7 +391,7 @@ RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "chec
 _AE, _GAN = {"autoencoder", "vaegan"}, {"adversarial", "wasserstein"}
 FAMILY_FLAGS = {"recon": _AE, "obs_std": _AE, "kl_weight": _AE, "recon_scale": _AE, "arch": _GAN,
                 "critic_norm": _GAN, "gan_loss": _GAN, "n_critic": _GAN, "clip": _GAN, "gp_weight": _GAN,
-                "ema": _GAN, "adv_weight": {"vaegan"}}
+                "ema": _GAN, "reuse_fakes": _GAN, "adv_weight": {"vaegan"}}
 
 
 class UsageError(Exception):
@@ -462,6 +472,9 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=beta, default=None, metavar="DECAY",
                    help="keep G_ema, a moving average of G's weights with this decay (e.g. 0.999), and "
                         "draw samples from it; 0: off. May be added on --resume (it starts from G)")
+    g.add_argument("--reuse-fakes", action="store_true", default=None,
+                   help="G's update scores the last critic update's fakes (pytorch/examples), not fresh z: "
+                        "one G forward fewer per step (see README Speed); default: fresh z (Algorithm 1)")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
     g.add_argument("--beta1", type=beta, default=None, help="Adam beta1, in [0, 1)")
     g.add_argument("--beta2", type=beta, default=None, help="Adam beta2, in [0, 1)")

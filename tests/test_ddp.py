@@ -32,7 +32,8 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ["vae", "vae-vgg", "vae-in", "ae", "vae-lrelu", "dcgan", "wgan", "wgan-gp", "vaegan"]
 SIZE = {"vae-in": "32x24"}
-FAMILY_ARGS = {"wgan": ["--n-critic", "1"], "wgan-gp": ["--n-critic", "2"], "sngan": ["--ema", "0.9"]}  # sngan: + G_ema
+FAMILY_ARGS = {"wgan": ["--n-critic", "1", "--reuse-fakes"], "wgan-gp": ["--n-critic", "2"],  # wgan: G scores the kept fakes
+               "sngan": ["--ema", "0.9"]}  # sngan: + G_ema
 
 
 def tiny(model, out, *extra):

@@ -1,5 +1,6 @@
 """train.py: every --model runs and writes a complete run folder; resume is bitwise exact;
 training actually learns; refusals are clear. Small synthetic data, CPU, a few steps."""
+import copy
 import csv
 import json
 import math
@@ -232,6 +233,42 @@ def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator
     assert all(len(xs) == 3 and not torch.equal(xs[0][0], xs[1][0]) for xs in batches)  # (x, y) pairs
 
 
+@pytest.mark.parametrize("model,extra", [("dcgan", []), ("wgan-gp", ["--n-critic", "2"])])
+def test_reuse_fakes_scores_the_last_critic_fakes_with_the_updated_d(tmp_path, monkeypatch, model, extra):
+    """--reuse-fakes: one G forward per step (per critic batch), and G's update is the gradient of
+    L_G(D'(x̃)) for the last critic batch's x̃ = G(z) and D' the critic after its update, computed
+    here independently from copies of the nets; without the flag G runs once more, on fresh z."""
+    events, checked, real_step = [], [], train.optimizer_step
+
+    def spy_step(run, name, loss):
+        if name == "G":  # recompute G's gradient from copies: the kept fakes' z, D as updated
+            G, D = copy.deepcopy(run.nets["G"]), copy.deepcopy(run.nets["D"])
+            G.load_state_dict(events[-1][1])                     # G's BatchNorm buffers before that forward
+            x_fake = G(events[-1][2])
+            grads = torch.autograd.grad(losses.GAN_LOSSES[run.cfg["gan_loss"]][1](D(x_fake).float()),
+                                        list(G.parameters()))
+        norm = real_step(run, name, loss)
+        if name == "G":
+            checked.append(all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+                               for p, g in zip(run.nets["G"].parameters(), grads)))
+        return norm
+
+    def setup(run):
+        G = run.nets["G"]
+        G.register_forward_pre_hook(
+            lambda m, i: events.append(("G", copy.deepcopy(m.state_dict()), i[0].clone()))
+            if m.training and m is G else None)                  # not sampling, not the copy below
+
+    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    spy_run(monkeypatch, setup)
+    n_critic = int(extra[1]) if extra else 1
+    assert run_train(tmp_path / "r", model, "--max-steps", "2", "--reuse-fakes", *extra) == 0
+    assert sum(k == "G" for k, *_ in events) == 2 * n_critic and checked == [True, True]
+    events.clear()
+    assert run_train(tmp_path / "f", model, "--max-steps", "2", *extra) == 0
+    assert sum(k == "G" for k, *_ in events) == 2 * (n_critic + 1)
+
+
 @pytest.mark.parametrize("model,updated", [("dcgan", "G"), ("vaegan", "vae")])
 def test_the_generator_update_computes_no_discriminator_gradient(tmp_path, monkeypatch, model, updated):
     """G's (the VAE-GAN's VAE's) loss passes through D: its backward leaves D's .grad exactly as
@@ -448,9 +485,9 @@ def test_conditional_smoke_every_family(tmp_path, model):
 def test_conditional_steps_see_the_labels_of_their_batch(tmp_path, monkeypatch):
     seen, real_step = [], train.critic_step
 
-    def spy(run, x, y):
+    def spy(run, x, y, keep=False):
         seen.append((x, y))
-        return real_step(run, x, y)
+        return real_step(run, x, y, keep)
 
     monkeypatch.setattr(train, "critic_step", spy)
     assert run_train(tmp_path / "c", "sngan", "--conditional", "--max-steps", "2") == 0
