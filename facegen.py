@@ -1056,7 +1056,7 @@ def train_command(cfg):
     """The train.py command that reproduces a run: --model and every flag whose value differs from
     that model's seed defaults (config.json holds every resolved flag; the run's output folder
     --out is part of it; --resume, --quiet and --device are not)."""
-    base = train.resolve(train.parse_args(["--model", cfg["model"]]))
+    base, cfg = train.resolve(train.parse_args(["--model", cfg["model"]])), {**train.BEFORE_FLAG, **cfg}
     skip = {"model", "resume", "quiet", "device", "benchmark", "bench_steps", "family", "data_fingerprint"}
     words = ["python train.py --model", cfg["model"]]
     for k, v in cfg.items():

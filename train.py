@@ -55,9 +55,10 @@ SEED_DEFAULTS = {
     # seed 003: VAE with KLD weight 0.2 / 0.1 / 0.01 relative to a summed MSE (0.1 generated best)
     "vae-lrelu": dict(image_size="64", batch_size=64, lr=1e-3, epochs=50, recon="mse", kl_weight=0.1,
                       flip=True, jitter=0.1),
-    # seed 002 / 003 / 004: DCGAN, Adam 2e-4 betas (0.5, 0.999), batch 128, BCE (seed 004: --gan-loss ls)
+    # seed 002 / 003 / 004: DCGAN, Adam 2e-4 betas (0.5, 0.999), batch 128, BCE (seed 004: --gan-loss ls);
+    # seed 004's G step passes "the constructed fake batch in previous step" through D: --reuse-fakes
     "dcgan": dict(image_size="64", batch_size=128, lr=2e-4, betas=(0.5, 0.999), epochs=25,
-                  gan_loss="bce", n_critic=1),
+                  gan_loss="bce", n_critic=1, reuse_fakes=True),
     # seed 002: WGAN, weight clipping 0.01, RMSProp 1e-4 (paper: 5e-5), n_critic 5, batch 128
     "wgan": dict(image_size="64", batch_size=128, lr=1e-4, epochs=50, optimizer="rmsprop",
                  gan_loss="wasserstein", n_critic=5, clip=0.01),
@@ -383,6 +384,9 @@ def loss_units(cfg):
 # Command line
 
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
+# What a run recorded before a flag existed did, where that flag's default has since changed
+# (--resume and the gallery's command read an old config.json through it).
+BEFORE_FLAG = {"reuse_fakes": False}
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
              "resume", "benchmark", "bench_steps", "compile", "amp", "channels_last", "ema"}
 
@@ -472,9 +476,9 @@ def parse_args(argv=None):
     g.add_argument("--ema", type=beta, default=None, metavar="DECAY",
                    help="keep G_ema, a moving average of G's weights with this decay (e.g. 0.999), and "
                         "draw samples from it; 0: off. May be added on --resume (it starts from G)")
-    g.add_argument("--reuse-fakes", action="store_true", default=None,
-                   help="G's update scores the last critic update's fakes (pytorch/examples), not fresh z: "
-                        "one G forward fewer per step (see README Speed); default: fresh z (Algorithm 1)")
+    g.add_argument("--reuse-fakes", action=argparse.BooleanOptionalAction, default=None,
+                   help="G's update scores the last critic update's fakes (seed 004, pytorch/examples), not "
+                        "fresh z (Algorithm 1): one G forward fewer per step. Default: on for dcgan, off otherwise")
     g.add_argument("--optimizer", choices=["adam", "rmsprop"], default=None, help="optimizer for every net")
     g.add_argument("--beta1", type=beta, default=None, help="Adam beta1, in [0, 1)")
     g.add_argument("--beta2", type=beta, default=None, help="Adam beta2, in [0, 1)")
@@ -554,7 +558,7 @@ def config_from(args):
             raise UsageError("--model is required (or --resume a run)")
         return resolve(args), None
     state = load_checkpoint(args.resume)
-    saved = state["config"]
+    saved = {**BEFORE_FLAG, **state["config"]}
     fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
     given = {"betas" if k in ("beta1", "beta2") else k for k, v in vars(args).items()
              if v is not None and k not in RESUMABLE}

@@ -180,7 +180,8 @@ def test_resume_refuses_disagreeing_flags(tmp_path, capsys):
 
 def test_a_run_saved_before_newer_flags_existed_resumes(tmp_path):
     """Runs made by an older facegen lack later config keys (here --conditional's and
-    --adv-weight's): a resume takes their defaults, which are the old behaviour."""
+    --adv-weight's): a resume takes their defaults, which are the old behaviour; where a default
+    has changed since (dcgan's --reuse-fakes), train.BEFORE_FLAG's, which the gallery prints."""
     out = tmp_path / "old"
     assert run_train(out, "wgan-gp", "--max-steps", "1", "--epochs", "2") == 0
     state = torch.load(out / "last.pt", weights_only=True)
@@ -190,6 +191,20 @@ def test_a_run_saved_before_newer_flags_existed_resumes(tmp_path):
     assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 2 and state["config"]["conditional"] is False
+    # an old dcgan drew fresh z: resumed, it still does, bitwise as an uninterrupted fresh-z run
+    for name, extra in (("dc", []), ("dc-fresh", ["--no-reuse-fakes"])):
+        assert run_train(tmp_path / name, "dcgan", "--max-steps", "1", *extra) == 0
+    state = torch.load(tmp_path / "dc-fresh" / "last.pt", weights_only=True)
+    del state["config"]["reuse_fakes"]
+    torch.save(state, tmp_path / "dc-fresh" / "last.pt")
+    cfg = state["config"]
+    assert facegen.train_command(cfg).count("--no-reuse-fakes") == 1
+    assert "reuse" not in facegen.train_command(json.loads((tmp_path / "dc" / "config.json").read_text()))
+    assert run_train(tmp_path / "dc-full", "dcgan", "--max-steps", "2", "--no-reuse-fakes") == 0
+    assert train.main(["--resume", str(tmp_path / "dc-fresh"), "--max-steps", "2", "--quiet"]) == 0
+    assert weights(tmp_path / "dc-fresh" / "last.pt").keys() == weights(tmp_path / "dc-full" / "last.pt").keys()
+    for k, v in weights(tmp_path / "dc-fresh" / "last.pt").items():
+        assert torch.equal(v, weights(tmp_path / "dc-full" / "last.pt")[k]), k
 
 
 @pytest.mark.parametrize("argv", [["--lr", "0"], ["--batch-size", "-1"], ["--epochs", "0"], ["--latent-dim", "0"]])
@@ -237,7 +252,7 @@ def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator
 def test_reuse_fakes_scores_the_last_critic_fakes_with_the_updated_d(tmp_path, monkeypatch, model, extra):
     """--reuse-fakes: one G forward per step (per critic batch), and G's update is the gradient of
     L_G(D'(x̃)) for the last critic batch's x̃ = G(z) and D' the critic after its update, computed
-    here independently from copies of the nets; without the flag G runs once more, on fresh z."""
+    here independently from copies of the nets; with --no-reuse-fakes G runs once more, on fresh z."""
     events, checked, real_step = [], [], train.optimizer_step
 
     def spy_step(run, name, loss):
@@ -265,7 +280,7 @@ def test_reuse_fakes_scores_the_last_critic_fakes_with_the_updated_d(tmp_path, m
     assert run_train(tmp_path / "r", model, "--max-steps", "2", "--reuse-fakes", *extra) == 0
     assert sum(k == "G" for k, *_ in events) == 2 * n_critic and checked == [True, True]
     events.clear()
-    assert run_train(tmp_path / "f", model, "--max-steps", "2", *extra) == 0
+    assert run_train(tmp_path / "f", model, "--max-steps", "2", "--no-reuse-fakes", *extra) == 0
     assert sum(k == "G" for k, *_ in events) == 2 * (n_critic + 1)
 
 
