@@ -184,9 +184,10 @@ def generator_step(run, n, y, fakes=None):
 def gan_step(run, batches):
     """n_critic critic updates, each on its own real batch, then one generator update (for the
     last batch's labels). The logged critic terms (loss_d, gp, D(x), D(G(z))) are the last's.
-    --reuse-fakes: G's update scores the last critic update's fakes (with the D just updated), as
-    pytorch/examples does, instead of fresh z (Goodfellow et al. 2014, Algorithm 1): one G
-    forward fewer per step, for G's graph held through D's update."""
+    --reuse-fakes (dcgan's default): G's update scores the last critic update's fakes (with the D
+    just updated), as seed 004 and pytorch/examples do, instead of fresh z (Goodfellow et al. 2014
+    and the WGAN papers, Algorithm 1): one G forward fewer per step, for G's graph held through
+    D's update."""
     for i, (x, y) in enumerate(batches):
         critic, fakes = critic_step(run, x, y, keep=run.cfg["reuse_fakes"] and i == len(batches) - 1)
     x, y = batches[-1]
