@@ -18,6 +18,8 @@ the 64 fixed noise vectors at step 0, the two state_dicts saved at the end). Wha
 favours the peer: its data are random tensors already in memory (no DataLoader, no decoding, no
 torchvision), and it writes no image files. facegen trains on its synthetic faces with everything
 its loop does (data on the device, NaN watch, metrics.csv, loss.png, sample grid, last.pt).
+Both G steps score the critic step's fake batch (facegen's dcgan default, seed 004);
+--fast=--no-reuse-fakes times facegen drawing fresh z for its G step instead.
 
 facegen's `--arch classic` (the dcgan default) has the same layer shapes: checked before timing,
 conv by conv (facegen's convs also carry a bias; the examples' have bias=False).
