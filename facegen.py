@@ -1151,7 +1151,8 @@ def gallery_run(run, args, pca_run):
     report = gallery_evaluate(nets, cfg, args, os.path.join(args.out, f"{name}.json"))
     bpd = test_bits_per_dim(cfg, rows) if "likelihood" in report else []
     secs, at_best = epoch_seconds(rows, cfg)
-    facts = {"name": name, "model": cfg["model"], "command": train_command(cfg), "epochs": int(rows[-1]["epoch"]),
+    command = train_command({**cfg, "out": folder})   # into the folder it is shown from, wherever it trained
+    facts = {"name": name, "model": cfg["model"], "command": command, "epochs": int(rows[-1]["epoch"]),
              "steps": int(rows[-1]["step"]), "wall_s": sum(secs), "at_best_rate_s": at_best,
              "test_bits_per_dim_by_epoch": bpd, "goal": goal(cfg, report, bpd), "evaluate": report,
              "pictures": {k: os.path.basename(v) for k, v in pics.items()}}

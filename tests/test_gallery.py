@@ -3,6 +3,7 @@ a resume, never duplicated), and `facegen.py gallery` on a tiny run writing its 
 Markdown. One tiny vae-lrelu run (32x32, 64 synthetic faces, CPU) serves the module."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -162,6 +163,12 @@ def test_gallery_writes_pictures_figures_and_markdown(run, tmp_path):
     before = (out / "vae-lrelu.json").read_text()
     assert facegen.main(argv) == 0
     assert json.loads((out / "vae-lrelu.json").read_text())["evaluate"] == json.loads(before)["evaluate"]
+    # a run moved after training is shown with the folder it now sits in
+    moved = tmp_path / "moved" / "vae-lrelu"
+    shutil.copytree(run, moved)
+    assert facegen.main(["gallery", str(moved), "--out", str(tmp_path / "d2"), "--n", "16"]) == 0
+    command = json.loads((tmp_path / "d2" / "vae-lrelu.json").read_text())["command"]
+    assert f"--out {moved}" in command and str(run) not in command
 
 
 def test_goal_reads_the_bits_per_dim_trend():
