@@ -197,8 +197,7 @@ def test_a_run_saved_before_newer_flags_existed_resumes(tmp_path):
     state = torch.load(tmp_path / "dc-fresh" / "last.pt", weights_only=True)
     del state["config"]["reuse_fakes"]
     torch.save(state, tmp_path / "dc-fresh" / "last.pt")
-    cfg = state["config"]
-    assert facegen.train_command(cfg).count("--no-reuse-fakes") == 1
+    assert facegen.train_command(state["config"]).count("--no-reuse-fakes") == 1
     assert "reuse" not in facegen.train_command(json.loads((tmp_path / "dc" / "config.json").read_text()))
     assert run_train(tmp_path / "dc-full", "dcgan", "--max-steps", "2", "--no-reuse-fakes") == 0
     assert train.main(["--resume", str(tmp_path / "dc-fresh"), "--max-steps", "2", "--quiet"]) == 0
