@@ -377,6 +377,19 @@ def test_likelihood_std_for_mse_runs_is_root_half():
 # -----------------------------------------------------------------------------
 # evaluate
 
+def test_evaluate_averages_its_swd_over_draws_of_consecutive_seeds(runs):
+    """draws=3 at seed 5 = the mean of three one-draw evaluations at seeds 5, 6, 7, per level, and
+    each draw's ratio is that draw's own model/floor; the draws differ (else averaging is moot)."""
+    nets, cfg = facegen.load_run(str(runs["dcgan"]))
+    kw = dict(n=8, patches=16, projections=64)
+    one = [facegen.evaluate(nets, cfg, seed=s, draws=1, **kw)["swd_x1e3"] for s in (5, 6, 7)]
+    three = facegen.evaluate(nets, cfg, seed=5, draws=3, **kw)["swd_x1e3"]
+    for key in ("samples_vs_test", "train_vs_test"):
+        assert three[key] == pytest.approx([sum(o[key][i] for o in one) / 3 for i in range(2)], rel=1e-6)
+    assert three["ratio_each"] == pytest.approx([o["samples_vs_test_mean"] / o["train_vs_test_mean"] for o in one])
+    assert len({round(o["train_vs_test_mean"], 6) for o in one}) == 3
+
+
 @pytest.mark.parametrize("model", ["vae", "dcgan"])
 def test_evaluate_writes_a_finite_report(runs, model, capsys):
     argv = ["evaluate", runs[model], "--n", 8, "--k", 3, "--patches", 16, "--projections", 64]
@@ -391,6 +404,7 @@ def test_evaluate_writes_a_finite_report(runs, model, capsys):
     assert s["samples_vs_test_mean"] > s["train_vs_test_mean"]        # untrained samples are far from faces
     out = capsys.readouterr().out
     assert "SWD x1e3, mean" in out and "nearest-train RMS, median" in out
+    assert s["draws"] == 4 and len(s["ratio_each"]) == 4 and "per draw" in out
     if model == "vae":
         lik = r["likelihood"]
         assert lik["k"] == 3 and lik["obs_std"] == 0.01

@@ -152,6 +152,8 @@ def test_gallery_writes_pictures_figures_and_markdown(run, tmp_path):
     assert facts["steps"] == 2 and facts["evaluate"]["n"] == 13 and "likelihood" in facts["evaluate"]
     md = (out / "results.md").read_text()
     assert "(vae-lrelu_samples.png)" in md and "test box" in md and facts["command"] in md
+    lo, hi = min(facts["evaluate"]["swd_x1e3"]["ratio_each"]), max(facts["evaluate"]["swd_x1e3"]["ratio_each"])
+    assert f"x ({lo:.2f}-{hi:.2f}) |" in md and "mean over 4 draws" in md   # the per-draw spread is shown
     text = readme.read_text()
     assert "old" not in text and "(docs/vae-lrelu_pca.png)" in text and text.endswith("<!-- /gallery -->\n\n## Next\n")
     # the command in the Markdown rebuilds the run's config
