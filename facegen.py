@@ -1138,7 +1138,8 @@ def gallery_run(run, args, pca_run):
     if not rows:
         raise UsageError(f"{folder} has no metrics.csv rows: train it for an epoch first")
     pics, out = {}, lambda kind: os.path.join(args.out, f"{name}_{kind}.png")
-    z = torch.randn(32, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
+    count = 32 if max(cfg["image_size"]) <= 32 else 16                   # 64 px grids: keep docs/ small
+    z = torch.randn(count, models.latent_dim(nets), generator=torch.Generator().manual_seed(args.seed))
     data.save_grid(decode(nets, z), out("samples"), nrow=8, title=f"{name}: z ~ N(0, I), epoch {rows[-1]['epoch']}")
     pics["samples"] = out("samples")
     if "vae" in nets:
