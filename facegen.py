@@ -900,7 +900,8 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
         fake = decode(nets, torch.randn(n, models.latent_dim(nets), generator=g)).to(dev)
         each.append([swd_pyramid(x, real, torch.Generator().manual_seed(seed + d), patches, projections)
                      for x in (fake, floor)])                                 # [model, floor] per level
-        near = near if d else [nearest_rms(x, train_x) for x in (fake, real)]  # the first draw's samples
+        if d == 0:                                                               # the first draw's samples
+            near = [nearest_rms(x, train_x) for x in (fake, real)]
     swd = [[sum(levels) / draws for levels in zip(*(e[i] for e in each))] for i in (0, 1)]
     H, W = cfg["image_size"]
     report = {"run": cfg["checkpoint"], "model": cfg["model"], "trained_steps": cfg["trained_steps"], "n": n,
