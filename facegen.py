@@ -1312,7 +1312,7 @@ def parse_args(argv=None):
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--checkpoint", choices=["last", "best"], default="last", help="which checkpoint of a run folder")
     net.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto picks CUDA when present")
-    net.add_argument("--seed", type=int, default=0, help="seeds every random draw")
+    net.add_argument("--seed", type=train.seed, default=0, help="seeds every random draw")
     s = {}
     for name, (fn, short) in COMMANDS.items():
         parents = [net] if name == "gallery" else [run] if name == "gif" else [run, net]

@@ -221,6 +221,14 @@ def test_facegen_out_that_cannot_be_the_file_is_one_line_exit_2(run_a, tmp_path,
     assert facegen.main(["sample", str(run_a), "--out", str(tmp_path / "ok.png")]) == 0
 
 
+@pytest.mark.parametrize("value", [str(2 ** 70), "-1"])
+def test_facegen_seed_out_of_range_is_a_usage_error(run_a, value, capsys):
+    import facegen
+    with pytest.raises(SystemExit) as e:
+        facegen.main(["evaluate", str(run_a), "--seed", value])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
 def test_facegen_gif_orders_by_epoch_and_skips_bad_frames(run_a, tmp_path, capsys):
     import facegen
     from PIL import Image
