@@ -394,7 +394,14 @@ def save_grid(images, path, nrow=8, padding=2, **labels):
     col_labels, title, scale: see labelled_grid), the labelled picture."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images, nrow, padding)
-    (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
+    save_png(labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid), path)
+
+
+def save_png(img, path):
+    """Save a pillow RGB image as a PNG; one of at most 256 colours (a loss plot, a flat grid) as a
+    palette PNG: the same pixels in about half the bytes (the README's docs/ stay small)."""
+    colours = img.getcolors(256)
+    (img.quantize(len(colours)) if colours else img).save(path, optimize=True)
 
 
 def font(size=10):
@@ -469,7 +476,9 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
         base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
         groups.setdefault(base if base in keys else k, []).append(k)
     dense = lambda k: has(points, k) and len(points) >= len(rows)  # the points, unless sparser than epochs
-    series = {k: [(float(r["step"]), float(r[k])) for r in (points if dense(k) else rows)] for k in keys}
+    first = float(points[0]["step"]) if points else math.inf     # a run resumed from one that logged no
+    early = lambda k: [r for r in rows if dense(k) and float(r["step"]) < first and has([r], k)]  # points
+    series = {k: [(float(r["step"]), float(r[k])) for r in early(k) + (points if dense(k) else rows)] for k in keys}
     ends = [float(r["step"]) for r in rows]
     every = int(points[1]["step"]) - int(points[0]["step"]) if len(points) > 1 else "N"
     xs = [x for k in keys for x, _ in series[k]] + ends
@@ -516,9 +525,10 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
             how = f"mean of {every} steps" if dense(k) else "per epoch"
             d.line([right + 8, top + 8 + 28 * j, right + 26, top + 8 + 28 * j], fill=c, width=3)
             d.text((right + 31, top + 2 + 28 * j), f"{k}\n{how}", fill="black", font=f, spacing=1)
-    d.text(((left + right) // 2, img.height - 2), "optimizer step (grey lines: epoch ends)",
+    before = f"; epoch means before step {first:.0f}, the first logged" if any(early(k) for k in keys) else ""
+    d.text(((left + right) // 2, img.height - 2), f"optimizer step (grey lines: epoch ends{before})",
            fill="black", font=f, anchor="md")
-    img.save(path)
+    save_png(img, path)
 
 
 def epoch_frames(folder):

@@ -326,13 +326,27 @@ def test_grid_and_gif_files(tmp_path):
     assert (g[:2] == 0).all() and (g[22:30, 22:] == 0).all()   # padding, empty cells
     data.save_grid(x, tmp_path / "sub" / "grid.png", nrow=4)
     with Image.open(tmp_path / "sub" / "grid.png") as im:
-        assert im.size == (42, 32) and im.mode == "RGB"
+        assert im.size == (42, 32) and np.array_equal(np.asarray(im.convert("RGB")), g)
     frames = [Image.new("RGB", (20, 10), (40 * i, 0, 0)) for i in range(3)]
     frames[1].save(tmp_path / "f1.png")
     frames[1] = str(tmp_path / "f1.png")                       # paths and images both accepted
     data.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
     with Image.open(tmp_path / "a.gif") as im:
         assert im.size == (20, 10) and im.n_frames == 3 and im.info["loop"] == 0
+
+
+@pytest.mark.parametrize("n_colours", [1, 2, 97, 256, 257])
+def test_save_png_is_lossless_and_a_palette_png_up_to_256_colours(tmp_path, n_colours):
+    rng = np.random.default_rng(n_colours)
+    near = np.arange(n_colours)[:, None] // [1, 7, 49] % [7, 7, 7] + rng.integers(0, 249, 3)  # 1 apart
+    far = rng.choice(256 ** 3, n_colours, replace=False)[:, None] // [1, 256, 65536] % 256
+    for colours in (near, far):
+        every_colour = np.r_[np.arange(n_colours), rng.integers(0, n_colours, 48 * 48 - n_colours)]
+        a = colours.astype(np.uint8)[every_colour].reshape(48, 48, 3)
+        data.save_png(Image.fromarray(a), tmp_path / "x.png")
+        with Image.open(tmp_path / "x.png") as im:
+            assert im.mode == ("P" if n_colours <= 256 else "RGB")
+            assert np.array_equal(np.asarray(im.convert("RGB")), a)
 
 
 # ---------------------------------------------------------------------------------------------

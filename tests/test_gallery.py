@@ -126,6 +126,16 @@ def test_loss_plot_labels_units_and_uses_points(tmp_path):
     assert all(t.isascii() for t in units.values())                   # pillow's default font
 
 
+def test_loss_plot_draws_epoch_means_before_the_first_logged_point(tmp_path):
+    """A run resumed from one that logged no steps.csv: its early epochs still show (as means)."""
+    points = [{"epoch": 4 + (s - 31) // 10, "step": s, "recon": 1.0 + 1 / s} for s in range(32, 61, 2)]
+    for scale in (1, 3):
+        rows = [{"epoch": e, "step": 10 * e, "recon": scale * 5.0 / e if e <= 3 else 1.0 + 1 / e} for e in range(1, 7)]
+        data.plot_losses(rows, tmp_path / f"{scale}.png", points, {"recon": "squared error/image"})
+    a, b = (np.asarray(Image.open(tmp_path / f"{k}.png").convert("L")) for k in "13")
+    assert not np.array_equal(a, b)                                   # epochs 1-3 are drawn
+
+
 def test_nice_ticks_are_round():
     assert data.nice_ticks(0, 1240, integer=True) == [0, 200, 400, 600, 800, 1000, 1200]
     assert data.nice_ticks(0, 2, integer=True) == [0, 1, 2]
