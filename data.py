@@ -476,8 +476,9 @@ def plot_losses(rows, path, points=(), units=None, width=760, panel_h=170):
         base = "D(x)" if k == "D(G(z))" else k.removeprefix("test_")
         groups.setdefault(base if base in keys else k, []).append(k)
     dense = lambda k: has(points, k) and len(points) >= len(rows)  # the points, unless sparser than epochs
-    first = float(points[0]["step"]) if points else math.inf     # a run resumed from one that logged no
-    early = lambda k: [r for r in rows if dense(k) and float(r["step"]) < first and has([r], k)]  # points
+    # a run resumed from one that logged no points: its epoch means, up to the first point
+    first = float(points[0]["step"]) if points else math.inf
+    early = lambda k: [r for r in rows if dense(k) and float(r["step"]) < first and has([r], k)]
     series = {k: [(float(r["step"]), float(r[k])) for r in early(k) + (points if dense(k) else rows)] for k in keys}
     ends = [float(r["step"]) for r in rows]
     every = int(points[1]["step"]) - int(points[0]["step"]) if len(points) > 1 else "N"
