@@ -6,15 +6,18 @@ of one score per image. Discriminators/critics return raw scores (logits): the s
 inside the BCE losses, never in the network.
 
     loss                          equation                           source
-    gaussian_nll                  ½ Σ[((x − μ)/σ)² + log 2πσ²]       Kingma & Welling 2014, seed 000
-    kl_divergence                 −½ Σ(1 + log σ² − μ² − σ²)         Kingma & Welling 2014, seed 000
-    mse_recon                     Σ (x − x_hat)²                     seed 003
-    elbo_loss                     recon_scale·recon + kl_weight·KL   seeds 000, 001, 003
-    d_loss, g_loss                BCE on logits, non-saturating G    Goodfellow 2014, seeds 002-004
-    d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), seed 004
-    critic_loss, critic_gen_loss  E[D(x̃)] − E[D(x)];  −E[D(x̃)]     Arjovsky 2017, seed 002
-    gradient_penalty              E[(‖∇D(x̂)‖₂ − 1)²], λ by caller   Gulrajani 2017, seed 002
+    gaussian_nll                  ½ Σ[((x − μ)/σ)² + log 2πσ²]       Kingma & Welling 2014, Wuga VAE
+    kl_divergence                 −½ Σ(1 + log σ² − μ² − σ²)         Kingma & Welling 2014, Wuga VAE
+    mse_recon                     Σ (x − x_hat)²                     the LFW report
+    elbo_loss                     recon_scale·recon + kl_weight·KL   Wuga, Perriu, the LFW report
+    d_loss, g_loss                BCE on logits, non-saturating G    Goodfellow 2014; the GAN reports
+    d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), Akbari
+    critic_loss, critic_gen_loss  E[D(x̃)] − E[D(x)];  −E[D(x̃)]     Arjovsky 2017, anime GAN report
+    gradient_penalty              E[(‖∇D(x̂)‖₂ − 1)²], λ by caller   Gulrajani 2017, anime GAN report
     d_loss_hinge, g_loss_hinge    E[relu(1 − D(x))] + E[relu(1 + D(x̃))]; −E[D(x̃)]   Miyato 2018 (SN-GAN)
+
+The reports (seed reports 000-004): the Wuga VAE (Reuveni & Gisser on Wuga's method), Perriu's
+CelebA VAE, the anime GAN report (Chen, Ning & Lin), the LFW report (Xu), Akbari's anime DCGAN.
 
 Weight clipping (WGAN) is a parameter update, not a loss: it lives beside the training loop.
 """
@@ -40,11 +43,11 @@ def gaussian_nll(x, mean, obs_std, reduction="mean"):
 
     Reduction: sum over C·H·W, mean over the batch (nats per image); reduction="none" keeps
     one sum per image (shape B), as facegen.py's importance-weighted bound needs.
-    σ = obs_std: a float or a tensor broadcastable to x. It is seed 000's "GNLL var" hyperparameter
-    (Wuga's observation std: 0.01, or 0.1 for the VGG model).
+    σ = obs_std: a float or a tensor broadcastable to x: the Wuga VAE's "GNLL var" (its
+    observation std: 0.01, or 0.1 for the VGG model).
 
-    Seed 000 wrote the GNLL as 0.5·Σ(x − ŷ)² / (var² + log var). That is not a likelihood: for
-    var = 0.01 the denominator var² + log var ≈ −4.6 is negative, so minimising it would *reward*
+    Deviation: the Wuga report writes the GNLL as 0.5·Σ(x − ŷ)² / (var² + log var), not a
+    likelihood: for var = 0.01 the denominator is ≈ −4.6, so minimising it would *reward*
     reconstruction error. We compute the real Gaussian NLL above, with σ = var.
     """
     var = torch.as_tensor(obs_std, dtype=x.dtype, device=x.device) ** 2     # σ²
@@ -57,13 +60,13 @@ def kl_divergence(mu, logvar):
 
         KL = −½ Σ_latents (1 + logvar − mu² − e^logvar)
 
-    Reduction: sum over latent dimensions, mean over the batch. Seed 000 writes the same formula.
+    Reduction: sum over latent dimensions, mean over the batch. The Wuga report has the same formula.
     """
     return _batch_mean(-0.5 * (1 + logvar - mu ** 2 - logvar.exp()))
 
 
 def mse_recon(x, x_hat):
-    """Squared-error reconstruction loss (seed 003's autoencoder and VAE use MSE).
+    """Squared-error reconstruction loss (the LFW report's autoencoder and VAE use MSE).
 
         L = Σ_pixels (x − x_hat)²
 
@@ -77,12 +80,12 @@ def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
     """Weighted negative ELBO: L = recon_scale · recon + kl_weight · KL.
 
     With recon = gaussian_nll (at z ~ q(z|x), a one-sample estimate of −E_q[log p(x|z)]) and both
-    weights 1 this is −ELBO = −E_q[log p(x|z)] + KL(q‖p), nats per image: seed 001's
-    "ELBO = E_q[log q(z|x) − log p(z)] − E_q[log p(x|z)]", a loss to minimise.
-    The weights reproduce the seeds' experiments:
-      seed 000 part 2: "KL × 10, GNLL / 100" -> kl_weight=10, recon_scale=0.01 (then kl_weight=50);
-      seed 001: λ·KL with λ = 1e-5 (1e-3 … 1e-6 explored) -> kl_weight=λ;
-      seed 003: MSE + KLD weight 0.1 / 0.01 (0.2 tried) -> recon = mse_recon, kl_weight=w;
+    weights 1 this is −ELBO = −E_q[log p(x|z)] + KL(q‖p), nats per image (the reduction of its
+    inputs): Perriu's "ELBO = E_q[log q(z|x) − log p(z)] − E_q[log p(x|z)]", a loss to minimise.
+    The weights reproduce the reports' experiments:
+      Wuga part 2: "KL × 10, GNLL / 100" -> kl_weight=10, recon_scale=0.01 (then kl_weight=50);
+      Perriu: λ·KL with λ = 1e-5 (1e-3 … 1e-6 explored) -> kl_weight=λ;
+      the LFW report: MSE + KLD weight 0.1 / 0.01 (0.2 tried) -> recon = mse_recon, kl_weight=w;
       β-VAE (Higgins et al. 2017) is kl_weight = β.
     Only weights (1, 1) with the Gaussian NLL give a bound on −log p(x) in nats.
     """
@@ -99,9 +102,9 @@ def d_loss(real_logits, fake_logits):
         L_D = −E[log D(x)] − E[log(1 − D(G(z)))]
             = mean softplus(−l_real) + mean softplus(l_fake)
 
-    i.e. BCE(real → 1) + BCE(fake → 0), each a mean over its batch (seed 004: "the sum of loss
-    for real and fake"). softplus(l) = log(1 + e^l) never forms sigmoid(l), so it stays finite
-    (and so does its gradient) for logits of any size.
+    i.e. BCE(real → 1) + BCE(fake → 0), each a mean over its batch (Akbari: "the sum of loss for
+    real and fake"). softplus(l) = log(1 + e^l) never forms sigmoid(l), so it and its gradient
+    stay finite for logits of any size.
     """
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
@@ -109,31 +112,31 @@ def d_loss(real_logits, fake_logits):
 def g_loss(fake_logits):
     """Non-saturating generator loss (Goodfellow et al. 2014, §3):
 
-        L_G = −E[log D(G(z))] = mean softplus(−l_fake)
+        L_G = −E[log D(G(z))] = mean softplus(−l_fake)     (mean over the batch)
 
-    Minimising log(1 − D(G(z))) instead (seed 002's slide) saturates: its gradient vanishes
-    when D confidently rejects the fakes. This is BCE(fake → 1), seed 004's "real labels" trick.
+    Minimising log(1 − D(G(z))) instead (the anime GAN report's slide) saturates: its gradient
+    vanishes when D confidently rejects the fakes. This is BCE(fake → 1), Akbari's "real labels".
     """
     return F.softplus(-fake_logits).mean()
 
 
 # ---------------------------------------------------------------------------------------------
-# Least-squares GAN (seed 004's "MSE" loss)
+# Least-squares GAN (Akbari's "MSE" loss)
 # ---------------------------------------------------------------------------------------------
 
 def d_loss_ls(real_out, fake_out):
     """Least-squares discriminator loss (LSGAN, Mao et al. 2017, with a = 0, b = c = 1):
 
-        L_D = mean (D(x) − 1)² + mean D(G(z))²     on raw scores (no sigmoid)
+        L_D = mean (D(x) − 1)² + mean D(G(z))²     on raw scores (no sigmoid), means over the batch
 
-    Seed 004: "the loss function ... is MSE; discriminator's loss is the sum of loss for real and
-    fake images". The paper's ½ on each term is dropped because the seed sums the two MSEs.
+    Akbari: "the loss function ... is MSE; discriminator's loss is the sum of loss for real and
+    fake images". Deviation: the paper's ½ on each term is dropped because the report sums the MSEs.
     """
     return ((real_out - 1) ** 2).mean() + (fake_out ** 2).mean()
 
 
 def g_loss_ls(fake_out):
-    """Least-squares generator loss (Mao et al. 2017, c = 1): L_G = mean (D(G(z)) − 1)²."""
+    """Least-squares generator loss (Mao et al. 2017, c = 1): L_G = mean (D(G(z)) − 1)² over the batch."""
     return ((fake_out - 1) ** 2).mean()
 
 
@@ -152,10 +155,10 @@ def critic_loss(real_scores, fake_scores):
 
 
 def critic_gen_loss(fake_scores):
-    """WGAN generator loss (Arjovsky et al. 2017): L_G = −E[D(G(z))].
+    """WGAN generator loss (Arjovsky et al. 2017): L_G = −E[D(G(z))], mean over the batch.
 
-    Seed 002's table writes the G objective as +(1/m) Σ D(G(z)); minimising that would push the
-    fakes *away* from what the critic scores as real. We use the paper's sign.
+    Deviation: the anime GAN report writes the G objective as +(1/m) Σ D(G(z)); minimising that
+    would push the fakes *away* from what the critic scores as real. We use the paper's sign.
     """
     return -fake_scores.mean()
 
@@ -166,12 +169,11 @@ def gradient_penalty(critic, real, fake, eps=None):
         GP = E_x̂[ (‖∇_x̂ D(x̂)‖₂ − 1)² ],   x̂ = ε x + (1 − ε) x̃,   ε ~ U[0, 1]
 
     ε is drawn once per sample (shape B×1×1×1, or given as `eps`) and the norm is taken over all
-    C·H·W values of each sample's gradient: a per-pixel norm is a common bug. Mean over the batch. The caller
-    adds λ·GP to critic_loss (λ = 10 in the paper; seed 002 tried 0.5 and 5).
-
-    create_graph=True keeps the penalty differentiable w.r.t. the critic's parameters. fake is
-    detached: the penalty trains the critic only. The per-sample gradient is only meaningful
-    for a critic without BatchNorm (seed 002: samples in a batch must not interact).
+    C·H·W values of each sample's gradient (a per-pixel norm is a common bug). Mean over the
+    batch. The caller adds λ·GP to critic_loss (λ = 10 in the paper; the anime GAN report tried
+    0.5 and 5). create_graph=True keeps the penalty differentiable w.r.t. the critic's
+    parameters; fake is detached: the penalty trains the critic only. The per-sample gradient is
+    only meaningful for a critic without BatchNorm (samples in a batch must not interact).
     """
     if eps is None:  # train.py passes its rank's slice of one global draw under torchrun
         eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), dtype=real.dtype, device=real.device)
@@ -184,7 +186,7 @@ def gradient_penalty(critic, real, fake, eps=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hinge loss (SN-GAN, seed 002's future work)
+# Hinge loss (SN-GAN, the anime GAN report's future work)
 # ---------------------------------------------------------------------------------------------
 
 def d_loss_hinge(real_scores, fake_scores):
@@ -199,8 +201,8 @@ def d_loss_hinge(real_scores, fake_scores):
 
 
 def g_loss_hinge(fake_scores):
-    """Hinge generator loss (Miyato et al. 2018): L_G = −E[D(x̃)], the Wasserstein generator loss;
-    only D's loss has the margin."""
+    """Hinge generator loss (Miyato et al. 2018): L_G = −E[D(x̃)], mean over the batch: the
+    Wasserstein generator loss; only D's loss has the margin."""
     return -fake_scores.mean()
 
 

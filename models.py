@@ -1,78 +1,55 @@
-"""Every facegen architecture, the reparameterisation trick and the seeds' weight init.
+"""Every facegen network, the reparameterisation trick, the seeds' weight init, and checkpoints.
 
-Reading order: shared pieces (reparameterize, init_weights, conv_stack) -> autoencoders
-(seeds 000, 001, 003) -> GAN generators and discriminators (seeds 002, 004) -> build_model, the
-one constructor that train.py and facegen.py share.
-
+Reading order: reparameterize, init_weights, the VAE -> conv_stack, the one layer builder -> the
+autoencoders -> the GAN G and D -> build_model / from_config -> save_checkpoint / load_checkpoint.
 Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size in
 the code is computed from the image size with the conv arithmetic, never typed in.
 """
+import contextlib
 import copy
 import math
+import os
+import pickle
+import re
+import tempfile
+import zipfile
 
 import torch
 from torch import nn
 
-# ---------------------------------------------------------------------------------------------
-# Registry: names, families, seed defaults
-# ---------------------------------------------------------------------------------------------
+import data
 
-MODELS = {
-    "vae": "seed 000 part 1-2 (Wuga VAE): 4 conv 5x5 s2 + BN + ReLU, FC+BN -> (mu, logvar), FC -> convT 5x5 decoder",
-    "vae-vgg": "seed 000 part 3: VGG16 conv encoder (13 conv 3x3, BN, max-pool), mirrored upsample+conv decoder",
-    "vae-in": "seed 001: 8 conv + InstanceNorm + ReLU, FC mu/logvar, FC -> 8 convT + IN decoder, 64x48 faces",
-    "ae": "seed 003 baseline: convolutional autoencoder, depth 3, BN + LeakyReLU, no sampling",
-    "vae-lrelu": "seed 003 VAE: 4 conv + 4 convT, BN + LeakyReLU(0.2), FC mu/logvar",
-    "dcgan": "seeds 002/003/004: DCGAN generator + discriminator (arch 'classic' or 'seed002')",
-    "wgan": "seed 002: DCGAN generator + critic (D with BN, raw score), weight clipping",
-    "wgan-gp": "seed 002: DCGAN generator + critic without BatchNorm (critic_norm 'none' or 'layer')",
-    "vaegan": "seed 003: the vae-lrelu net + 5-layer conv discriminator (BN, LeakyReLU)",
-    "sngan": "seed 002's future work: DCGAN generator + spectrally normalised D without BN, hinge loss",
-}
-FAMILY = {"vae": "autoencoder", "vae-vgg": "autoencoder", "vae-in": "autoencoder",
-          "ae": "autoencoder", "vae-lrelu": "autoencoder", "dcgan": "adversarial",
-          "wgan": "wasserstein", "wgan-gp": "wasserstein", "vaegan": "vaegan", "sngan": "adversarial"}
+# name -> family (which training loop), and the latent size of its report
+FAMILY = {"vae": "autoencoder", "vae-vgg": "autoencoder", "vae-in": "autoencoder", "ae": "autoencoder",
+          "vae-lrelu": "autoencoder", "dcgan": "adversarial", "wgan": "wasserstein", "wgan-gp": "wasserstein",
+          "vaegan": "vaegan", "sngan": "adversarial"}
 DEFAULT_LATENT = {"vae": 64, "vae-vgg": 512, "vae-in": 64, "ae": 128, "vae-lrelu": 128,
                   "dcgan": 100, "wgan": 100, "wgan-gp": 100, "vaegan": 128, "sngan": 128}
+MODELS = tuple(FAMILY)
 ARCHS = ("classic", "seed002")
 DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
 CRITIC_NORMS = ("none", "layer")
-
-_SIZES = {name: [(64, 64), (32, 32)] for name in MODELS}
-_SIZES["vae-in"] = [(64, 48), (32, 24), (64, 64), (32, 32)]   # seed 001 trains on 64x48 (H x W)
 
 
 def supported_sizes(name):
     """Image sizes (H, W) that build_model accepts for `name` (each one is tested)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return list(_SIZES[name])
+    return [(64, 48), (32, 24), (64, 64), (32, 32)] if name == "vae-in" else [(64, 64), (32, 32)]  # Perriu: 64x48
 
-
-# ---------------------------------------------------------------------------------------------
-# Reparameterisation trick and weight init (exactly one of each)
-# ---------------------------------------------------------------------------------------------
 
 def reparameterize(mu, logvar, eps=None):
     """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013).
-
-    Sampling z ~ N(mu, sigma^2) is not differentiable in (mu, sigma); drawing the noise eps
-    separately makes z a deterministic, differentiable function of mu and logvar. eps defaults to
-    a draw from the global RNG (torch.manual_seed makes it reproducible); train.py passes its own
-    under DistributedDataParallel so every rank uses its slice of one global draw.
-    """
-    eps = torch.randn_like(mu) if eps is None else eps
-    return mu + torch.exp(0.5 * logvar) * eps
+    Drawing eps apart makes z a differentiable function of mu and logvar. eps defaults to a draw
+    from the global RNG; under torchrun train.py passes its rank's slice of one global draw."""
+    return mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if eps is None else eps)
 
 
 def init_weights(module):
-    """Seed 000 (Wuga) and DCGAN init, for `model.apply(init_weights)`.
-
+    """The Wuga VAE's and DCGAN's init, for `model.apply(init_weights)`:
     Conv, ConvTranspose, Linear:  w ~ N(0, 0.02^2),  b = 0.
     BatchNorm (1d, 2d):           gamma ~ N(1, 0.02^2),  beta = 0.
-    InstanceNorm / GroupNorm keep PyTorch's gamma = 1, beta = 0: the seeds state the rule for
-    BatchNorm only.
-    """
+    InstanceNorm / GroupNorm keep PyTorch's gamma = 1, beta = 0 (the reports' rule names BN only)."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
@@ -82,52 +59,79 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def count_params(module):
-    """Number of scalar parameters in `module`."""
-    return sum(p.numel() for p in module.parameters())
+class VAE(nn.Module):
+    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013).
+    encoder: x -> flat features; head: features -> [mu, logvar] (B, 2z), split in half (the same
+    map as Perriu's two Linears); decoder: a Generator. variational=False is the plain autoencoder:
+    the head outputs the code itself, encode returns (code, None) and forward decodes it."""
+    def __init__(self, encoder, head, decoder, variational=True):
+        super().__init__()
+        self.encoder, self.head, self.decoder, self.variational = encoder, head, decoder, variational
+        self.latent_dim, self.classes = decoder.latent_dim, decoder.classes
+
+    def encode(self, x, y=None):
+        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None).
+        Conditional (a CVAE, Sohn et al. 2015): q(z|x, y), the head reads [features, one_hot(y)]."""
+        h = self.encoder(x)
+        if self.classes:
+            h = torch.cat([h, one_hot(y, self.classes).to(h.dtype)], 1)
+        h = self.head(h)
+        return h.chunk(2, dim=1) if self.variational else (h, None)
+
+    def decode(self, z, y=None):
+        """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]; a CVAE decodes p(x|z, y)."""
+        return self.decoder(z, y)
+
+    def forward(self, x, eps=None, y=None):
+        """x -> (x_hat, mu, logvar); a VAE always samples z = mu + sigma * eps, the AE uses z = mu."""
+        mu, logvar = self.encode(x, y)
+        z = mu if logvar is None else reparameterize(mu, logvar, eps)
+        return self.decode(z, y), mu, logvar
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks: one conv-stack builder that also computes the output shape
-# ---------------------------------------------------------------------------------------------
-
-def _norm(kind, c):
-    """Normalisation over c channels. 'layer' is GroupNorm(1, C): each sample normalised over its
-    own C x H x W with a per-channel affine (the WGAN-GP paper's layer norm), so a sample's
-    output never depends on the rest of the batch and the gradient penalty stays per-sample."""
-    return {"batch": [nn.BatchNorm2d(c)],
-            "instance": [nn.InstanceNorm2d(c, affine=True)],   # affine: learned gamma, beta like BN
-            "layer": [nn.GroupNorm(1, c)],
-            "none": []}[kind]
+def one_hot(y, classes):
+    """Labels y (B, K), entry k in range(classes[k]) -> (B, sum(classes)): the K one-hot codes side by side."""
+    return torch.cat([nn.functional.one_hot(y[:, k], n) for k, n in enumerate(classes)], 1).float()
 
 
-def _act(kind):
-    # in place: each activation overwrites the norm's / conv's output, which nothing else reads
-    # (their backward needs their input), saving one activation-sized allocation per layer
+class Generator(nn.Sequential):
+    """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]: GAN generators and VAE decoders.
+    Conditional (classes: the number of values of each attribute): forward(z, y) decodes
+    [z, one_hot(y)] (Mirza & Osindero 2014's concatenation; the same code makes a CVAE)."""
+    def __init__(self, latent_dim, *layers, classes=()):
+        super().__init__(*layers)
+        self.latent_dim, self.classes = latent_dim, tuple(classes)
+
+    def forward(self, z, y=None):
+        if self.classes:
+            z = torch.cat([z, one_hot(y, self.classes).to(z.dtype)], 1)    # [z, y] (B, z + sum(classes))
+        return super().forward(z)
+
+
+# ---- one conv-stack builder that also computes the output shape ----------------------------
+def _norm(kind, c):  # 'layer': GroupNorm(1, C), the WGAN-GP paper's per-sample layer norm
+    return {"batch": [nn.BatchNorm2d(c)], "instance": [nn.InstanceNorm2d(c, affine=True)],  # affine like BN
+            "layer": [nn.GroupNorm(1, c)], "none": []}[kind]
+
+
+def _act(kind):  # in place: each overwrites the norm's / conv's output, which nothing else reads
     return {"relu": [nn.ReLU(inplace=True)], "lrelu": [nn.LeakyReLU(0.2, inplace=True)], "tanh": [nn.Tanh()],
             None: []}[kind]
 
 
 def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_first=True):
     """Layers [conv -> norm -> act] for every entry of `spec`; returns (nn.Sequential, out shape).
-
-    shape: input (C, H, W). spec entries: (c_out, k, stride, pad) for a conv, or
-    (c_out, k, stride, pad, output_pad) for a transposed conv (transpose=True), or "pool"
-    (2x2 max-pool) / "up" (x2 nearest upsampling). norm_first=False leaves the first conv
-    without normalisation (DCGAN discriminators). Output sizes follow the conv arithmetic:
+    shape: input (C, H, W). spec entries: (c_out, k, stride, pad) for a conv, (c_out, k, stride,
+    pad, output_pad) for a transposed conv (transpose=True), "pool" (2x2 max-pool) or "up" (x2
+    nearest). norm_first=False: no norm after the first conv (DCGAN D). The conv arithmetic:
         conv:  H' = floor((H + 2p - k) / s) + 1
-        convT: H' = (H - 1) s - 2p + k + output_pad
-    """
+        convT: H' = (H - 1) s - 2p + k + output_pad"""
     c, h, w = shape
     layers, n_conv = [], 0
     for entry in spec:
-        if entry == "pool":
-            layers.append(nn.MaxPool2d(2))
-            h, w = h // 2, w // 2
-            continue
-        if entry == "up":
-            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
-            h, w = 2 * h, 2 * w
+        if entry in ("pool", "up"):
+            layers.append(nn.MaxPool2d(2) if entry == "pool" else nn.Upsample(scale_factor=2, mode="nearest"))
+            h, w = (h // 2, w // 2) if entry == "pool" else (2 * h, 2 * w)
             continue
         c_out, k, s, p, *op = entry
         if transpose:
@@ -143,281 +147,107 @@ def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_firs
 
 
 def _project(z_dim, shape, norm, act):
-    """z (B, z_dim) -> Linear -> reshape to `shape` (C, H, W) -> norm -> act.
-    The DCGAN 'project and reshape'; the norm is per channel, after the reshape."""
+    """The DCGAN 'project and reshape': z (B, z_dim) -> Linear -> `shape` (C, H, W) -> norm -> act."""
     return [nn.Linear(z_dim, math.prod(shape)), nn.Unflatten(1, shape)] + _norm(norm, shape[0]) + _act(act)
 
 
-class SpectralNorm(nn.Module):
-    """A conv or linear layer whose weight is divided by its largest singular value (Miyato et al.
-    2018): W_SN = W / σ(W), so the layer is 1-Lipschitz and D, a stack of them with LeakyReLU, is too.
-
-    σ(W) of the matrix W (out, in·k·k) is estimated by power iteration with a persistent left
-    singular vector u (a buffer: it is saved in checkpoints, so a resumed run continues the very
-    same estimate). One iteration per training forward, as in the paper's Algorithm 1:
-        v ← Wᵀu / ‖Wᵀu‖,   u ← W v / ‖W v‖        (no gradient: u is a constant for backprop)
-        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)
-    In eval mode u is frozen. Hand-written rather than torch.nn.utils.parametrizations.spectral_norm
-    so the reader sees the ten lines that are the method; tests check σ against
-    torch.linalg.matrix_norm(W, ord=2).
-    """
-
-    def __init__(self, layer, eps=1e-12):
-        super().__init__()
-        self.layer, self.eps = layer, eps
-        u = torch.randn(layer.weight.shape[0])                  # (out,): from the global RNG
-        self.register_buffer("u", u / u.norm().clamp_min(eps))
-
-    def sigma(self):
-        """Power-iteration estimate of the spectral norm of the layer's weight (one step in training)."""
-        W = self.layer.weight.flatten(1)                        # (out, in·k·k)
-        if self.training:
-            with torch.no_grad():
-                v = W.t().float() @ self.u
-                v = v / v.norm().clamp_min(self.eps)            # v ← Wᵀu / ‖Wᵀu‖
-                u = W.float() @ v
-                self.u.copy_(u / u.norm().clamp_min(self.eps))  # u ← Wv / ‖Wv‖
-        u = self.u.clone()          # a copy in the graph: the next forward updates the buffer in place
-        return (W.t() @ u.to(W.dtype)).norm()                   # σ = ‖Wᵀu‖
-
-    def forward(self, x):
-        layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
-        if isinstance(layer, nn.Linear):
-            return nn.functional.linear(x, w, layer.bias)
-        return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+def _vae(z, classes, enc, head, start, dec, out, norm="batch", act="relu", variational=True):
+    """VAE(enc + Flatten, head, decoder [project z to `start`, dec, out]); callers build the
+    projection last, after dec and out: the order the layers draw their default init from the RNG."""
+    decoder = Generator(z, *_project(z + sum(classes), start, norm, act), *dec, *out, classes=classes)
+    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder, variational)
 
 
-def one_hot(y, classes):
-    """Labels y (B, K), entry k in range(classes[k]) -> (B, sum(classes)): the K one-hot codes side by side."""
-    return torch.cat([nn.functional.one_hot(y[:, k], n) for k, n in enumerate(classes)], 1).float()
-
-
-class Generator(nn.Sequential):
-    """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]. GAN generators and VAE decoders.
-    Conditional (classes = the number of values of each of K attributes): forward(z, y) decodes
-    [z, one_hot(y)], so the first layer takes latent_dim + sum(classes) inputs (Mirza & Osindero
-    2014's concatenation: the simplest way to give G the label, and the same code for a CVAE)."""
-
-    def __init__(self, latent_dim, *layers, classes=()):
-        super().__init__(*layers)
-        self.latent_dim, self.classes = latent_dim, tuple(classes)
-
-    def forward(self, z, y=None):
-        if self.classes:
-            z = torch.cat([z, one_hot(y, self.classes).to(z.dtype)], 1)    # [z, y] (B, z + sum(classes))
-        return super().forward(z)
-
-
-class Discriminator(nn.Sequential):
-    """x (B, 3, H, W) -> raw score (B,): a logit for the BCE/LS losses, a critic value for the
-    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable).
-
-    Conditional: the projection discriminator (Miyato & Koyama 2018),
-        D(x, y) = ψ(φ(x)) + Σ_k V_k[y_k]ᵀ φ(x),   φ(x) = the last features summed over H x W,
-    one embedding row V_k[v] (C,) per value v of attribute k. Chosen over concatenating y to
-    D's input: the label enters as an inner product with the features D already computes, which
-    is what the paper shows controls the class far better, and needs no label-sized input channels.
-    """
-
-    def __init__(self, *layers, classes=()):
-        super().__init__(*layers)
-        self.classes = tuple(classes)
-        if self.classes:
-            c = next(m for m in reversed(layers) if isinstance(m, (nn.Conv2d, SpectralNorm)))
-            c = (c.layer if isinstance(c, SpectralNorm) else c).in_channels          # C of φ(x)
-            # V: every attribute's rows stacked, attribute k's starting at offsets[k] (a Parameter,
-            # not a module, so the Sequential's layers stay exactly the unconditional D's). V = 0
-            # at first: D starts as the unconditional D and learns what each label adds.
-            self.embed = nn.Parameter(torch.zeros(sum(self.classes), c))
-            self.register_buffer("offsets", torch.tensor([0, *self.classes[:-1]]).cumsum(0), persistent=False)
-
-    def forward(self, x, y=None):
-        if not self.classes:
-            return super().forward(x).reshape(len(x))   # (B, 1, 1, 1) -> (B,)
-        *body, last = self
-        h = x
-        for layer in body:
-            h = layer(h)                                   # C x 4 x 4
-        score = last(h).reshape(len(x))                    # ψ(φ(x)) (B,)
-        v = self.embed[y + self.offsets].sum(1)            # Σ_k V_k[y_k] (B, C)
-        return score + (v * h.sum((2, 3))).sum(1)          # + ⟨Σ_k V_k[y_k], φ(x)⟩
-
-
-class VAE(nn.Module):
-    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013).
-
-    encoder: x -> flat features; head: features -> [mu, logvar] (B, 2 z), split in half (one
-    Linear to 2z is the same map as seed 001's two Linears for mu and logvar); decoder: a
-    Generator. variational=False is the plain autoencoder: the head outputs the code itself,
-    encode returns (code, None) and forward decodes z = code without sampling.
-    """
-
-    def __init__(self, encoder, head, decoder, variational=True):
-        super().__init__()
-        self.encoder, self.head, self.decoder = encoder, head, decoder
-        self.variational = variational
-        self.latent_dim, self.classes = decoder.latent_dim, decoder.classes
-
-    def encode(self, x, y=None):
-        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None).
-        Conditional (a CVAE, Sohn et al. 2015): q(z|x, y), the head reads [features, one_hot(y)]."""
-        h = self.encoder(x)
-        if self.classes:
-            h = torch.cat([h, one_hot(y, self.classes).to(h.dtype)], 1)
-        h = self.head(h)
-        if not self.variational:
-            return h, None
-        mu, logvar = h.chunk(2, dim=1)
-        return mu, logvar
-
-    def decode(self, z, y=None):
-        """z (B, latent_dim) -> x_hat (B, 3, H, W) in [-1, 1]; a CVAE decodes p(x|z, y)."""
-        return self.decoder(z, y)
-
-    def forward(self, x, eps=None, y=None):
-        """x -> (x_hat, mu, logvar); a VAE always samples z = mu + sigma * eps, the AE uses z = mu."""
-        mu, logvar = self.encode(x, y)
-        z = mu if logvar is None else reparameterize(mu, logvar, eps)
-        return self.decode(z, y), mu, logvar
-
-
-# ---------------------------------------------------------------------------------------------
-# Autoencoders
-# ---------------------------------------------------------------------------------------------
-
+# ---- autoencoders ---------------------------------------------------------------------------
 def _vae_wuga(size, z, classes=()):
-    """Seed 000 (Wuga): conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity
+    """Wuga VAE: conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity
     activation; decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
-    H, W = size
-    enc, (c, h, w) = conv_stack((3, H, W), [
-        (64, 5, 2, 2),      # 64 x 32 x 32
-        (128, 5, 2, 2),     # 128 x 16 x 16
-        (256, 5, 2, 2),     # 256 x 8 x 8
-        (512, 5, 2, 2),     # 512 x 4 x 4
-    ], "batch", "relu")
-    n = c * h * w + sum(classes)  # 8192 (+ the one-hot labels of a CVAE)
-    head = nn.Sequential(nn.Linear(n, 2 * z), nn.BatchNorm1d(2 * z))        # [mu, logvar] (2z)
-    start = (256, H // 8, W // 8)                                          # 256 x 8 x 8
+    enc, (c, h, w) = conv_stack((3, *size), [(c, 5, 2, 2) for c in (64, 128, 256, 512)],
+                                "batch", "relu")     # 64 x 32 x 32, 128 x 16 x 16, 256 x 8 x 8, 512 x 4 x 4
+    head = nn.Sequential(nn.Linear(c * h * w + sum(classes), 2 * z), nn.BatchNorm1d(2 * z))  # 8192 -> [mu, logvar]
+    start = (256, size[0] // 8, size[1] // 8)                              # 256 x 8 x 8
     # output_padding 1 makes a 5x5 s2 p2 convT double exactly (TF 'same' padding in Wuga's code)
-    dec, shape = conv_stack(start, [
-        (256, 5, 2, 2, 1),  # 256 x 16 x 16
-        (128, 5, 2, 2, 1),  # 128 x 32 x 32
-        (32, 5, 2, 2, 1),   # 32 x 64 x 64
-    ], "batch", "relu", transpose=True)
+    dec, shape = conv_stack(start, [(c, 5, 2, 2, 1) for c in (256, 128, 32)],
+                            "batch", "relu", transpose=True)  # 256 x 16 x 16, 128 x 32 x 32, 32 x 64 x 64
     out, _ = conv_stack(shape, [(3, 5, 1, 2, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z + sum(classes), start, "batch", "relu"), *dec, *out, classes=classes)
-    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
-
-
-def _c3(*channels):
-    """VGG's 3x3 'same' convolutions (stride 1, pad 1) to each of `channels`."""
-    return [(c, 3, 1, 1) for c in channels]
+    return _vae(z, classes, enc, head, start, dec, out)
 
 
 def _vae_vgg(size, z, classes=()):
-    """Seed 000 part 3: VGG16's 13 conv 3x3 in 5 blocks, each block ended by a 2x2 max-pool, as
-    encoder; mirrored decoder of [x2 nearest upsample + 3x3 convs]. The seed shows no norm
-    layers; we add BN after every conv (the seed fought exploding gradients, and BN is what makes
-    a 26-conv net trainable from N(0, 0.02^2) init)."""
-    H, W = size
-    enc, (c, h, w) = conv_stack((3, H, W), [
-        *_c3(64, 64), "pool",           # 64 x 32 x 32
-        *_c3(128, 128), "pool",         # 128 x 16 x 16
-        *_c3(256, 256, 256), "pool",    # 256 x 8 x 8
-        *_c3(512, 512, 512), "pool",    # 512 x 4 x 4
-        *_c3(512, 512, 512), "pool",    # 512 x 2 x 2
-    ], "batch", "relu")
-    head = nn.Linear(c * h * w + sum(classes), 2 * z)                   # 2048 -> [mu, logvar]
-    dec, shape = conv_stack((c, h, w), [
-        "up", *_c3(512, 512, 512),      # 512 x 4 x 4
-        "up", *_c3(512, 512, 256),      # 256 x 8 x 8
-        "up", *_c3(256, 256, 128),      # 128 x 16 x 16
-        "up", *_c3(128, 64),            # 64 x 32 x 32
-        "up", *_c3(64),                 # 64 x 64 x 64
-    ], "batch", "relu")
+    """Wuga VAE part 3: VGG16's 13 conv 3x3 in 5 blocks, each ended by a 2x2 max-pool; mirrored
+    decoder of [x2 upsample + 3x3 convs]. The report shows no norm layers; we add BN after every
+    conv (it fought exploding gradients; BN makes 26 convs trainable from N(0, 0.02^2) init)."""
+    def _c3(*channels):   # VGG's 3x3 'same' convolutions (stride 1, pad 1)
+        return [(c, 3, 1, 1) for c in channels]
+    enc, (c, h, w) = conv_stack((3, *size), [*_c3(64, 64), "pool",          # 64 x 32 x 32
+                                             *_c3(128, 128), "pool",        # 128 x 16 x 16
+                                             *_c3(256, 256, 256), "pool",   # 256 x 8 x 8
+                                             *_c3(512, 512, 512), "pool",   # 512 x 4 x 4
+                                             *_c3(512, 512, 512), "pool"],  # 512 x 2 x 2
+                                "batch", "relu")
+    head = nn.Linear(c * h * w + sum(classes), 2 * z)                       # 2048 -> [mu, logvar]
+    dec, shape = conv_stack((c, h, w), ["up", *_c3(512, 512, 512),         # 512 x 4 x 4
+                                        "up", *_c3(512, 512, 256),         # 256 x 8 x 8
+                                        "up", *_c3(256, 256, 128),         # 128 x 16 x 16
+                                        "up", *_c3(128, 64),               # 64 x 32 x 32
+                                        "up", *_c3(64)], "batch", "relu")  # 64 x 64 x 64
     out, _ = conv_stack(shape, _c3(3), "none", "tanh")                  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z + sum(classes), (c, h, w), "batch", "relu"), *dec, *out, classes=classes)
-    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
+    return _vae(z, classes, enc, head, (c, h, w), dec, out)
 
 
 def _vae_in(size, z, classes=()):
-    """Seed 001: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar;
+    """Perriu's VAE: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar;
     decoder FC -> reshape -> the mirrored convT stack -> tanh. 32-pixel-high images drop the
     deepest (256-channel) stage, so 32x24 ends on the same 4x3 grid as 64x48."""
-    H, W = size
-    enc_spec = [
-        (32, 4, 2, 1),      # 32 x 32 x 24
-        (32, 3, 1, 1),      # 32 x 32 x 24
-        (64, 4, 2, 1),      # 64 x 16 x 12
-        (64, 3, 1, 1),      # 64 x 16 x 12
-        (128, 4, 2, 1),     # 128 x 8 x 6
-        (128, 3, 1, 1),     # 128 x 8 x 6
-        (256, 4, 2, 1),     # 256 x 4 x 3
-        (256, 3, 1, 1),     # 256 x 4 x 3
-    ]
-    # seed's Table 2 gives the 256->128 k4 layer stride 1 (4x3 -> 5x4, no doubling); we use stride 2
-    dec_spec = [
-        (256, 3, 1, 1, 0),  # 256 x 4 x 3
-        (128, 4, 2, 1, 0),  # 128 x 8 x 6
-        (128, 3, 1, 1, 0),  # 128 x 8 x 6
-        (64, 4, 2, 1, 0),   # 64 x 16 x 12
-        (64, 3, 1, 1, 0),   # 64 x 16 x 12
-        (32, 4, 2, 1, 0),   # 32 x 32 x 24
-        (32, 3, 1, 1, 0),   # 32 x 32 x 24
-    ]
-    if H < 64:
+    enc_spec = [(32, 4, 2, 1), (32, 3, 1, 1),       # 32 x 32 x 24
+                (64, 4, 2, 1), (64, 3, 1, 1),       # 64 x 16 x 12
+                (128, 4, 2, 1), (128, 3, 1, 1),     # 128 x 8 x 6
+                (256, 4, 2, 1), (256, 3, 1, 1)]     # 256 x 4 x 3
+    # the report's Table 2 gives the 256->128 k4 layer stride 1 (4x3 -> 5x4, no doubling); we use stride 2
+    dec_spec = [(256, 3, 1, 1, 0),                        # 256 x 4 x 3
+                (128, 4, 2, 1, 0), (128, 3, 1, 1, 0),     # 128 x 8 x 6
+                (64, 4, 2, 1, 0), (64, 3, 1, 1, 0),       # 64 x 16 x 12
+                (32, 4, 2, 1, 0), (32, 3, 1, 1, 0)]       # 32 x 32 x 24
+    if size[0] < 64:
         enc_spec, dec_spec = enc_spec[:-2], dec_spec[2:]
-    enc, start = conv_stack((3, H, W), enc_spec, "instance", "relu")    # 256 x 4 x 3
+    enc, start = conv_stack((3, *size), enc_spec, "instance", "relu")    # 256 x 4 x 3
     head = nn.Linear(math.prod(start) + sum(classes), 2 * z)            # 3072 -> [mu, logvar]
     dec, shape = conv_stack(start, dec_spec, "instance", "relu", transpose=True)
     out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 48
-    # seed: "Fully connected layer, Reshape input" with no norm or activation in between
-    decoder = Generator(z, *_project(z + sum(classes), start, "none", None), *dec, *out, classes=classes)
-    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder)
+    # the report: "Fully connected layer, Reshape input" with no norm or activation in between
+    return _vae(z, classes, enc, head, start, dec, out, "none", None)
 
 
 def _conv_ae(size, z, channels, variational, classes=()):
-    """Seed 003: conv 4x4 s2 p1 + BN + LeakyReLU(0.2) per channel count, a Linear bottleneck
-    (the AE's code, or the VAE's [mu, logvar]), Linear -> reshape + BN + LeakyReLU, then the
-    mirrored convT 4x4 s2 p1 stack -> tanh. Seed 003's figures are not in the text: kernel 4,
-    stride 2, pad 1 (the DCGAN halving layer) and channels 32, 64, ... are our choice."""
-    H, W = size
-    enc, start = conv_stack((3, H, W), [(c, 4, 2, 1) for c in channels],  # vae-lrelu: 32 x 32 x 32,
+    """The LFW report's nets: [conv 4x4 s2 p1 + BN + LeakyReLU(0.2)] per channel count, a Linear
+    bottleneck (the AE's code or the VAE's [mu, logvar]), Linear -> reshape + BN + LeakyReLU, the
+    mirrored convT stack -> tanh. The report gives no figures: k4 s2 p1 and channels are ours."""
+    enc, start = conv_stack((3, *size), [(c, 4, 2, 1) for c in channels],  # vae-lrelu: 32 x 32 x 32,
                             "batch", "lrelu")                              # ..., 256 x 4 x 4
     head = nn.Linear(math.prod(start) + sum(classes), 2 * z if variational else z)  # 4096 -> [mu, logvar]
     dec, shape = conv_stack(start, [(c, 4, 2, 1, 0) for c in channels[-2::-1]],  # 128 x 8 x 8,
                             "batch", "lrelu", transpose=True)                   # ..., 32 x 32 x 32
     out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
-    decoder = Generator(z, *_project(z + sum(classes), start, "batch", "lrelu"), *dec, *out, classes=classes)
-    return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder, variational)
+    return _vae(z, classes, enc, head, start, dec, out, "batch", "lrelu", variational)
 
-
-AE_CHANNELS = (32, 64, 128)                # depth 3 (seed 003 baseline): 128 x 8 x 8 at 64 px
-VAE_LRELU_CHANNELS = (32, 64, 128, 256)    # 4 conv + 4 convT: 256 x 4 x 4 at 64 px
 
 _AUTOENCODERS = {
-    "vae": _vae_wuga,
-    "vae-vgg": _vae_vgg,
-    "vae-in": _vae_in,
-    "ae": lambda size, z, classes=(): _conv_ae(size, z, AE_CHANNELS, False, classes),
-    "vae-lrelu": lambda size, z, classes=(): _conv_ae(size, z, VAE_LRELU_CHANNELS, True, classes),
+    "vae": _vae_wuga, "vae-vgg": _vae_vgg, "vae-in": _vae_in,
+    # ae: depth 3 (the LFW baseline), 128 x 8 x 8 at 64 px; vae-lrelu: 4 conv + 4 convT, 256 x 4 x 4
+    "ae": lambda size, z, classes=(): _conv_ae(size, z, (32, 64, 128), False, classes),
+    "vae-lrelu": lambda size, z, classes=(): _conv_ae(size, z, (32, 64, 128, 256), True, classes),
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# GANs: DCGAN generator and discriminator / critic, seed 002 and classic (seed 004) variants
-# ---------------------------------------------------------------------------------------------
-
-def _gan_channels(side):
-    """DCGAN channel plan: 64 maps at side/2, doubling at every halving down to 4 x 4.
-    64 px -> [64, 128, 256, 512]; 32 px -> [64, 128, 256] (one stage fewer)."""
-    return [64 * 2 ** i for i in range(int(math.log2(side)) - 2)]
+# ---- GANs: DCGAN generator and discriminator / critic, 'seed002' and 'classic' variants -------
+def _gan_channels(side):  # DCGAN: 64 maps at side/2, doubling at every halving down to 4 x 4
+    return [64 * 2 ** i for i in range(int(math.log2(side)) - 2)]  # 64 px: 64, 128, 256, 512
 
 
 def _generator(side, z, arch, classes=()):
-    """seed002: z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2 (256, 128, 64, 3) -> tanh.
-    classic (seed 004, Radford et al. 2016): z as z x 1 x 1 -> convT 4x4 s1 p0 -> 512 x 4 x 4,
-    then convT 4x4 s2 p1 up to 3 x 64 x 64, BN + ReLU after all but the last, tanh."""
+    """seed002 (the anime GAN report): z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2
+    (256, 128, 64, 3) -> tanh. classic (Radford et al. 2016, Akbari's report): z x 1 x 1 -> convT
+    4x4 s1 p0 -> 512 x 4 x 4 -> convT 4x4 s2 p1 up to 3 x 64 x 64; BN + ReLU but last, tanh."""
     ch = _gan_channels(side)[::-1]                                    # 512, 256, 128, 64
     z_in = z + sum(classes)                                           # [z, one_hot(y)]
     if arch == "seed002":
@@ -435,9 +265,8 @@ def _generator(side, z, arch, classes=()):
 
 def _discriminator(side, arch, norm, spectral=False, classes=()):
     """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
-    layer -> conv 4x4 valid -> 1 x 1 x 1 score. classic: the same with conv 4x4 s2 p1 (5 layers).
-    norm 'batch' for DCGAN/WGAN; 'none' or 'layer' for the WGAN-GP critic (per-sample).
-    spectral: every conv wrapped in SpectralNorm (SN-GAN; norm 'none': SN replaces BN)."""
+    layer -> conv 4x4 valid -> 1 x 1 x 1 score; classic: conv 4x4 s2 p1. norm: 'batch' (DCGAN,
+    WGAN), 'none' or 'layer' (WGAN-GP, per-sample). spectral: every conv in a SpectralNorm."""
     k, p = (5, 2) if arch == "seed002" else (4, 1)
     body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
                              norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
@@ -445,34 +274,81 @@ def _discriminator(side, arch, norm, spectral=False, classes=()):
     layers = [*body, *score]
     if spectral:
         layers = [SpectralNorm(m) if isinstance(m, nn.Conv2d) else m for m in layers]
-    return Discriminator(*layers, classes=classes)
+    return Discriminator(*layers, classes=classes, features=shape[0])
 
 
-# ---------------------------------------------------------------------------------------------
-# build_model: the one constructor train.py and facegen.py share
-# ---------------------------------------------------------------------------------------------
+class Discriminator(nn.Sequential):
+    """x (B, 3, H, W) -> raw score (B,): a logit for the BCE/LS losses, a critic value for the
+    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable).
+    Conditional: the projection discriminator (Miyato & Koyama 2018),
+        D(x, y) = ψ(φ(x)) + Σ_k V_k[y_k]ᵀ φ(x),   φ(x) = the last features summed over H x W,
+    one embedding row V_k[v] (C,) per value v of attribute k: the label meets the features D
+    already computes, which the paper shows controls the class far better than concatenating y."""
+    def __init__(self, *layers, classes=(), features=0):   # features: C of φ(x)
+        super().__init__(*layers)
+        self.classes = tuple(classes)
+        if self.classes:
+            # V: every attribute's rows stacked, attribute k's from offsets[k]; a Parameter, not a
+            # module, so the layers stay the unconditional D's. V = 0: D starts unconditional.
+            self.embed = nn.Parameter(torch.zeros(sum(self.classes), features))
+            self.register_buffer("offsets", torch.tensor([0, *self.classes[:-1]]).cumsum(0), persistent=False)
 
+    def forward(self, x, y=None):
+        if not self.classes:
+            return super().forward(x).reshape(len(x))   # (B, 1, 1, 1) -> (B,)
+        h = x
+        for layer in list(self)[:-1]:
+            h = layer(h)                                   # C x 4 x 4
+        v = self.embed[y + self.offsets].sum(1)            # Σ_k V_k[y_k] (B, C)
+        return self[-1](h).reshape(len(x)) + (v * h.sum((2, 3))).sum(1)   # ψ(φ(x)) + ⟨Σ_k V_k[y_k], φ(x)⟩
+
+
+class SpectralNorm(nn.Module):
+    """A conv or linear layer with weight W_SN = W / σ(W), σ its largest singular value (Miyato et
+    al. 2018): the layer is 1-Lipschitz, and so is D, a stack of them with LeakyReLU. σ(W) of the
+    matrix W (out, in·k·k) comes from power iteration with a persistent left singular vector u (a
+    buffer, checkpointed), one step per training forward (frozen in eval), as in Algorithm 1:
+        v ← Wᵀu / ‖Wᵀu‖,   u ← W v / ‖W v‖        (no gradient: u is a constant for backprop)
+        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)
+    Hand-written (not torch's parametrizations.spectral_norm) to show the ten lines of the method."""
+    def __init__(self, layer, eps=1e-12):
+        super().__init__()
+        self.layer, self.eps = layer, eps
+        u = torch.randn(layer.weight.shape[0])                  # (out,): from the global RNG
+        self.register_buffer("u", u / u.norm().clamp_min(eps))
+
+    def sigma(self):
+        W = self.layer.weight.flatten(1)                        # (out, in·k·k)
+        if self.training:
+            with torch.no_grad():
+                v = W.t().float() @ self.u
+                v = v / v.norm().clamp_min(self.eps)            # v ← Wᵀu / ‖Wᵀu‖
+                u = W.float() @ v
+                self.u.copy_(u / u.norm().clamp_min(self.eps))  # u ← Wv / ‖Wv‖
+        u = self.u.clone()          # a copy in the graph: the next forward updates the buffer in place
+        return (W.t() @ u.to(W.dtype)).norm()                   # σ = ‖Wᵀu‖
+
+    def forward(self, x):
+        layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
+        if isinstance(layer, nn.Linear):
+            return nn.functional.linear(x, w, layer.bias)
+        return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+# ---- build_model: the one constructor train.py and facegen.py share ---------------------------
 def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False):
-    """Build model `name` for images of `image_size` ((H, W) or an int) with init_weights applied.
-
-    Returns an nn.ModuleDict:
-      autoencoders (vae, vae-vgg, vae-in, ae, vae-lrelu): {"vae": net}
-      dcgan, wgan, wgan-gp, sngan:                         {"G": generator, "D": discriminator}
-      vaegan:                                              {"vae": vae-lrelu net, "D": discriminator}
-    latent_dim None -> DEFAULT_LATENT[name]. arch ("classic" | "seed002", None -> DEFAULT_ARCH)
-    applies to dcgan, wgan, wgan-gp, sngan only; critic_norm ("none" | "layer", None -> "none") to
-    wgan-gp only; any other model rejects an arch, and a critic_norm other than None/"none".
-    classes (the number of values of each attribute, e.g. (5, 2, 2)) makes it conditional: G and
-    the decoder take [z, one_hot(y)], the encoder reads y too (CVAE), D is a projection D.
-    ema adds "G_ema", a frozen copy of G that train.py keeps as a moving average of G's weights
-    (GANs only); generator() then draws from it.
-    Raises ValueError for an unknown name, unsupported size or bad option.
-    """
+    """Model `name` for images of `image_size` ((H, W) or an int), init_weights applied, as an
+    nn.ModuleDict: {"vae"} (autoencoders), {"G", "D"} (GANs) or {"vae", "D"} (vaegan).
+    latent_dim None -> DEFAULT_LATENT. arch ("classic" | "seed002", None -> DEFAULT_ARCH): GANs
+    only; critic_norm ("none" | "layer"): "layer" for wgan-gp only. classes (values per attribute,
+    e.g. (5, 2, 2)) makes it conditional: G and the decoder take [z, one_hot(y)], the encoder reads
+    y too (CVAE), D is a projection D. ema adds "G_ema", a frozen copy of G that train.py keeps as
+    a moving average of G (GANs only). Raises ValueError for anything it cannot build."""
     sizes = supported_sizes(name)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if size not in sizes:
-        got = "x".join(map(str, size))
-        raise ValueError(f"model {name} supports sizes {', '.join(f'{h}x{w}' for h, w in sizes)}; got {got}")
+        raise ValueError(f"model {name} supports sizes {', '.join(f'{h}x{w}' for h, w in sizes)}; "
+                         f"got {'x'.join(map(str, size))}")
     z = DEFAULT_LATENT[name] if latent_dim is None else int(latent_dim)
     if z < 1:
         raise ValueError(f"latent_dim must be a positive integer; got {latent_dim}")
@@ -484,22 +360,18 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
     critic_norm = critic_norm or "none"
     if critic_norm not in CRITIC_NORMS or (critic_norm != "none" and name != "wgan-gp"):
         raise ValueError(f"critic_norm {critic_norm!r}: 'none' or 'layer', and 'layer' only for wgan-gp")
-
     if FAMILY[name] == "autoencoder":
         models = {"vae": _AUTOENCODERS[name](size, z, classes)}
-    elif name == "vaegan":
-        # seed 003's D: 5 conv layers, BN, LeakyReLU -- the classic DCGAN discriminator
+    elif name == "vaegan":  # the LFW report's D: 5 conv, BN, LeakyReLU: the classic DCGAN D
         models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z, classes),
                   "D": _discriminator(size[0], "classic", "batch", classes=classes)}
-    elif name == "sngan":
-        # Miyato et al. 2018: spectral norm on every layer of D, and no BatchNorm there. The
-        # projection's V is not normalised (Miyato & Koyama do): a deviation, V is small.
-        models = {"G": _generator(size[0], z, arch, classes),
-                  "D": _discriminator(size[0], arch, "none", spectral=True, classes=classes)}
     else:
-        # seed 002: WGAN-GP removes BatchNorm from the critic (it couples the samples of a batch)
-        norm = critic_norm if name == "wgan-gp" else "batch"
-        models = {"G": _generator(size[0], z, arch, classes), "D": _discriminator(size[0], arch, norm, classes=classes)}
+        # WGAN-GP drops BatchNorm from the critic (it couples a batch's samples: the anime GAN
+        # report); SN-GAN (Miyato et al. 2018) uses spectral norm on every layer of D and no BN.
+        # The projection's V is not spectrally normalised (Miyato & Koyama do): a deviation, V is small.
+        norm = {"wgan-gp": critic_norm, "sngan": "none"}.get(name, "batch")
+        models = {"G": _generator(size[0], z, arch, classes),
+                  "D": _discriminator(size[0], arch, norm, spectral=name == "sngan", classes=classes)}
     models = nn.ModuleDict(models)
     models.apply(init_weights)
     if ema:
@@ -509,11 +381,33 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
     return models
 
 
-class Classifier(nn.Module):
-    """x (B, 3, H, W) -> one logit vector per attribute, (B, classes[k]) each: the attribute reader
-    of facegen.py's `control` (it measures whether generated faces carry the requested labels).
-    3 x [conv 4x4 s2 + BN + LeakyReLU(0.2)] (32, 64, 128 maps) -> one Linear for every attribute."""
+def label_classes(labels):
+    """{attribute: [values]} (a run's cfg["labels"]) -> the number of values of each, () for None."""
+    return tuple(len(v) for v in (labels or {}).values())
 
+
+def from_config(cfg):
+    """The nets of a run's config.json (train.py and facegen.py both build them here)."""
+    try:
+        return build_model(cfg["model"], tuple(cfg["image_size"]), cfg["latent_dim"], cfg["arch"],
+                           cfg["critic_norm"], label_classes(cfg.get("labels")), bool(cfg.get("ema")))
+    except ValueError as e:
+        raise data.UsageError(str(e)) from None
+
+
+def generator(models):
+    """(z (B, latent_dim)[, y]) -> images (B, 3, H, W): the VAE's decode, G_ema if kept, else G."""
+    return models["vae"].decode if "vae" in models else models["G_ema"] if "G_ema" in models else models["G"]
+
+
+def latent_dim(models):
+    """Latent size of a built model (what generator(models) expects)."""
+    return (models["vae"] if "vae" in models else models["G"]).latent_dim
+
+
+class Classifier(nn.Module):
+    """x (B, 3, H, W) -> one logit vector (B, classes[k]) per attribute: facegen.py's `control`
+    reads whether generated faces carry the asked labels. 3 x [conv 4x4 s2 + BN + LeakyReLU]."""
     def __init__(self, image_size, classes):
         super().__init__()
         body, shape = conv_stack((3, *image_size), [(32, 4, 2, 1), (64, 4, 2, 1), (128, 4, 2, 1)],
@@ -525,17 +419,81 @@ class Classifier(nn.Module):
         return self.head(self.body(x)).split(self.classes, 1)
 
 
-def label_classes(labels):
-    """{attribute: [values]} (a run's cfg["labels"]) -> the number of values of each, () for None."""
-    return tuple(len(v) for v in (labels or {}).values())
+# ---- checkpoints: atomic, weights-only, versioned ---------------------------------------------
+FORMAT = 2   # the layout of a checkpoint dict; load_checkpoint refuses any other
 
 
-def generator(models):
-    """The map (z (B, latent_dim)[, y]) -> images (B, 3, H, W) of a built model: VAE decode, or G
-    (its moving average G_ema when the run keeps one)."""
-    return models["vae"].decode if "vae" in models else models["G_ema"] if "G_ema" in models else models["G"]
+def save_checkpoint(state, path):
+    """torch.save({**state, "format": FORMAT}) to a temp file beside `path`, fsync, os.replace,
+    fsync the folder: a kill at any moment leaves the old checkpoint or the new one, never half.
+    A failed write removes the temp file; its OSError says the old checkpoint is unchanged."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({**state, "format": FORMAT}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the mode any other output file gets
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"could not write the checkpoint {path} ({e.strerror or e}); "
+                          f"the previous one is unchanged") from e
+        raise
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # make the rename itself durable
+    with contextlib.suppress(OSError):
+        os.fsync(dfd)
+    os.close(dfd)
 
 
-def latent_dim(models):
-    """Latent size of a built model (what generator(models) expects)."""
-    return (models["vae"] if "vae" in models else models["G"]).latent_dim
+def load_checkpoint(path, map_location="cpu"):
+    """The one checkpoint loader: `path` is a checkpoint or a run folder (its last.pt). weights_only:
+    one carrying pickled code is refused and nothing in it runs. Every problem: data.UsageError."""
+    run = os.path.isdir(path)
+    path = os.path.join(path, "last.pt") if run else str(path)
+    if not os.path.isfile(path):
+        why = ": the run stopped before its first checkpoint (start it again without --resume)" if run else ""
+        raise data.UsageError(f"no checkpoint at {path}{why}")
+    damaged = f"cannot read the checkpoint {path}: damaged, truncated or not a PyTorch checkpoint"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        if describe_file(path) == "it is a zip archive":
+            raise data.UsageError(f"{damaged} (its zip archive is incomplete)")
+        raise data.UsageError(f"{path} is not a PyTorch checkpoint: {describe_file(path)}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the weights-only unpickler met a global (code or a class)
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise data.UsageError(f"refusing to load {path}: it carries pickled code or objects "
+                              f"({found.group(1) if found else 'not plain tensors and containers'}), which a "
+                              f"facegen checkpoint never does; nothing in it was run") from None
+    except Exception as e:  # a damaged, truncated or foreign file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise data.UsageError(f"{damaged} ({type(e).__name__}: {first})") from None
+    if not (isinstance(state, dict) and {"nets", "config"} <= state.keys()):
+        raise data.UsageError(f"{path} is not a facegen checkpoint (it has no nets and config)")
+    if state.get("format") != FORMAT:
+        raise data.UsageError(f"{path} was written by an older version of facegen; train it again with this one")
+    return state
+
+
+MAGIC = {b"PK\x03\x04": "a zip archive", b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image",
+         b"GIF8": "a GIF image", b"\x1f\x8b": "gzip data", b"BM": "a BMP image", b"RIFF": "a RIFF file (WebP, WAV...)",
+         b"\x80": "a bare pickle (not torch.save's zip format)", b"%PDF": "a PDF document"}
+
+
+def describe_file(path):
+    """What a file looks like from its first bytes, for error messages."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    what = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
+    if what:
+        return f"it is {what}"
+    try:
+        return "it is text" if head.decode("utf-8") else "it is empty"
+    except UnicodeDecodeError:
+        return "its bytes are not any format facegen knows"

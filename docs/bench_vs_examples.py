@@ -18,7 +18,7 @@ the 64 fixed noise vectors at step 0, the two state_dicts saved at the end). Wha
 favours the peer: its data are random tensors already in memory (no DataLoader, no decoding, no
 torchvision), and it writes no image files. facegen trains on its synthetic faces with everything
 its loop does (data on the device, NaN watch, metrics.csv, loss.png, sample grid, last.pt).
-Both G steps score the critic step's fake batch (facegen's dcgan default, seed 004);
+Both G steps score the critic step's fake batch (facegen's dcgan default, as in report 004);
 --fast=--no-reuse-fakes times facegen drawing fresh z for its G step instead.
 
 facegen's `--arch classic` (the dcgan default) has the same layer shapes: checked before timing,
@@ -137,10 +137,9 @@ def cpu_line():
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    sys.path.insert(0, ROOT)
-    import train
-    return (f"{name}, {os.cpu_count()} cores visible, ATen {torch.backends.cpu.get_cpu_capability()}, "
-            f"native bf16: {'yes' if train.native_bf16(torch.device('cpu')) else 'no'}")
+    caps = torch.cpu.get_capabilities()
+    bf16 = any(caps.get(k) for k in ("avx512_bf16", "amx_bf16", "bf16"))
+    return f"{name}, {os.cpu_count()} cores visible, ATen {torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if bf16 else 'no'}"
 
 
 def timed(cmd, cwd):

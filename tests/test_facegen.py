@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import facegen
 import train
 
@@ -89,6 +90,18 @@ def test_every_command_has_help():
         assert e.value.code == 0
 
 
+@pytest.mark.parametrize("argv", [["sample", "--n", "1000000000"], ["sample", "--n", "0"], ["sample", "--std", "nan"],
+                                  ["pca", "--steps", "65"], ["pca", "--port", "70000"],
+                                  ["pca", "--port", "-1"], ["pca", "--range", "inf"], ["interpolate", "--steps", "1"],
+                                  ["std-sweep", "--stds", ",".join(["1"] * 65)], ["evaluate", "--k", "0"],
+                                  ["sample", "--seed", "-1"], ["gif", "--hold-last-ms", "100000000"]])
+def test_sizes_and_counts_are_bounded_at_parse_time(argv, capsys):
+    """Refused by argparse (exit 2, naming the flag) before any run is loaded: RUN need not exist."""
+    with pytest.raises(SystemExit) as e:
+        facegen.parse_args([argv[0], "no-such-run", *argv[1:]])
+    assert e.value.code == 2 and f"argument {argv[-2]}: " in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Pictures
 
@@ -112,11 +125,11 @@ def test_reconstruct_shows_the_runs_test_images_over_their_reconstructions(runs,
     path = runs["vae"] / "reconstruct.png"
     assert has_grid(path, 16, 4)                                     # 2 row pairs of 4, 2 blanks
     nets, cfg = facegen.load_run(str(runs["vae"]))
-    _, test = facegen.run_images(cfg)
+    _, test = data.run_data(cfg)
     t = tiles(path, 4, 4)
     assert np.array_equal(t[0, 0], test[0].permute(1, 2, 0).numpy())  # top row: the test images
     assert np.array_equal(t[2, 1], test[5].permute(1, 2, 0).numpy())
-    x_hat = facegen.decode(nets, facegen.encode_dataset(nets["vae"], test[:1])[0])
+    x_hat = facegen.decode(nets, facegen.encode_dataset(nets["vae"], test[:1]))
     assert np.array_equal(t[1, 0], uint8_hwc(x_hat[0]))               # below it: decode(mu)
     assert (t[2, 2:] == 0).all() and (t[3, 2:] == 0).all()          # padding after image 6
     folder = tmp_path / "imgs"
@@ -137,7 +150,7 @@ def test_interpolate_grid(runs, model, extra, tmp_path):
     assert not np.array_equal(t[0, 0], t[0, -1])                     # two different endpoints
     if cols == 7:                                                     # real images at both ends
         _, cfg = facegen.load_run(str(runs[model]))
-        test = [x.permute(1, 2, 0).numpy() for x in facegen.run_images(cfg)[1]]
+        test = [x.permute(1, 2, 0).numpy() for x in data.run_data(cfg)[1]]
         assert any(np.array_equal(t[0, 0], x) for x in test) and any(np.array_equal(t[0, -1], x) for x in test)
 
 
@@ -173,6 +186,35 @@ def test_pca_grid_walks_components_around_the_mean(runs):
     t = tiles(path, 4, 5)
     assert all(np.array_equal(t[0, 2], t[r, 2]) for r in range(4))  # centre column: the mean code
     assert not np.array_equal(t[0, 0], t[0, 4])
+
+
+def test_pca_traversal_labels_rows_by_variance_and_columns_by_sd(runs):
+    nets, cfg = facegen.load_run(str(runs["vae"]))
+    basis = facegen.fit_pca(nets, data.run_data(cfg)[0])
+    x, rows, cols = facegen.pca_traversal(nets, basis, 3, 5, 2.0)
+    share = basis[2] ** 2 / (basis[2] ** 2).sum()
+    assert x.shape == (15, 3, 32, 32)
+    assert rows == [f"PC{j + 1}\n{100 * share[j]:.1f}% var" for j in range(3)]
+    assert cols == ["-2\nsd", "-1\nsd", "mean", "+1\nsd", "+2\nsd"]
+    torch.testing.assert_close(x[2], x[7])                            # centre column: the mean code
+
+
+def test_labelled_commands_mark_rows_and_ends(runs, tmp_path):
+    def band(path, n, nrow):                                          # what lies outside the faces
+        a = np.asarray(Image.open(path).convert("RGB"))
+        gw, gh = grid_size(n, nrow)
+        return a, a[-gh:, :-gw], a[:-gh]
+    assert run_cli("reconstruct", runs["vae"], "--n", 4, "--nrow", 4, "--out", tmp_path / "r.png") == 0
+    a, left, top = band(tmp_path / "r.png", 8, 4)
+    assert a.shape[:2] == (2 * 34 + 2, left.shape[1] + 4 * 34 + 2) and (left < 128).any() and top.size == 0
+    assert run_cli("std-sweep", runs["vae"], "--n", 3, "--out", tmp_path / "s.png") == 0
+    a, left, _ = band(tmp_path / "s.png", 24, 3)
+    rows = [left[r * 34 + 2:r * 34 + 34] for r in range(8)]           # one label per row: std 0.25 ... 2
+    assert all((r < 128).any() for r in rows) and not np.array_equal(rows[0], rows[1])
+    for extra, n in (([], 12), (["--noise"], 8)):                     # t=0 / t=1 (and image A / B) above the ends
+        assert run_cli("interpolate", runs["vae"], "--rows", 2, "--steps", 4, "--out", tmp_path / "i.png", *extra) == 0
+        a, _, top = band(tmp_path / "i.png", n, n // 2)
+        assert (top < 128).any()
 
 
 def test_latent_pca_matches_the_covariance_eigendecomposition():
@@ -353,7 +395,7 @@ def test_iw_bound_tightens_with_k_between_the_elbo_and_log_px():
 
 def test_iw_bound_on_the_trained_vae_never_looser_than_the_elbo(runs):
     nets, cfg = facegen.load_run(str(runs["vae"]))
-    _, test = facegen.run_images(cfg)
+    _, test = data.run_data(cfg)
     x = facegen.to_float(test[:4])
     sigma = facegen.likelihood_std(cfg)
     assert sigma == cfg["obs_std"] == 0.01

@@ -58,7 +58,7 @@ def test_folder_labels_follow_imagefolder_and_skip_what_was_skipped(tmp_path):
         yz, infoz = data.load_labels(zpath, SIZE)
     assert torch.equal(yz, y) and infoz == info
     _put(root / "loose.png", 40)
-    with pytest.raises(data.DataError, match="class folder"):
+    with pytest.raises(data.UsageError, match="class folder"):
         data.load_labels(root, SIZE)
 
 
@@ -73,10 +73,10 @@ def test_celeba_attribute_file_picks_columns_by_name(tmp_path):
     assert info == {"Smiling": ["no", "yes"], "Male": ["no", "yes"]}
     assert y.tolist() == [[0, 1], [1, 0], [1, 0]]
     assert data.load_labels(root, SIZE, attr_file=attr)[0].shape == (3, 3)   # default: every column
-    with pytest.raises(data.DataError, match="Bald"):
+    with pytest.raises(data.UsageError, match="Bald"):
         data.load_labels(root, SIZE, attr_file=attr, attrs=["Bald"])
     attr.write_text("3\nSmiling\n000001.jpg 1\n000002.jpg -1\n")
-    with pytest.raises(data.DataError, match="no valid row"):
+    with pytest.raises(data.UsageError, match="no valid row"):
         data.load_labels(root, SIZE, attr_file=attr)
 
 

@@ -117,7 +117,7 @@ def test_elbo_of_linear_gaussian_with_exact_posterior_is_log_evidence():
 def test_elbo_loss_weighting():
     recon, kl = torch.tensor(1234.0, requires_grad=True), torch.tensor(56.0, requires_grad=True)
     assert_close(elbo_loss(recon, kl), recon + kl)
-    loss = elbo_loss(recon, kl, kl_weight=10, recon_scale=0.01)   # seed 000 part 2: KL×10, GNLL/100
+    loss = elbo_loss(recon, kl, kl_weight=10, recon_scale=0.01)   # Wuga VAE part 2: KL×10, GNLL/100
     assert_close(loss, torch.tensor(0.01 * 1234 + 10 * 56.0))
     loss.backward()
     assert_close(recon.grad, torch.tensor(0.01))

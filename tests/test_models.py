@@ -1,8 +1,10 @@
 """models.py: every architecture at every supported size runs forward and backward with the
-contract's shapes; the seed architectures have the seeds' shapes and parameter counts (checked
+contract's shapes; the reports' architectures have their shapes and parameter counts (checked
 against closed-form counts); reparameterize and init_weights have the right statistics; the
-WGAN-GP critic is per-sample. Small batches, CPU only: the whole file runs in well under a minute."""
+WGAN-GP critic is per-sample; checkpoints are written atomically and loaded weights-only, every
+bad file refused in one line. Small batches, CPU only."""
 import math
+import os
 import re
 
 import pytest
@@ -11,11 +13,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+import data
 import models as M
-from models import (DEFAULT_ARCH, DEFAULT_LATENT, FAMILY, MODELS, build_model, count_params,
-                    generator, init_weights, latent_dim, reparameterize, supported_sizes)
+from models import (DEFAULT_ARCH, DEFAULT_LATENT, FAMILY, MODELS, build_model, generator, init_weights,
+                    latent_dim, reparameterize, supported_sizes)
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def _cases():
@@ -82,6 +89,8 @@ def test_unsupported_size_raises_naming_model_sizes_and_size(name):
 
 
 def test_bad_names_and_options_raise():
+    with pytest.raises(ValueError, match="no generator G to average"):
+        build_model("vae", 32, ema=True)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("gan")
     with pytest.raises(ValueError, match="arch"):
@@ -139,8 +148,8 @@ def _shape_of(module, x, fn):
     return shapes[0]
 
 
-@pytest.mark.parametrize("z", [64, 512])      # seed 000 part 1 (z 64) and part 2 (z 512)
-def test_seed000_vae_shapes_and_parameter_count(z):
+@pytest.mark.parametrize("z", [64, 512])      # Wuga VAE part 1 (z 64) and part 2 (z 512)
+def test_wuga_vae_shapes_and_parameter_count(z):
     net = build_model("vae", (64, 64), latent_dim=z)["vae"]
     x = torch.zeros(2, 3, 64, 64)
     assert _shape_of(net.encoder, x, net.encode) == (2, 8192)              # flatten 512 x 4 x 4
@@ -156,7 +165,6 @@ def test_seed000_vae_shapes_and_parameter_count(z):
     head = _lin(8192, 2 * z) + 2 * (2 * z)
     dec = _lin(z, 256 * 8 * 8) + 2 * 256 + \
         sum(_conv(a, b, 5) + 2 * b for a, b in [(256, 256), (256, 128), (128, 32)]) + _conv(32, 3, 5)
-    print(f"seed-000 vae z={z}: {count_params(net):,} parameters")
     assert count_params(net) == enc + head + dec
 
 
@@ -206,7 +214,7 @@ def test_vae_vgg_is_vgg16():
 
 
 @pytest.mark.parametrize("size,grid", [((64, 48), (256, 4, 3)), ((32, 24), (128, 4, 3))])
-def test_vae_in_seed001_plan(size, grid):
+def test_vae_in_is_perriu_plan(size, grid):
     net = build_model("vae-in", size)["vae"]
     assert _shape_of(net.encoder, torch.zeros(2, 3, *size), net.encode) == (2, math.prod(grid))
     unflatten = next(m for m in net.decoder if isinstance(m, nn.Unflatten))
@@ -220,7 +228,7 @@ def test_vae_in_seed001_plan(size, grid):
 
 
 @pytest.mark.parametrize("name,depth,flat", [("ae", 3, 128 * 8 * 8), ("vae-lrelu", 4, 256 * 4 * 4)])
-def test_seed003_autoencoders(name, depth, flat):
+def test_lfw_report_autoencoders(name, depth, flat):
     net = build_model(name, 64)["vae"]
     assert [m.stride for m in net.encoder if isinstance(m, nn.Conv2d)] == [(2, 2)] * depth
     assert sum(isinstance(m, nn.ConvTranspose2d) for m in net.decoder) == depth
@@ -457,3 +465,142 @@ def test_classifier_reads_one_logit_vector_per_attribute():
     clf = M.Classifier((32, 32), CLASSES)
     out = clf(torch.zeros(3, 3, 32, 32))
     assert [o.shape for o in out] == [(3, 5), (3, 2), (3, 2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# from_config: a run's config.json -> its nets
+# ---------------------------------------------------------------------------------------------
+
+def test_from_config_builds_what_build_model_builds_and_refuses_in_one_line():
+    cfg = {"model": "dcgan", "image_size": [32, 32], "latent_dim": 16, "arch": "seed002", "critic_norm": None,
+           "labels": {"hair": ["a", "b", "c", "d", "e"], "glasses": [0, 1], "beard": [0, 1]}, "ema": 0.99}
+    torch.manual_seed(0)
+    nets = M.from_config(cfg)
+    torch.manual_seed(0)
+    ref = build_model("dcgan", (32, 32), latent_dim=16, arch="seed002", classes=CLASSES, ema=True)
+    assert list(nets.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in nets.state_dict().items())
+    with pytest.raises(data.UsageError, match="model vae supports sizes 64x64, 32x32; got 40x40"):
+        M.from_config(dict(cfg, model="vae", image_size=[40, 40], arch=None, labels=None, ema=None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, weights-only loads, one line for every bad file
+# ---------------------------------------------------------------------------------------------
+
+STATE = {"nets": {"w": torch.ones(3)}, "config": {"model": "vae"}, "step": 2}
+
+
+def test_checkpoint_round_trip_carries_the_format(tmp_path):
+    M.save_checkpoint(STATE, str(tmp_path / "last.pt"))
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["format"] == M.FORMAT == 2 and "format" not in STATE
+    for target in (tmp_path, tmp_path / "last.pt", str(tmp_path / "last.pt")):   # a run folder or the file
+        state = M.load_checkpoint(target)
+        assert torch.equal(state["nets"]["w"], torch.ones(3)) and state["step"] == 2
+    assert os.listdir(tmp_path) == ["last.pt"]                                    # no temp file left
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert os.stat(tmp_path / "last.pt").st_mode & 0o777 == 0o666 & ~umask       # not mkstemp's 0600
+
+
+def test_a_checkpoint_without_the_format_is_refused_in_one_line(tmp_path):
+    for i, fmt in enumerate([None, 1, 3]):
+        path = tmp_path / f"{i}.pt"
+        torch.save(dict(STATE) if fmt is None else dict(STATE, format=fmt), path)
+        with pytest.raises(data.UsageError) as e:
+            M.load_checkpoint(str(path))
+        assert str(e.value) == f"{path} was written by an older version of facegen; train it again with this one"
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _half_written(obj, f, *args, **kwargs):   # the disk fills up halfway through torch.save
+    f.write(b"PK\x03\x04" + b"\0" * 4096)
+    f.flush()
+    _enospc()
+
+
+def _interrupted(obj, f, *args, **kwargs):    # Ctrl-C in the middle of the write
+    f.write(b"PK\x03\x04" + b"\0" * 4096)
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fault", ["write", "fsync", "replace", "interrupt"])
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fault):
+    path = tmp_path / "last.pt"
+    M.save_checkpoint(STATE, str(path))
+    before = path.read_bytes()
+    target, fake = {"write": ("torch.save", _half_written), "fsync": ("os.fsync", _enospc),
+                    "replace": ("os.replace", _enospc), "interrupt": ("torch.save", _interrupted)}[fault]
+    monkeypatch.setattr(target, fake)
+    expected = KeyboardInterrupt if fault == "interrupt" else OSError
+    with pytest.raises(expected) as e:
+        M.save_checkpoint(dict(STATE, nets={"w": torch.zeros(3)}), str(path))
+    monkeypatch.undo()
+    if expected is OSError:
+        assert "previous one is unchanged" in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes() == before
+    assert torch.equal(M.load_checkpoint(str(path))["nets"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+class Payload:
+    """Unpickling this calls `func(*args)`: the classic malicious-checkpoint payload."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("kind", ["open", "system"])
+def test_pickled_code_is_refused_and_never_run(tmp_path, kind):
+    marker = tmp_path / "pwned"
+    payload = Payload(open, str(marker), "w") if kind == "open" else Payload(os.system, f"touch {marker}")
+    torch.save(dict(STATE, format=M.FORMAT, x=payload), tmp_path / "last.pt")
+    for target in (tmp_path, tmp_path / "last.pt"):
+        with pytest.raises(data.UsageError) as e:
+            M.load_checkpoint(target)
+        msg = str(e.value)
+        assert msg.startswith("refusing to load") and "pickled code" in msg and "nothing in it was run" in msg
+        assert ("io.open" if kind == "open" else "posix.system") in msg and "\n" not in msg
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_models_is_weights_only():
+    import pathlib
+    src = pathlib.Path(M.__file__).read_text()
+    calls = [line for line in src.splitlines() if "torch.load(" in line]
+    assert calls and all("weights_only=True" in line for line in calls)
+
+
+def test_bad_checkpoint_files_say_what_they_are(tmp_path):
+    good = tmp_path / "good.pt"
+    M.save_checkpoint(STATE, str(good))
+    files = {
+        "face.pt": (b"\x89PNG\r\n\x1a\n" + os.urandom(64), "is not a PyTorch checkpoint: it is a PNG image"),
+        "photo.pt": (b"\xff\xd8\xff\xe0" + os.urandom(64), "is not a PyTorch checkpoint: it is a JPEG image"),
+        "empty.pt": (b"", "is not a PyTorch checkpoint: it is empty"),
+        "notes.pt": ("héllo\n".encode(), "is not a PyTorch checkpoint: it is text"),
+        "bare.pt": (b"\x80\x04K\x01.", "is not a PyTorch checkpoint: it is a bare pickle"),
+        "noise.pt": (b"\x07\xfe\xff" + bytes(range(128, 256)), "its bytes are not any format facegen knows"),
+        "truncated.pt": (good.read_bytes()[: good.stat().st_size // 3],
+                         "damaged, truncated or not a PyTorch checkpoint (its zip archive is incomplete)"),
+    }
+    for name, (content, says) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(data.UsageError) as e:
+            M.load_checkpoint(str(tmp_path / name))
+        assert says in str(e.value) and str(tmp_path / name) in str(e.value) and "\n" not in str(e.value), name
+    torch.save({"weight": torch.ones(2)}, tmp_path / "state_dict.pt")           # a foreign torch file
+    with pytest.raises(data.UsageError, match="not a facegen checkpoint"):
+        M.load_checkpoint(str(tmp_path / "state_dict.pt"))
+    with pytest.raises(data.UsageError, match="^no checkpoint at .*missing.pt$"):
+        M.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "run").mkdir()
+    with pytest.raises(data.UsageError, match="stopped before its first checkpoint"):
+        M.load_checkpoint(str(tmp_path / "run"))
