@@ -4,22 +4,18 @@
         --split_indices--> train / test --Batches--> float [-1, 1] on the device, augmented
     (conditional models: load_labels gives each image's attributes, int64 N x K, split alike)
 
-Each image is converted to RGB, centre-cropped to the target aspect and resized (antialiased)
-once per (source, file list, size); later runs read the cache. Batch order and augmentation
-(seed report 001: h-flip; 003: h-flip + ColorJitter) depend only on (seed, epoch, batch index),
-so a resumed run sees exactly the batches it would have seen. Below: pictures out, command-line
-helpers, safe file reading and the cache; last, the synthetic faces, which a reader can skip.
+Each image is converted to RGB, centre-cropped to the target aspect and resized (antialiased) once
+per (source, file list, size). Batch order and augmentation (seed report 001: h-flip; 003: h-flip +
+ColorJitter) depend only on (seed, epoch, batch index), so a resumed run sees the same batches.
 """
 import argparse, colorsys, contextlib, csv, hashlib, io, json, math, numbers, os, random, re, stat, sys
 import warnings, zipfile
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-from PIL import (BmpImagePlugin, GifImagePlugin, JpegImagePlugin,  # noqa: F401 -- registers the
-                 PngImagePlugin, WebPImagePlugin)                  # decoders _FORMATS allows
+from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401 -- _FORMATS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # Pillow picks a decoder by content, not by name, so it is told which ones it may try: an EPS
@@ -38,29 +34,28 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
 def _load(source, size, n_synthetic, seed, cache_dir, verbose):
-    """-> (images, cache meta, file names in row order; None for synthetic faces: meta["factors"])."""
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None)."""
     H, W = size = parse_size(size)
-    kind, path, names, unreadable, label, key = _identify(source, size, n_synthetic, seed)
-    src = f"synthetic faces (seed {seed})" if kind == "synthetic" else _show(path)
-    npy = _cache_dir(cache_dir) / f"{label}-{H}x{W}-{key[:16]}.npy"
+    kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
+    src = f"synthetic faces (seed {seed})" if path is None else _show(path)
+    npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen") / f"{kind}-{H}x{W}-{key[:20]}.npy"
     x, meta = _read_cache(npy, size)
     if miss := x is None:
         if kind == "synthetic":
             x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
-            meta = {"n": len(x), "skipped": [], "total": len(x), "factors": factors.tolist()}
+            meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
         else:
-            arr, bad = _decode_files(kind, path, names, size)
-            bad = [list(b) for b in sorted(unreadable + bad)]
-            if not len(arr):
+            x, bad = _decode_files(kind, path, names, size)
+            if not len(x):
                 raise UsageError(f"none of the {len(bad)} image files in {src} could be read "
                                  f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
-            x, meta = torch.from_numpy(arr), {"n": len(arr), "skipped": bad, "total": len(arr) + len(bad)}
+            meta = {"n": len(x), "skipped": sorted(skipped + bad)}
         _write_cache(npy, x.numpy(), meta)
-    _warn_skipped(meta["skipped"], meta["total"], src)
+    _warn_skipped(meta["skipped"], len(x) + len(meta["skipped"]), src)
     if verbose:
         print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
-    skipped = {n for n, _ in meta["skipped"]}
-    return x, meta, None if names is None else [n for n in names if n not in skipped]
+    gone = {n for n, _ in meta["skipped"]}
+    return x, meta, None if names is None else [n for n in names if n not in gone]
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
     """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
@@ -78,13 +73,12 @@ def split_indices(n, test_fraction=0.2, seed=0):
 
 def run_data(cfg, verbose=False):
     """A run's (train, test) uint8 images, split as it trained; a warning if the data changed since."""
-    size, src = tuple(cfg["image_size"]), cfg["data"]
-    images = load_images(src, size, n_synthetic=cfg["n_synthetic"], seed=cfg["seed"], verbose=verbose)
-    now = fingerprint(src, size, cfg["n_synthetic"], cfg["seed"])
+    size, src, n, seed = tuple(cfg["image_size"]), cfg["data"], cfg["n_synthetic"], cfg["seed"]
+    images, now = load_images(src, size, n_synthetic=n, seed=seed, verbose=verbose), fingerprint(src, size, n, seed)
     if cfg.get("data_fingerprint", now) != now:   # the same split of other images: "test" may have trained
         print(f"warning: the data at {_show(src or 'synthetic faces')} changed since this run trained on it (fingerprint "
               f"{now}, the run has {cfg['data_fingerprint']}): its test split is no longer held out", file=sys.stderr)
-    train_idx, test_idx = split_indices(len(images), cfg["test_fraction"], cfg["seed"])
+    train_idx, test_idx = split_indices(len(images), cfg["test_fraction"], seed)
     return images[train_idx], images[test_idx]
 
 def check_enough(n, batch_size):
@@ -92,14 +86,11 @@ def check_enough(n, batch_size):
         raise UsageError(f"only {n} training images for a batch size of {batch_size}: lower --batch-size or add images")
 
 class Batches:
-    """Shuffled, augmented mini-batches of a uint8 dataset moved once to `device`. With world_size
-    > 1 every rank draws the same global batch and keeps its own rows. weights (balance_weights):
-    draw with replacement by them instead of a permutation."""
+    """Shuffled, augmented mini-batches of uint8 images (moved once to `device`). Every rank draws the
+    same global batch and keeps its rows; weights (balance_weights): drawn with replacement by them."""
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
                  device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
-        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
-            raise ValueError("Batches expects a uint8 tensor N x C x H x W")
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of world size {world_size} (rank {rank})")
         if labels is not None and len(labels) != len(images_uint8):
@@ -112,12 +103,12 @@ class Batches:
         return len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
 
     def epoch(self, epoch, start=0):
-        """Batches start, start+1, ... of pass `epoch` (so resume is exact): float [-1, 1],
-        (batch_size // world_size) x 3 x H x W; with labels, (x, y) pairs."""
+        """Batches start, start+1, ... of pass `epoch` (resume is exact): float [-1, 1], (batch_size //
+        world_size) x 3 x H x W; with labels, (x, y) pairs."""
         rng = _rng(self.seed, "order", epoch)
         perm = (torch.randperm(len(self.images), generator=rng) if self.weights is None else
                 torch.multinomial(self.weights, len(self.images), replacement=True, generator=rng))
-        perm, B = perm.to(self.images.device), self.batch_size
+        perm, B = to_device(perm, self.images.device), self.batch_size
         for i in range(start, len(self)):
             idx = perm[i * B:(i + 1) * B]                                            # the global batch
             lo, hi = self.rank * len(idx) // self.world_size, (self.rank + 1) * len(idx) // self.world_size
@@ -125,6 +116,11 @@ class Batches:
             if self.flip or self.jitter > 0:
                 x = augment(x, _rng(self.seed, "aug", epoch, i), self.flip, self.jitter, rows=(lo, len(idx)))
             yield x if self.labels is None else (x, self.labels.index_select(0, idx[lo:hi]))
+
+def to_device(t, device):
+    """A host tensor to `device`; to a GPU through pinned memory, non-blocking (a plain copy from
+    pageable memory waits for the GPU's queue to drain: a host sync every augmented batch)."""
+    return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
     """Per-sample h-flip (p = 0.5) and colour jitter (seed report 003: torchvision's ColorJitter):
@@ -139,7 +135,7 @@ def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
     lo, n = rows or (0, len(x))
     dev, mine = generator.device, slice(lo, lo + len(x))
     if flip:
-        flips = (torch.rand(n, generator=generator, device=dev) < 0.5)[mine].to(x.device)
+        flips = to_device((torch.rand(n, generator=generator, device=dev) < 0.5)[mine], x.device)
     x = torch.where(flips[:, None, None, None], x.flip(-1), x) if flip else x.clone()
     if jitter > 0:
         a, b = max(0.0, 1.0 - jitter), 1.0 + jitter
@@ -151,7 +147,7 @@ def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
 def _color_jitter_(x, factors, order):
     """In place. Each op is the blend y <- clamp(f*y + (1-f)*m, 0, 1) toward its own m (brightness:
     m = 0), so a per-image choice of op is arithmetic on N x 1 x 1 x 1 weights: no loop, no sync."""
-    factors, order = factors.to(x.device, x.dtype), order.to(x.device)
+    factors, order = to_device(factors, x.device).to(x.dtype), to_device(order, x.device)
     y, gray = x.add_(1).mul_(0.5), torch.empty_like(x[:, :1])     # [0, 1] as torchvision; N x 1 x H x W
     for k in range(3):
         op = order[:, k]                                          # 0 brightness, 1 contrast, 2 sat.
@@ -169,30 +165,27 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 # --- Labels for conditional models: one int64 row per image, split as the images are ----------
 
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
-    """The labels of load_images(source, size, ...), row for row -> (int64 N x K, {attribute: [value
-    names]}): the synthetic faces' SYNTHETIC_LABELS; or a CelebA-style list_attr_celeba.txt (line 2
-    the attribute names, then 'FILE v1 v2 ...', v = 1 "yes" / -1 "no"; attrs picks columns); or
-    ImageFolder's classes: the first folder below the root (or below a zip's single top folder)."""
+    """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
+    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (or a zip's top one)."""
     x, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False)
     if names is None:
         if attr_file is not None or attrs:
-            raise UsageError("the synthetic faces carry their own labels (hair, glasses, beard): "
-                             "--attr-file/--attrs are for real data")
-        return torch.tensor(meta["factors"], dtype=torch.long).view(len(x), -1), dict(SYNTHETIC_LABELS)
-    if attr_file is not None:
+            raise UsageError("--attr-file/--attrs are for real data: the synthetic faces carry their own labels")
+        return torch.tensor(meta["factors"], dtype=torch.long).view(len(x), 3), dict(SYNTHETIC_LABELS)
+    if attr_file is not None or attrs:
         return _attr_labels(attr_file, names, attrs)
-    if attrs:
-        raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     parts = [n.split("/") for n in names]
     if len({p[0] for p in parts}) == 1 and all(len(p) > 2 for p in parts):
         parts = [p[1:] for p in parts]                  # a zip's single top folder is the root
     if loose := next(("/".join(p) for p in parts if len(p) < 2), None):
-        raise UsageError(f"labels from subfolders: every image must sit in a class folder below the root, "
-                         f"but {_show(loose)} does not (or give --attr-file)")
+        raise UsageError(f"labels from subfolders: {_show(loose)} is in no class folder below the root (or give --attr-file)")
     classes = sorted({p[0] for p in parts})
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
+    """list_attr_celeba.txt: line 2 the attribute names, then 'FILE v1 v2 ...', v = 1 yes / -1 no."""
+    if path is None:
+        raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
         with _open_regular(Path(path).expanduser()) as f:
             lines = f.read().decode("utf-8").splitlines()
@@ -201,16 +194,11 @@ def _attr_labels(path, names, attrs):
         raise UsageError(f"cannot read the attribute file {_show(path)} ({_why(e)})") from None
     if missing := [a for a in attrs or header if a not in header]:
         raise UsageError(f"attribute(s) {', '.join(missing)} not in {_show(path)}; it has {', '.join(header)}")
-    cols, y, absent = [header.index(a) for a in attrs or header], [], []
-    for n in names:
-        row = rows.get(n.rsplit("/", 1)[-1])
-        if row is None or len(row) != len(header) or any(row[c] not in ("1", "-1") for c in cols):
-            absent.append(n)
-        else:
-            y.append([int(row[c] == "1") for c in cols])
-    if absent:
-        raise UsageError(f"{len(absent)} image(s) have no valid row (±1 per attribute) in {_show(path)}, first {_show(absent[0])}")
-    return torch.tensor(y, dtype=torch.long).view(len(names), len(cols)), {a: ["no", "yes"] for a in attrs or header}
+    cols, rows = [header.index(a) for a in attrs or header], [rows.get(n.rsplit("/", 1)[-1], []) for n in names]
+    if bad := [n for n, r in zip(names, rows) if len(r) != len(header) or any(r[c] not in ("1", "-1") for c in cols)]:
+        raise UsageError(f"{len(bad)} image(s) have no valid row (±1 per attribute) in {_show(path)}, first {_show(bad[0])}")
+    y = torch.tensor([[int(r[c] == "1") for c in cols] for r in rows], dtype=torch.long).view(len(names), len(cols))
+    return y, {a: ["no", "yes"] for a in attrs or header}
 
 def run_labels(cfg):
     """A run's labels split as run_data splits its images -> (train, test, info)."""
@@ -220,8 +208,7 @@ def run_labels(cfg):
     return y[train_idx], y[test_idx], info
 
 def balance_weights(labels):
-    """Draw weights w_i = prod_k 1 / count_k(y_ik): every attribute's values equally frequent (exact
-    for independent ones). A conditional model learns p(x | y), whatever the frequency of each y."""
+    """Draw weights w_i = prod_k 1 / count_k(y_ik): each attribute's values equally frequent (exact if independent)."""
     w = torch.ones(len(labels), dtype=torch.float64)
     for k in range(labels.shape[1]):
         w /= torch.bincount(labels[:, k]).double()[labels[:, k]]
@@ -231,14 +218,11 @@ def balance_weights(labels):
 
 def make_grid(images, nrow=8, padding=2, pad_value=0):
     """Float N x C x H x W in [-1, 1] (or uint8) -> uint8 grid (rows*(H+p)+p) x (nrow*(W+p)+p) x 3."""
-    x = images.detach().cpu()
-    x = x[None] if x.dim() == 3 else x
-    if x.dtype != torch.uint8:
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    (n, _, h, w), p = x.shape, padding                  # one channel: broadcast to three
-    ncol = min(nrow, n)
+    x = images.detach().cpu().reshape(-1, *images.shape[-3:])
+    x = x if x.dtype == torch.uint8 else ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    (n, _, h, w), p, ncol = x.shape, padding, min(nrow, len(x))
     grid = torch.full((3, -(-n // ncol) * (h + p) + p, ncol * (w + p) + p), pad_value, dtype=torch.uint8)
-    for i in range(n):
+    for i in range(n):                                  # one channel broadcasts to three
         top, left = p + i // ncol * (h + p), p + i % ncol * (w + p)
         grid[:, top:top + h, left:left + w] = x[i]
     return grid.permute(1, 2, 0).numpy()
@@ -250,16 +234,17 @@ def save_grid(images, path, nrow=8, padding=2, **labels):
     (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
 
 def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None):
-    """A make_grid picture of cell = (h, w) images with each row's label to its left, each
-    column's above it ("" for none, newlines allowed) and a title on top; the grid unchanged."""
-    (h, w), p, f = cell, padding, ImageFont.load_default(10)   # built in: no font file needed
-    size = lambda t: ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, font=f, spacing=1)[2:]
-    title_w, title_h = (size(title)[0] + 4, size(title)[1] + 6) if title else (0, 0)
-    left = max(max((size(t)[0] for t in row_labels if t), default=-6) + 6, title_w - grid.shape[1])
-    top = title_h + max((size(t)[1] for t in col_labels if t), default=-4) + 4
+    """A make_grid picture of (h, w) cells with row labels on the left, column labels above ("" none), a title on top."""
+    (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
+    kw = dict(font, fill="black")
+
+    def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
+        return ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, **font)[2:] if t else (-6, -4)
+    left = max(max([box(t)[0] + 6 for t in row_labels] + [0]), box(title)[0] + 4 - grid.shape[1] if title else 0)
+    top = (box(title)[1] + 6 if title else 0) + max([box(t)[1] + 4 for t in col_labels] + [0])
     out = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
     out.paste(Image.fromarray(grid), (left, top))
-    d, kw = ImageDraw.Draw(out), dict(fill="black", font=f, spacing=1)
+    d = ImageDraw.Draw(out)
     d.text((2, 2), title or "", **kw)
     for r, t in enumerate(row_labels):                # right-aligned, centred on the row
         d.multiline_text((left - 3, top + p + r * (h + p) + h / 2), t, anchor="rm", align="right", **kw)
@@ -268,71 +253,52 @@ def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=Non
     return out
 
 def plot_losses(rows, path, points=(), width=720, panel_h=140):
-    """loss.png: one panel per logged term against the optimizer step, from steps.csv points or
-    metrics.csv rows (per epoch), whichever has more; test_X in X's panel, in red. Log y axis
-    when a positive term spans over 30x (a VAE's NLL falls 100x)."""
-    def series(k):   # [(step, value)] of term k
+    """loss.png: one panel per logged term against the optimizer step, from the steps.csv points or
+    the metrics.csv rows, whichever has more of it; log y axis when a positive term spans over 30x."""
+    terms = {}
+    for k in dict.fromkeys(k for r in [*rows, *points] for k in r if k not in ("epoch", "step", "images_per_s", "seconds")):
         per = [[(float(r["step"]), float(r[k])) for r in rs if r.get(k) not in ("", None)] for rs in (points, rows)]
-        return [(x, v) for x, v in max(per, key=len) if math.isfinite(v)]
-    terms = {k: s for k in dict.fromkeys(k for r in [*rows, *points] for k in r)
-             if k not in ("epoch", "step", "images_per_s", "seconds") and (s := series(k))}
-    panels = {}
-    for k in terms:
-        panels.setdefault(k[5:] if k.startswith("test_") and k[5:] in terms else k, []).append(k)
+        if s := [(x, v) for x, v in max(per, key=len) if math.isfinite(v)]:
+            terms[k] = s
     x1, left, right, f = max([x for s in terms.values() for x, _ in s] + [1.0]), 64, width - 12, ImageFont.load_default(11)
-    img = Image.new("RGB", (width, max(1, len(panels)) * panel_h + 30), "white")
-    d, px = ImageDraw.Draw(img), lambda x: left + x / x1 * (right - left)
-    for i, members in enumerate(panels.values()):
-        top, bottom, vals = i * panel_h + 20, (i + 1) * panel_h - 4, [v for k in members for _, v in terms[k]]
-        ty = math.log10 if min(vals) > 0 and max(vals) / min(vals) > 30 else float
+    img = Image.new("RGB", (width, max(1, len(terms)) * panel_h + 30), "white")
+    d = ImageDraw.Draw(img)
+    for i, (k, s) in enumerate(terms.items()):
+        top, bottom, vals = i * panel_h + 20, (i + 1) * panel_h - 4, [v for _, v in s]
+        ty = math.log10 if min(vals) > 0 and max(vals) / min(vals) > 30 else float   # a VAE's NLL falls 100x
         a, b = ty(min(vals)), ty(max(vals))
-        pad = 0.05 * (b - a) or 0.05 * abs(a) or 1.0
-        a, b = a - pad, b + pad
+        a, b = a - (pad := 0.05 * (b - a) or 0.05 * abs(a) or 1.0), b + pad
         d.rectangle([left, top, right, bottom], outline="black")
-        for t in (0.25, 0.5, 0.75):                       # y ticks, even on the (log) axis
-            y, v = bottom - t * (bottom - top), a + (b - a) * t
-            d.line([left + 1, y, right - 1, y], fill="#e8e8e8")
-            d.text((left - 4, y), f"{10 ** v if ty is math.log10 else v:.4g}", fill="black", font=f, anchor="rm")
-        for k, colour, tx in zip(members, ("#1f77b4", "#d62728"), (left, left + d.textlength(members[0] + "   ", font=f))):
-            pts = [(px(x), bottom - (ty(v) - a) / (b - a) * (bottom - top)) for x, v in terms[k]]
-            d.line(pts, fill=colour, width=2)
-            for x, y in pts if len(pts) < 30 else ():     # few values (per epoch): mark each
-                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            d.text((tx, top - 15), k, fill=colour, font=f)   # the title, in the curve's colour
-    for t in range(5):
-        d.text((px(x1 * t / 4), img.height - 28), f"{x1 * t / 4:.0f}", fill="black", font=f, anchor="mt")
-    d.text(((left + right) // 2, img.height - 2), "optimizer step", fill="black", font=f, anchor="md")
+        scale = f"{min(vals):.4g} .. {max(vals):.4g}" + (", log scale" if ty is math.log10 else "")
+        d.text((left, top - 15), f"{k}  ({scale})", fill="black", font=f)
+        pts = [(left + x / x1 * (right - left), bottom - (ty(v) - a) / (b - a) * (bottom - top)) for x, v in s]
+        d.line(pts + pts[-1:], fill="#1f77b4", width=3)
+    d.text((left, img.height - 4), f"optimizer step 0 .. {x1:.0f}", fill="black", font=f, anchor="ld")
     img.save(path)
 
 def epoch_frames(folder):
     """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order; [] if it is missing."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise UsageError(f"cannot list {_show(folder)} ({_why(e)})") from None
-    frames = sorted((int(m[1]), name) for name in names if (m := re.fullmatch(r"epoch_([0-9]+)\.png", name)))
-    return [p for _, name in frames if os.path.isfile(p := os.path.join(folder, name))]
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    frames = sorted((int(m[1]), n) for n in names if (m := re.fullmatch(r"epoch_([0-9]+)\.png", n)))
+    return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
 
 def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image paths or PIL images, duration_ms one number or one per frame; an
-    unreadable frame is skipped with one warning. Returns the number of frames written."""
-    imgs, kept, bad = [], [], []
+    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written. An
+    unreadable frame is skipped with one warning."""
+    imgs, bad = {}, []
     for i, f in enumerate(frames):
         try:
             with contextlib.nullcontext(f) if isinstance(f, Image.Image) else _open_image(f) as im:
-                imgs.append(im.convert("RGB"))
-            kept.append(i)
+                imgs[i] = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 -- a bad frame costs one frame, never the GIF
             bad.append((str(f), _why(e)))
-    _warn_skipped(bad, len(kept) + len(bad), f"the frames for {_show(path)}")
+    _warn_skipped(bad, len(frames), f"the frames for {_show(path)}")
     if not imgs:
         raise UsageError(f"no readable frames to write {_show(path)}")
-    durations = [duration_ms[i] for i in kept] if isinstance(duration_ms, (list, tuple)) else duration_ms
-    imgs = [im if im.size == imgs[0].size else im.resize(imgs[0].size, _RESAMPLE) for im in imgs]
+    first, *rest = (im.resize(next(iter(imgs.values())).size, _RESAMPLE) for im in imgs.values())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=loop)
+    first.save(path, save_all=True, append_images=rest, loop=loop,
+               duration=[duration_ms[i] for i in imgs] if isinstance(duration_ms, (list, tuple)) else duration_ms)
     return len(imgs)
 
 # --- Command-line helpers shared by train.py and facegen.py ---------------------------------
@@ -354,130 +320,103 @@ unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")   # Adam betas
 
 def parse_size(s):
     """'64' or 64 -> (64, 64); '64x48' or (64, 48) -> (64, 48), always (H, W)."""
-    is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
-    parts = s.lower().replace(" ", "").split("x") if isinstance(s, str) else []
-    hw = ((int(s[0]), int(s[1])) if isinstance(s, (tuple, list)) and len(s) == 2 and all(map(is_int, s))
-          else (int(s), int(s)) if is_int(s)
-          else (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) and all(p.isdigit() for p in parts) else None)
-    if hw is None or min(hw) < 1:
+    parts = s.lower().replace(" ", "").split("x") if isinstance(s, str) else list(s) if isinstance(s, (tuple, list)) else [s]
+    if not (len(parts) in (1, 2) and all(p.isdigit() if isinstance(p, str) else isinstance(p, numbers.Integral)
+                                         and not isinstance(p, bool) for p in parts) and min(map(int, parts)) > 0):
         raise ValueError(f"image size must be N or HxW with positive integers (e.g. 64 or 64x48); got {s!r}")
-    return hw
+    return int(parts[0]), int(parts[-1])
 
-def pick_device(name):
-    """'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device."""
+def pick_device(name):   # 'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
-def run_folder(path):
-    """A run folder itself, or the folder of a checkpoint file in it."""
+def run_folder(path):   # a run folder itself, or the folder of a checkpoint file in it
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
     """metrics.csv / steps.csv rows (dicts of strings); [] if missing; damaged: UsageError."""
-    if not os.path.exists(path):
-        return []
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            int(r["epoch"])
-        return rows
+            return [r for r in csv.DictReader(f) if isinstance(int(r["epoch"]), int)]   # a damaged row raises
+    except FileNotFoundError:
+        return []
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); move it aside to continue "
-                         f"(the checkpoint still holds the run)") from None
+        raise UsageError(f"{path} is damaged ({_why(e)}); move it aside to continue (the checkpoint holds the run)") from None
 
-def write_csv(path, rows, append=False):
-    """Rows (dicts; the header: the union of their keys) to path, atomically: temp + rename;
-    append=True adds rows with the file's columns to its end (one log line: no rewrite)."""
-    if append:
-        with open(path, "a", newline="") as f:
-            csv.writer(f).writerows(r.values() for r in rows)
-        return
-    with open(f"{path}.tmp", "w", newline="") as f:
+def write_csv(path, rows, append=False):   # the header: the union of the rows' keys; append: one log line, no rewrite
+    with open(path, "a", newline="") if append else _atomic(path) as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
+        if not append:
+            w.writeheader()
         w.writerows(rows)
-    os.replace(f"{path}.tmp", path)
 
-def write_json(path, obj):
-    """obj as indented JSON, atomically (config.json, evaluate.json...)."""
-    with open(f"{path}.tmp", "w") as f:
+def write_json(path, obj):   # atomically (config.json, evaluate.json...)
+    with _atomic(path) as f:
         json.dump(obj, f, indent=2)
-    os.replace(f"{path}.tmp", path)
 
-# --- Machinery: identify a source, read its files safely, decode them, cache the result ------
+@contextlib.contextmanager
+def _atomic(path, mode="w"):   # a temp file, then renamed: a crash or a concurrent rank never leaves half a file
+    with open(tmp := f"{path}.{os.getpid()}.tmp", mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
+    os.replace(tmp, path)
+
+# --- Machinery: list a source's files, read them safely, decode them, cache the result --------
 
 def _identify(source, size, n_synthetic, seed):
-    """-> (kind, path, names, unreadable, label, key); lists files, decodes nothing. key (sha256)
-    covers all the images depend on: size, _CACHE_VERSION, the source path with every file's name,
-    size and mtime (CRC in a zip), or the synthetic faces' number and seed."""
+    """-> (kind, path, names, skipped, key), decoding nothing. key (sha256) covers all the images depend on: size,
+    _CACHE_VERSION, the path and each file's name, size and mtime (CRC in a zip), or the faces' number and seed."""
     key = hashlib.sha256(f"v{_CACHE_VERSION} {size[0]}x{size[1]}".encode())
     if source is None or str(source) == "synthetic":
         if n_synthetic < 1:
             raise UsageError(f"n_synthetic must be at least 1; got {n_synthetic}")
         key.update(json.dumps(["synthetic", n_synthetic, seed]).encode())
-        return "synthetic", None, None, [], f"synthetic-n{n_synthetic}-seed{seed}", key.hexdigest()
+        return "synthetic", None, None, [], key.hexdigest()
     try:
-        path = Path(source).expanduser().resolve()
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UsageError(f"data path {_show(source)} does not exist") from None
-    except (OSError, RuntimeError, ValueError) as e:     # RuntimeError: a symlink loop
-        raise UsageError(f"cannot read the data path {_show(source)} ({_why(e)})") from None
+        st = os.stat(path := Path(os.path.abspath(os.path.expanduser(source))))
+    except OSError as e:
+        raise UsageError(f"the data path {_show(source)} does not exist" if isinstance(e, FileNotFoundError)
+                         else f"cannot read the data path {_show(source)} ({_why(e)})") from None
     if stat.S_ISDIR(st.st_mode):
-        kind, (entries, unreadable) = "folder", _list_folder(path)
-        names = [e[0] for e in entries]
-    elif stat.S_ISREG(st.st_mode) and path.suffix.lower() == ".zip":
+        kind, (names, skipped) = "folder", _list_folder(path)
+        entries = [[n, _signature(path / n)] for n in names]
+    elif path.suffix.lower() == ".zip":
         with _open_zip(path) as zf:
-            infos = sorted((i for i in zf.infolist() if not i.is_dir() and _is_image_name(i.filename)),
-                           key=lambda i: i.filename)
-        kind, names, unreadable = "zip", [i.filename for i in infos], []
-        entries = [(st.st_size, st.st_mtime_ns)] + [(i.filename, i.file_size, i.CRC) for i in infos]
-    else:                                              # a FIFO would block, a device never end
-        raise UsageError(f"{_show(path)} is " + ("neither a folder nor a .zip of images" if stat.S_ISREG(st.st_mode)
-                                                 else "not a regular file (nor a folder)"))
-    if not names and not unreadable:
+            infos = sorted((i for i in zf.infolist() if _is_image(i.filename) and not i.is_dir()), key=lambda i: i.filename)
+        kind, names, skipped = "zip", [i.filename for i in infos], []
+        entries = [_signature(path)] + [[i.filename, i.file_size, i.CRC] for i in infos]
+    else:
+        raise UsageError(f"{_show(path)} is neither a folder nor a .zip of images")
+    if not names and not skipped:
         raise UsageError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTS)}) in {_show(path)}")
-    key.update(json.dumps([str(path), entries] + ([[n for n, _ in unreadable]] if unreadable else [])).encode())
-    return kind, path, names, unreadable, re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:40], key.hexdigest()
-
-def _is_image_name(name):
-    return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # macOS forks
+    key.update(json.dumps([str(path), entries, skipped]).encode())
+    return kind, path, names, skipped, key.hexdigest()
 
 def _list_folder(root):
-    """Image files under root -> (sorted [(relative name, size, mtime_ns)], sorted [(name, why)]
-    unreadable). Links are followed, each folder read once (a link back up the tree is no loop);
-    a dangling link, a folder we may not list, a non-regular file is reported, never dropped."""
-    entries, unreadable, walked, st = [], [], [], os.stat(root)
-    seen = {(st.st_dev, st.st_ino)}
+    """-> (sorted image names below root, [[folder, why]] of folders we may not list); links followed, each folder
+    once (a link back up is no loop). Dangling links and non-regular files are listed: decoding counts them."""
+    names, skipped, seen = [], [], set()
 
     def refused(e):                                   # os.walk could not list a folder
-        if not walked:
+        if not seen:
             raise UsageError(f"cannot read the folder {_show(root)} ({_why(e)})")
-        unreadable.append((Path(e.filename).relative_to(root).as_posix() + "/", _why(e)))
+        skipped.append([Path(e.filename).relative_to(root).as_posix() + "/", _why(e)])
     for folder, dirs, files in os.walk(root, onerror=refused, followlinks=True):
-        walked.append(prefix := Path(folder).relative_to(root).as_posix() + "/" if walked else "")
-        keep = []
-        for name in dirs + files:
-            try:
-                st = os.stat(os.path.join(folder, name))          # follows links: dangling ones raise
-            except OSError as e:
-                if _is_image_name(prefix + name) or "." not in name:
-                    unreadable.append((prefix + name, _why(e)))
-                continue
-            if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                keep.append(name)
-            elif not stat.S_ISDIR(st.st_mode) and _is_image_name(prefix + name):
-                (entries.append((prefix + name, st.st_size, st.st_mtime_ns)) if stat.S_ISREG(st.st_mode)
-                 else unreadable.append((prefix + name, "not a regular file")))
-        dirs[:] = keep
-    return sorted(entries), sorted(unreadable)
+        st, rel = os.stat(folder), Path(folder).relative_to(root)
+        dirs[:] = [] if (st.st_dev, st.st_ino) in seen else sorted(dirs)
+        names += [(rel / f).as_posix() for f in files if _is_image(f) and (st.st_dev, st.st_ino) not in seen]
+        seen.add((st.st_dev, st.st_ino))
+    return sorted(names), skipped
+
+def _signature(path):   # what the cache key knows of a file: size and mtime, or why it cannot be read
+    try:
+        return [(st := os.stat(path)).st_size, st.st_mtime_ns]
+    except OSError as e:
+        return _why(e)
 
 def _open_regular(path):
-    """open(path, 'rb') for a regular file only (a FIFO would block, a device never end): checked
-    before opening and on the open file (O_NONBLOCK: a FIFO swapped in cannot block)."""
+    """open(path, 'rb') for a regular file only (a FIFO would block, a device never end): checked before opening
+    and on the open file (O_NONBLOCK: a FIFO swapped in cannot block)."""
     if stat.S_ISREG(os.stat(path).st_mode):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         if stat.S_ISREG(os.fstat(fd).st_mode):
@@ -498,56 +437,37 @@ def _open_image(f):
 
 @contextlib.contextmanager
 def _open_zip(path):
-    """A ZipFile on a regular file, or UsageError with one line."""
-    try:
-        fp = _open_regular(path)
-    except (OSError, UsageError) as e:
-        raise UsageError(f"cannot read {_show(path)} ({_why(e)})") from None
-    with fp:
+    with contextlib.ExitStack() as stack:
         try:
-            zf = zipfile.ZipFile(fp)
+            zf = stack.enter_context(zipfile.ZipFile(stack.enter_context(_open_regular(path))))
         except Exception as e:  # noqa: BLE001 -- BadZipFile, and a damaged zip raises others too
-            raise UsageError(f"{_show(path)} is not a readable zip file ({_why(e)})") from None
-        with zf:
-            yield zf
+            raise UsageError(f"cannot read the zip file {_show(path)} ({_why(e)})") from None
+        yield zf
 
 def _read_member(zf, name):
-    """A zip member's bytes, refused over _MAX_FILE_BYTES. The declared size is checked first and
-    then caps the read (the inflater makes no more than asked for), so a zip bomb costs no memory
-    and a header that understates its member fails zipfile's CRC check instead."""
-    info = zf.getinfo(name)
-    if info.file_size > _MAX_FILE_BYTES:
-        raise ValueError(f"declares {info.file_size} bytes, over the {_MAX_FILE_BYTES} limit")
-    with zf.open(info) as f:
-        b = f.read(info.file_size + 1)
-    if len(b) > info.file_size:
-        raise ValueError(f"longer than the {info.file_size} bytes it declares")
-    return b
+    """A zip member's bytes, refused if it declares over _MAX_FILE_BYTES. Reading only the declared size, the inflater
+    makes no more than that (a zip bomb costs no memory), and a header that understates its member fails the CRC check."""
+    if (size := zf.getinfo(name).file_size) > _MAX_FILE_BYTES:
+        raise ValueError(f"declares {size} bytes, over the {_MAX_FILE_BYTES} limit")
+    with zf.open(name) as f:
+        return f.read(size)
 
 def _decode_files(kind, root, names, size):
-    """-> (uint8 N x 3 x H x W of the files that decode, [(name, why)] of the others)."""
-    out, ok, bad = np.empty((len(names), 3, *size), np.uint8), np.zeros(len(names), bool), []
-
-    def one(name):            # -> (array or None, why or None); any failure skips the file
-        try:
-            return decode_image(io.BytesIO(_read_member(zf, name)) if zf else root / name, size), None
-        except Exception as e:  # noqa: BLE001 -- any unreadable file is skipped, never a crash
-            return None, _why(e)
+    """-> (uint8 N x 3 x H x W of the files that decode, [[name, why]] of the others)."""
+    out, ok, bad = np.empty((len(names), 3, *size), np.uint8), np.ones(len(names), bool), []
     # Pillow only warns about images over its decompression-bomb limit: here that skips the file
     with _open_zip(root) if kind == "zip" else contextlib.nullcontext() as zf, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        # Pillow releases the GIL while decoding and resampling, so threads overlap real work
-        with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as ex:
-            for i, (arr, why) in enumerate(ex.map(one, names)):
-                if arr is None:
-                    bad.append((names[i], why))
-                else:
-                    out[i], ok[i] = arr.transpose(2, 0, 1), True
-    return (out if ok.all() else out[ok]), bad     # no second copy when nothing was skipped
+        for i, name in enumerate(names):
+            try:
+                out[i] = decode_image(io.BytesIO(_read_member(zf, name)) if zf else root / name, size).transpose(2, 0, 1)
+            except Exception as e:  # noqa: BLE001 -- any unreadable file is skipped, never a crash
+                ok[i] = False
+                bad.append([name, _why(e)])
+    return torch.from_numpy(out if ok.all() else out[ok]), bad     # no second copy when none was skipped
 
 def decode_image(f, size):
-    """File path or file object -> uint8 H x W x 3, converted to RGB, centre-cropped and resized.
-    Raises on unreadable or truncated files, non-regular files and formats outside _FORMATS."""
+    """Path or file object -> uint8 H x W x 3: RGB, centre-cropped, resized; raises on any bad or unlisted file."""
     with _open_image(f) as img:
         H, W = size
         cw = _crop_box(*img.size, size)
@@ -563,12 +483,10 @@ def _to_rgb(img):
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         # mode 'I' holds 16-bit PNGs on some pillow versions: a max above 255 tells them apart
-        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        peak = 1.0 if img.mode == "F" and a.max() <= 1.0 else peak
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0 if img.mode == "F" and a.max() <= 1 else 255.0
         return Image.fromarray(np.repeat(np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)[..., None], 3, -1))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
 
 def _crop_box(w, h, size):
@@ -578,58 +496,43 @@ def _crop_box(w, h, size):
     return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
 
 def _fit(img, size):
-    """Centre crop to the aspect of size = (H, W) (first: resize(box=...) would let the filter read
-    outside the box; a 1 x 5000 sliver keeps a pixel), then resize (antialiased) to it."""
+    """Centre crop to the aspect of size = (H, W) (first: resize(box=...) would let the filter read outside the box;
+    a 1 x 5000 sliver keeps a pixel), then resize (antialiased) to it."""
     left, top, right, bottom = (round(v) for v in _crop_box(*img.size, size))
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
-
-def _cache_dir(cache_dir):
-    return Path(cache_dir if cache_dir is not None else
-                os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache" / "facegen")
 
 def _read_cache(npy, size):
     """-> (uint8 tensor, meta), or (None, None) when the entry is missing, stale or damaged."""
     try:
-        with _open_regular(npy.with_suffix(".json")) as f:
-            meta = json.loads(f.read())
-        with _open_regular(npy) as f:  # mapped, not read: the split copies rows straight out of it
-            version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                     else np.lib.format.read_array_header_2_0)(f)
-            arr = np.memmap(f, dtype, "c", f.tell(), shape, "F" if fortran else "C")  # copy-on-write
-        skipped = meta["skipped"]
-        if (arr.dtype == np.uint8 and arr.shape == (meta["n"], 3, *size) and isinstance(meta["total"], int)
-                and all(isinstance(s, list) and len(s) == 2 and all(isinstance(t, str) for t in s) for s in skipped)):
+        with _open_regular(npy.with_suffix(".json")) as f, _open_regular(npy) as g:
+            meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
+        meta["skipped"] = [[str(n), str(why)] for n, why in meta["skipped"]]    # raises unless pairs
+        if "factors" in meta:
+            meta["factors"] = np.asarray(meta["factors"], np.int64).reshape(meta["n"], 3).tolist()
+        if arr.dtype == np.uint8 and arr.shape == (meta["n"], 3, *size):
             return torch.from_numpy(arr), meta
     except Exception:  # noqa: BLE001 -- a damaged or tampered cache entry is only a cache miss
         pass
     return None, None
 
 def _write_cache(npy, arr, meta):
-    """Atomic writes (temp file + rename): concurrent ranks or a Ctrl-C never leave half a file."""
     try:
         npy.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with _atomic(npy, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, npy)
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, npy.with_suffix(".json"))
+        write_json(npy.with_suffix(".json"), meta)
     except OSError as e:
         warnings.warn(f"could not write the image cache {_show(npy)} ({_why(e)}); continuing without it")
 
 def _warn_skipped(bad, total, src):
     if bad:
         few = ", ".join(f"{_show(n)} ({_show(why)[1:-1]})" for n, why in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: "
-                      f"{few}{more}", stacklevel=3)
+        warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: {few}"
+                      + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stacklevel=3)
 
-def _show(name):   # quoted like repr: a newline or terminal escape in a name cannot forge output
-    return repr(str(name))
-
-def _why(e):
-    return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
+_is_image = lambda name: name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # noqa: E731 (._x: macOS)
+_show = lambda name: repr(str(name))   # noqa: E731 -- quoted: a newline or terminal escape in a name cannot forge output
+_why = lambda e: str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"  # noqa: E731
 
 # =============================================================================================
 # Synthetic faces: an offline stand-in for real photos, so every command runs with no download.
@@ -642,29 +545,14 @@ def _why(e):
 def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
     """n cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i). factors=True:
     (images, int64 n x 3 SYNTHETIC_LABELS), recorded from the draws that shaped each face."""
-    size, parts = parse_size(size), None
-    chunks = [(i, min(i + _FACE_CHUNK, n), size, seed) for i in range(0, n, _FACE_CHUNK)]
-    if n >= _FACE_POOL_MIN and (os.cpu_count() or 1) > 1:
-        try:
-            with ProcessPoolExecutor(min(os.cpu_count(), 8)) as ex: parts = list(ex.map(_render_range, chunks))
-        except Exception as e:  # noqa: BLE001 -- no processes here (sandbox): draw serially
-            warnings.warn(f"drawing faces in one process ({type(e).__name__}: {e})")
-    parts = parts or [_render_range(c) for c in chunks] or [_render_range((0, 0, size, seed))]
-    images, labels = (torch.from_numpy(np.concatenate(p)) for p in zip(*parts))
-    return (images, labels) if factors else images
-
-_FACE_CHUNK, _FACE_POOL_MIN = 500, 2000     # faces per task; fewer faces are drawn in-process
-
-def _render_range(args):
-    """Faces start..stop-1 -> (uint8 images, int64 factors): a picklable unit of work."""
-    start, stop, size, seed = args
+    size = parse_size(size)
     S = max(128, 2 * max(size))                     # supersample, then an antialiased resize
-    out, factors = np.empty((stop - start, 3, *size), np.uint8), np.empty((stop - start, 3), np.int64)
-    for i in range(start, stop):
+    out, labels = np.empty((n, 3, *size), np.uint8), np.empty((n, 3), np.int64)
+    for i in range(n):
         f = _draw_face(random.Random(f"facegen-face/{seed}/{i}"), S)   # face i: (seed, i) only
-        out[i - start] = np.asarray(_fit(_tilt_and_crop(f), size)).transpose(2, 0, 1)
-        factors[i - start] = (f.hair_group, f.glasses, f.beard)     # SYNTHETIC_LABELS order
-    return out, factors
+        out[i] = np.asarray(_fit(_tilt_and_crop(f), size)).transpose(2, 0, 1)
+        labels[i] = (f.hair_group, f.glasses, f.beard)     # SYNTHETIC_LABELS order
+    return (torch.from_numpy(out), torch.from_numpy(labels)) if factors else torch.from_numpy(out)
 
 def _draw_face(rng, S):
     """One face, back to front: _tilt_and_crop(f) is its picture; f.hair_group, .glasses, .beard its labels."""

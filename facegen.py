@@ -300,17 +300,16 @@ def cmd_pca(args):
     nets, cfg = open_run(args)
     train_images, test_images = data.run_data(cfg) if "vae" in nets else (None, None)
     basis = fit_pca(nets, train_images, seed=args.seed)
-    K = min(args.components, len(basis[2]))
-    images, rows, cols = pca_traversal(nets, basis, K, args.steps, args.range)
+    images, rows, cols = pca_traversal(nets, basis, args.components, args.steps, args.range)
     path = save(images, args, "pca.png", args.steps, row_labels=rows, col_labels=cols)
     about = explorer_about(args.run, cfg, None if train_images is None else len(train_images), len(basis[0]))
     if train_images is None:
         print(about["basis"])
     print("variance explained: " + ", ".join(r.replace("\n", " ").replace(" var", "") for r in rows))
     if args.serve:
-        server = make_server(Explorer(nets, basis, about, test_images, K, args.range), port=args.port)
-        print(f"explorer at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
+        server = make_server(Explorer(nets, basis, about, test_images, args.components, args.range), port=args.port)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C may come as soon as the address is printed
+            print(f"explorer at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
             server.serve_forever()
         server.server_close()
     return path
@@ -799,6 +798,7 @@ def between(kind, lo, hi):
 
 std_list = data.checked(lambda s: [data.non_negative(x) for x in s.split(",")], lambda v: len(v) <= 64,
                         "1 to 64 comma-separated stds")
+std_list.__name__ = "comma-separated std"  # argparse: "invalid comma-separated std value: '1,x'"
 FACES, ROW = between(int, 1, 4096), between(int, 1, 256)   # faces in one grid; faces in a grid row
 RUN = [("run", dict(metavar="RUN", help="run folder (its last.pt) or a checkpoint file")),
        ("--out", dict(help="output file (default: in the run folder)"))]

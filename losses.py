@@ -50,7 +50,7 @@ def gaussian_nll(x, mean, obs_std, reduction="mean"):
     likelihood: for var = 0.01 the denominator is ≈ −4.6, so minimising it would *reward*
     reconstruction error. We compute the real Gaussian NLL above, with σ = var.
     """
-    var = torch.as_tensor(obs_std, dtype=x.dtype, device=x.device) ** 2     # σ²
+    var = torch.as_tensor(obs_std, dtype=x.dtype) ** 2  # σ²; a float stays a CPU scalar: no copy to the GPU, no sync
     nll = 0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var))
     return _batch_mean(nll) if reduction == "mean" else nll.flatten(1).sum(1)
 

@@ -31,41 +31,36 @@ from data import UsageError
 
 # -----------------------------------------------------------------------------
 # Each model's hyperparameters as its report gives them (README "Models"; z sizes are
-# models.DEFAULT_LATENT). A flag given on the command line wins; "ours" marks a value no report states.
+# models.DEFAULT_LATENT); "ours" marks a value no report states. A flag given on the command line wins.
+COMMON_DEFAULTS = dict(image_size="64", batch_size=64, optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0,
+                       recon_scale=1.0, obs_std=1.0, recon="mse", gan_loss="bce", n_critic=1, clip=0.0, gp_weight=0.0,
+                       flip=False, jitter=0.0, critic_norm="none", seed=0, n_synthetic=10000, test_fraction=0.2,
+                       log_every=20, quiet=False, amp=False, compile=False, adv_weight=1.0, conditional=False,
+                       balance_labels=False, ema=0.0, reuse_fakes=False)  # every other flag's default is None
+LFW = dict(lr=1e-3, epochs=50, recon="mse", flip=True, jitter=0.1)
 SEED_DEFAULTS = {
     # Wuga VAE (report 000): GNLL with observation sigma 0.01 + KL, lr 1e-4 (Adam: ours), 500 epochs;
     # its VGG16 variant: sigma 0.1, lr 1e-5, z 512
-    "vae": dict(image_size="64", batch_size=64, lr=1e-4, epochs=500, recon="gnll", obs_std=0.01),
-    "vae-vgg": dict(image_size="64", batch_size=64, lr=1e-5, epochs=500, recon="gnll", obs_std=0.1),
+    "vae": dict(lr=1e-4, epochs=500, recon="gnll", obs_std=0.01),
+    "vae-vgg": dict(lr=1e-5, epochs=500, recon="gnll", obs_std=0.1),
     # instance-norm VAE (report 001): lambda 1e-5, Adam 1e-3, h-flip, 64x48. Its lambdas (1e-3..1e-6)
     # only make sense against a per-pixel *mean* squared error: we use that.
-    "vae-in": dict(image_size="64x48", batch_size=64, lr=1e-3, epochs=30, recon="mse-mean", kl_weight=1e-5, flip=True),
-    # LFW report (003): autoencoder (MSE) and VAE, KLD weight 0.2 / 0.1 / 0.01 (0.1 generated best)
-    # against a summed MSE; h-flip p=0.5 + colour jitter. Its VAE-GAN: the VAE + a 5-layer D, KLD 0.01
-    "ae": dict(image_size="64", batch_size=64, lr=1e-3, epochs=50, recon="mse", kl_weight=0.0, flip=True, jitter=0.1),
-    "vae-lrelu": dict(image_size="64", batch_size=64, lr=1e-3, epochs=50, recon="mse", kl_weight=0.1, flip=True, jitter=0.1),
-    "vaegan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50, recon="mse",
-                   kl_weight=0.01, gan_loss="bce", flip=True, jitter=0.1),
+    "vae-in": dict(image_size="64x48", lr=1e-3, epochs=30, recon="mse-mean", kl_weight=1e-5, flip=True),
+    # LFW report (003): autoencoder and VAE against a summed MSE, KLD weight 0.2 / 0.1 / 0.01 (0.1
+    # generated best), h-flip p=0.5 + colour jitter; its VAE-GAN: that VAE + a 5-layer D, KLD 0.01
+    "ae": dict(LFW, kl_weight=0.0),
+    "vae-lrelu": dict(LFW, kl_weight=0.1),
+    "vaegan": dict(LFW, lr=2e-4, betas=(0.5, 0.999), kl_weight=0.01),
     # reports 002-004: DCGAN, Adam 2e-4 betas (0.5, 0.999) (the DCGAN paper's), batch 128, BCE; report
     # 004's G step scores "the constructed fake batch in previous step": --reuse-fakes
-    "dcgan": dict(image_size="64", batch_size=128, lr=2e-4, betas=(0.5, 0.999), epochs=25, gan_loss="bce",
-                  n_critic=1, reuse_fakes=True),
+    "dcgan": dict(batch_size=128, lr=2e-4, betas=(0.5, 0.999), epochs=25, reuse_fakes=True),
     # report 002: WGAN, weight clipping 0.01, RMSProp 1e-4 (paper: 5e-5), n_critic 5, batch 128;
     # WGAN-GP as Gulrajani et al. run it: lambda 10, n_critic 5, Adam 1e-4 betas (0, 0.9)
-    "wgan": dict(image_size="64", batch_size=128, lr=1e-4, epochs=50, optimizer="rmsprop", gan_loss="wasserstein",
-                 n_critic=5, clip=0.01),
-    "wgan-gp": dict(image_size="64", batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50, gan_loss="wasserstein",
-                    n_critic=5, gp_weight=10.0),
+    "wgan": dict(batch_size=128, lr=1e-4, epochs=50, optimizer="rmsprop", gan_loss="wasserstein", n_critic=5, clip=0.01),
+    "wgan-gp": dict(batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50, gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
     # report 002's future work, SN-GAN (Miyato et al. 2018): hinge loss, its Adam setting C, batch 64, z 128
-    "sngan": dict(image_size="64", batch_size=64, lr=2e-4, betas=(0.5, 0.999), epochs=50, gan_loss="hinge", n_critic=1),
+    "sngan": dict(lr=2e-4, betas=(0.5, 0.999), epochs=50, gan_loss="hinge"),
 }
-COMMON_DEFAULTS = dict(optimizer="adam", betas=(0.9, 0.999), kl_weight=1.0, recon_scale=1.0, obs_std=1.0,
-                       recon="mse", gan_loss="bce", n_critic=1, clip=0.0, gp_weight=0.0, flip=False, jitter=0.0,
-                       arch=None, critic_norm="none", seed=0, n_synthetic=10000, test_fraction=0.2, log_every=20,
-                       quiet=False, amp=False, channels_last=None, compile=False, grad_clip=None,
-                       checkpoint_every=None, max_steps=None, data=None, fused_adam=None, adv_weight=1.0,
-                       conditional=False, attr_file=None, attrs=None, balance_labels=False, ema=0.0,
-                       reuse_fakes=False)
 
 # -----------------------------------------------------------------------------
 # Where the data comes from: a folder, a .zip or the synthetic faces, decoded once into uint8
@@ -95,9 +90,8 @@ def steps_per_update(cfg):
     return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
 
 def update(opt, loss):
-    """One update, the same for every net: zero_grad -> backward -> step. The backward computes
-    this optimizer's gradients only: G's loss passes through D, whose weight gradients would be
-    thrown away. (Averaging over processes, the gradient norm, clipping: add_update_hooks.)"""
+    """One update, the same for every net: zero_grad -> backward -> step. The backward computes this
+    optimizer's gradients only (G's loss passes through D, whose weight gradients would be wasted)."""
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=opt.param_groups[0]["params"])
     opt.step()
@@ -231,46 +225,38 @@ def average(G_ema, G, decay, t):
 # NaN watch, signals) is applied here, around it.
 
 def train(run):
-    """Batches -> the family's step -> meters -> progress, metrics, pictures, checkpoints."""
-    cfg, step_fn = run.cfg, STEPS[run.cfg["family"]]
+    """Batches -> the family's step -> meters -> progress, metrics, pictures, checkpoints. An epoch
+    starts at batch run.pos: a run stopped mid-epoch goes on with the very next batch (exact resume)."""
+    cfg, step_fn, per_step = run.cfg, STEPS[run.cfg["family"]], steps_per_update(run.cfg)
     rows = [r for r in data.read_csv(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
     progress = Progress(run)
-    for steps, completes in epochs_to_run(run):
-        t0, n_images = time.time(), 0
-        for batches in steps:
-            batches = [b if isinstance(b, tuple) else (b, None) for b in batches]
+    while run.epoch < cfg["epochs"]:
+        fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
+        n = max(0, min(fits, total_steps(run) - run.step))
+        if n == 0 and not (fits == 0 and run.pos > 0):            # (else: saved before its row was written)
+            break
+        t0, it = time.time(), run.batches.epoch(run.epoch, start=run.pos)
+        for i in range(n):
+            batches = [b if isinstance(b, tuple) else (b, None) for b in itertools.islice(it, per_step)]
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
                 out = step_fn(run.fwd, run.opts, batches, cfg, run.noise)
             if "G_ema" in run.nets:
                 average(run.nets["G_ema"], run.nets["G"], cfg["ema"], run.step)
-            run.count({**out, **run.norms}, len(batches))
-            n_images += len(batches) * cfg["batch_size"]
+            run.count({**out, **run.norms}, per_step)
             if run.stopping():  # Ctrl-C / SIGTERM came during the step: it is complete, save here
                 raise KeyboardInterrupt
             if run.step % cfg["log_every"] == 0:
                 run.check_finite()
-                progress.update(run, n_images / max(time.time() - t0, 1e-9))
+                progress.update(run, (i + 1) * per_step * cfg["batch_size"] / max(time.time() - t0, 1e-9))
             if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
                 run.checkpoint()
-        end_epoch(run, rows, completes, time.time() - t0, n_images, progress.points)
+        end_epoch(run, rows, n == fits, time.time() - t0, n * per_step * cfg["batch_size"], progress.points)
         progress.mark(run)
     frames = data.epoch_frames(os.path.join(run.out, "samples")) if run.main else None
     if frames:
         data.save_gif(frames, os.path.join(run.out, "progress.gif"))
-
-def epochs_to_run(run):
-    """The epochs left as (steps, completes): an epoch starts at batch run.pos, so a run stopped
-    mid-epoch continues with the very next batch (exact resume)."""
-    per_step, total = steps_per_update(run.cfg), total_steps(run)
-    while run.epoch < run.cfg["epochs"]:
-        fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
-        n = max(0, min(fits, total - run.step))
-        if n == 0 and not (fits == 0 and run.pos > 0):
-            return
-        it = run.batches.epoch(run.epoch, start=run.pos)
-        yield (list(itertools.islice(it, per_step)) for _ in range(n)), n == fits
 
 def total_steps(run):
     total = run.cfg["epochs"] * (len(run.batches) // steps_per_update(run.cfg))
@@ -324,9 +310,8 @@ def fmt(d, skip=0):
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(d.items())[skip:])
 
 class Progress:
-    """Every --log-every steps a loss-curve point, each term's mean over the steps since the last
-    point, appended to steps.csv (a resume keeps those up to its checkpoint), and a progress line
-    with images/s (on a terminal each time, else every 30 s)."""
+    """Every --log-every steps: a loss-curve point (each term's mean since the last one) added to
+    steps.csv, and a progress line with images/s (on a terminal each time, else every 30 s)."""
 
     def __init__(self, run):
         self.path, self.last, self.quiet = os.path.join(run.out, "steps.csv"), 0.0, run.cfg["quiet"] or not run.main
@@ -423,8 +408,7 @@ class Run:
         return bool(flag.item())
 
     def check_finite(self):
-        """Stop at the first NaN/Inf before anything is saved, naming the terms at that step (every
-        loss and gradient norm is watched, so no weight can turn non-finite unseen)."""
+        """Stop at the first NaN/Inf in a loss, gradient norm or weight, before anything is saved."""
         kept = os.path.join(self.out, "last.pt")
         kept = f"{kept} holds the last good checkpoint" if os.path.exists(kept) else "no checkpoint was written yet"
         bad = {k: int(s) for k, s in self.first_bad.items() if s < NEVER}
@@ -433,6 +417,9 @@ class Run:
             raise FloatingPointError(f"NaN/Inf in {', '.join(k for k, s in bad.items() if s == step)} at step "
                                      f"{step} (epoch {self.epoch + 1}); training stopped and nothing non-finite was "
                                      f"saved: {kept}. Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
+        for name, m in self.nets.items():  # an update with a finite gradient can still overflow (a huge --lr)
+            if not all(torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()):
+                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step}; nothing non-finite was saved: {kept}")
 
     def checkpoint(self, name="last.pt"):
         self.check_finite()
@@ -479,9 +466,9 @@ def start_processes(cfg):
     return device, rank, world
 
 def add_update_hooks(run):
-    """What wraps every update: a hook between backward and step that, under torchrun, averages the
-    gradients over the processes (data-parallel training in one all-reduce), then reads their norm
-    or clips it (--grad-clip) for the loop to log as grad_norm_NET, where the NaN watch sees it."""
+    """What wraps every update: a hook between backward and step. Under torchrun it averages the
+    gradients over the processes (data parallelism in one all-reduce); then it reads their norm or
+    clips it (--grad-clip), for the loop to log as grad_norm_NET: the NaN watch sees it there."""
     def hook(opt, name):
         params = opt.param_groups[0]["params"]
         grads = [p.grad for p in params if p.grad is not None]
@@ -516,9 +503,8 @@ def settle_speed(cfg, device, say=True):
 # The run folder, signals and the command line.
 
 def claim_folder(out, fresh):
-    """Create the run folder and hold a flock on OUT/.lock while the process lives (a killed run
-    leaves no stale lock); refuse a folder another train.py holds, or, for a fresh run, one that
-    holds another run; sweep the temp files of an interrupted checkpoint write. Rank 0 only."""
+    """Create the run folder and hold a flock on OUT/.lock while the process lives (none is left
+    stale); refuse a busy folder, or for a fresh run one that holds a run. Rank 0 only."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     try:
@@ -541,16 +527,6 @@ def claim_folder(out, fresh):
         if name.startswith(".tmp-") and name.endswith(".pt"):
             os.remove(os.path.join(out, name))
     return fd
-
-def catch_signals(run):
-    """The first SIGINT/SIGTERM stops the loop after the step in flight; a second one at once."""
-    def handler(signum, frame):
-        run.stop.append(signum)
-        if len(run.stop) > 1:
-            raise KeyboardInterrupt
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 # Flags that may change on --resume; any other flag must agree with the run's config.json.
 RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "checkpoint_every",
@@ -608,10 +584,11 @@ FLAGS = [  # (group, flag, type | choices | action, help)
 
 def parse_args(argv=None):
     table = "\n".join(f"  {m:10s}" + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in SEED_DEFAULTS.items())
+    every = " ".join(f"{k}={COMMON_DEFAULTS[k]}" for k in ("image_size", "batch_size", "optimizer", "betas", "kl_weight", "n_critic"))
     p = argparse.ArgumentParser(description="Train a face VAE or GAN into a run folder.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"per-model defaults (the reports' values; a flag given wins):\n{table}\n"
-                                       f"  every model: optimizer=adam betas=(0.9, 0.999) kl_weight=1 n_critic=1")
+                                       f"  unless given above: {every}")
     groups = {}
     for group, flag, kind, text in FLAGS:
         g = groups.setdefault(group, p.add_argument_group(group))
@@ -633,21 +610,17 @@ def resolve(args):
     except ValueError as e:
         raise UsageError(str(e))
     if tuple(cfg["image_size"]) not in models.supported_sizes(args.model):
-        raise UsageError(f"--model {args.model} supports image sizes "
-                         + ", ".join(f"{h}x{w}" for h, w in models.supported_sizes(args.model)))
+        raise UsageError(f"--model {args.model} supports image sizes " + ", ".join(f"{h}x{w}" for h, w in
+                         models.supported_sizes(args.model)) + f"; got {'x'.join(map(str, cfg['image_size']))}")
     cfg["family"] = models.FAMILY[args.model]
     unused = [flag for group, flag, *_ in FLAGS
               if flag[2:].replace("-", "_") in given and cfg["family"] not in FAMILIES.get(group, [cfg["family"]])]
     if unused:
         raise UsageError(f"--model {args.model} does not use " + ", ".join(unused))
-    for flag, needs, ok in (("beta1", "--optimizer adam", cfg["optimizer"] == "adam"),
-                            ("beta2", "--optimizer adam", cfg["optimizer"] == "adam"),
-                            ("fused_adam", "--optimizer adam", cfg["optimizer"] == "adam"),
-                            ("obs_std", "--recon gnll", cfg["recon"] == "gnll"),
-                            ("attr_file", "--conditional", cfg["conditional"]),
-                            ("balance_labels", "--conditional", cfg["conditional"]),
-                            ("attrs", "--conditional --attr-file", cfg["conditional"] and cfg["attr_file"]),
-                            ("kl_weight", "a variational model (ae has no KL term)", args.model != "ae")):
+    adam, cond = ("--optimizer adam", cfg["optimizer"] == "adam"), ("--conditional", cfg["conditional"])
+    for flag, (needs, ok) in dict(beta1=adam, beta2=adam, fused_adam=adam, obs_std=("--recon gnll", cfg["recon"] == "gnll"),
+                                  attr_file=cond, balance_labels=cond, attrs=("--attr-file", cfg["attr_file"]),
+                                  kl_weight=("a variational model (ae has no KL term)", args.model != "ae")).items():
         if flag in given and not ok:
             raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs}; this run has --model "
                              f"{args.model} --optimizer {cfg['optimizer']}" + (f" --recon {cfg['recon']}" if "vae" in cfg["model"] else ""))
@@ -687,7 +660,12 @@ def main(argv=None):
         run = Run(cfg, state)  # builds and loads everything
         if run.main:
             data.write_json(os.path.join(out, "config.json"), cfg)
-        handlers = catch_signals(run)
+        def on_signal(signum, frame):  # the first stops the loop after the step in flight, a second at once
+            run.stop.append(signum)
+            if len(run.stop) > 1:
+                raise KeyboardInterrupt
+        main_thread = threading.current_thread() is threading.main_thread()
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
         try:
             train(run)
             if run.world > 1:  # no rank tears the process group down before rank 0's last pictures

@@ -3,7 +3,7 @@ loopback HTTP never through a proxy, and a private decoded-image cache.
 
 Set here, at import, before any test module imports torch: CUDA_VISIBLE_DEVICES='' hides every GPU
 from this process and from every train.py subprocess (which inherit the environment), so
-`--device auto` picks the CPU, cudnn.benchmark stays off, and DDP tests use gloo, not NCCL with
+`--device auto` picks the CPU, cudnn.benchmark stays off, and torchrun tests use gloo, not NCCL with
 2 ranks on one GPU. Bitwise-resume and pixel-equality tests hold only on the device they were
 designed for; a CUDA test must ask for it explicitly."""
 import os

@@ -1,5 +1,6 @@
-"""DistributedDataParallel through torchrun: 2 CPU processes (gloo), each on its half of every
-global batch, against 1 process on the whole batch.
+"""Data-parallel training through torchrun: 2 CPU processes (gloo), each on its half of every
+global batch, against 1 process on the whole batch. train.py averages the gradients itself: one
+all-reduce per update, in the optimizer's pre-step hook (train.add_update_hooks).
 
 What is compared, and why it holds on any x86-64 CPU (AVX2 or AVX-512, any thread count):
 - gradients of the FIRST step, not weights after several Adam steps. Adam's g / sqrt(v) turns
@@ -9,14 +10,12 @@ What is compared, and why it holds on any x86-64 CPU (AVX2 or AVX-512, any threa
   well-conditioned quantity: 2 ranks differ from 1 process only in how float32 sums are split.
 - the loss trajectory over a few steps (losses are smooth in the weights: the lr-size flips of
   the cancelled biases do not change the loss at all, InstanceNorm removes them).
-- the WGAN-GP critic gradient in float64, where the comparison can be made 1e-12 tight.
-- DDP's own invariant, bitwise: every rank ends with the same parameters.
+- data parallelism's invariant, bitwise: every rank ends with the same parameters.
 
 All the 2-process trainings run in ONE torchrun launch (a worker script below runs train.main
 once per argv), shared by the whole module: process start-up dominates these tiny runs."""
 import csv
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,7 +29,9 @@ import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL = ["vae", "vae-vgg", "vae-in", "ae", "vae-lrelu", "dcgan", "wgan", "wgan-gp", "vaegan"]
+# one model per step function and loss: the autoencoders share vae_step (vae-in, also compared
+# with 1 process below), the Wuga VAE's and dcgan's BatchNorm run per rank on gloo
+ALL = ["vae", "vae-in", "dcgan", "wgan", "wgan-gp", "vaegan", "sngan"]
 SIZE = {"vae-in": "32x24"}
 FAMILY_ARGS = {"wgan": ["--n-critic", "1", "--reuse-fakes"], "wgan-gp": ["--n-critic", "2"],  # wgan: G scores the kept fakes
                "sngan": ["--ema", "0.9"]}  # sngan: + G_ema
@@ -51,10 +52,11 @@ VAE_IN = ["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "60", "
           "--quiet", "--device", "cpu", "--lr", "1e-3"]
 
 # Runs train.main(argv) for each argv (one JSON list per line of a file) in this process, spying
-# through public names only: train.optimizer_step (each update's loss and, for the first steps,
-# every parameter gradient: optimizer_step zeroes them before backward, so after it they are the
-# gradients the update used), train.train (to reach the Run: rank 1 writes no files), and every
-# file write under the run folder (os.replace, open for writing): only rank 0 may write there.
+# through public names only: train.update (each update's loss and, for the first updates, every
+# parameter gradient: update zeroes them before backward and the pre-step hook averages them over
+# the ranks in place, so after it they are the gradients the step used), train.train (to reach the
+# Run: its optimizers name the net of an update), and every file write under the run folder
+# (os.replace, open for writing): only rank 0 may write there.
 WORKER = textwrap.dedent(r"""
     import builtins, json, os, sys
     import torch
@@ -63,15 +65,16 @@ WORKER = textwrap.dedent(r"""
     rank = int(os.environ.get("RANK", 0))
     jobs = [json.loads(line) for line in open(sys.argv[2])]
     rec, runs = {}, []
-    real_step, real_train, real_open, real_replace = train.optimizer_step, train.train, builtins.open, os.replace
+    real_update, real_train, real_open, real_replace = train.update, train.train, builtins.open, os.replace
 
-    def optimizer_step(run, name, loss):
-        norm = real_step(run, name, loss)
+    def update(opt, loss):
+        run = runs[-1]
+        name = next(k for k, o in run.opts.items() if o is opt)
+        real_update(opt, loss)
         rec["losses"].append((name, float(loss.detach())))
         if len(rec["grads"]) < 4:
             rec["grads"].append((name, {k: p.grad.detach().clone() for k, p in run.nets[name].named_parameters()
                                         if p.grad is not None}))
-        return norm
 
     def spy_train(run):
         runs.append(run)
@@ -105,7 +108,7 @@ WORKER = textwrap.dedent(r"""
         return out
 
     losses.gradient_penalty = gradient_penalty
-    train.optimizer_step, train.train, builtins.open, os.replace = optimizer_step, spy_train, spy_open, spy_replace
+    train.update, train.train, builtins.open, os.replace = update, spy_train, spy_open, spy_replace
     # one process group for every job: train.main destroys it on exit, and a second
     # init_process_group on torchrun's store would wait forever for keys the first one used
     destroy, torch.distributed.destroy_process_group = torch.distributed.destroy_process_group, lambda *a: None
@@ -117,7 +120,7 @@ WORKER = textwrap.dedent(r"""
         state = {"rc": rc, "losses": rec["losses"], "grads": rec["grads"], "writes": rec["writes"], "eps": rec["eps"],
                  "params": {k: v.detach().clone() for k, v in run.nets.named_parameters()} if run else {},
                  "buffers": {k: v.clone() for k, v in run.nets.named_buffers()} if run else {},
-                 "opt": {k: o.state_dict() for k, o in run.opt.items()} if run else {}}
+                 "opt": {k: o.state_dict() for k, o in run.opts.items()} if run else {}}
         torch.save(state, f"{dump}.rank{rank}.pt")
         if torch.distributed.is_initialized():  # rank 0 has written the run folder (a resume reads it)
             torch.distributed.barrier()
@@ -169,18 +172,20 @@ def two(tmp_path_factory):
 
 def spy_main(argv, monkeypatch):
     """train.main(argv) in this process (1 process), recording what the worker records."""
-    rec = {"losses": [], "grads": []}
-    real = train.optimizer_step
+    rec, runs = {"losses": [], "grads": []}, []
+    real_update, real_train = train.update, train.train
 
-    def optimizer_step(run, name, loss):
-        norm = real(run, name, loss)
+    def update(opt, loss):
+        run = runs[-1]
+        name = next(k for k, o in run.opts.items() if o is opt)
+        real_update(opt, loss)
         rec["losses"].append((name, float(loss.detach())))
         if len(rec["grads"]) < 4:
             rec["grads"].append((name, {k: p.grad.detach().clone() for k, p in run.nets[name].named_parameters()
                                         if p.grad is not None}))
-        return norm
 
-    monkeypatch.setattr(train, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(train, "update", update)
+    monkeypatch.setattr(train, "train", lambda run: runs.append(run) or real_train(run))
     assert train.main([str(a) for a in argv]) == 0
     monkeypatch.undo()
     return rec
@@ -205,7 +210,7 @@ def close_to(a, b, scale, tol):
 # 1. Equivalence with one process (vae-in: no BatchNorm)
 
 def test_first_step_gradient_of_two_processes_equals_one_process(two, one):
-    """DDP averages the 2 ranks' gradients of their half-batch mean losses: that is the gradient
+    """The hook averages the 2 ranks' gradients of their half-batch mean losses: that is the gradient
     of the global batch mean, which 1 process computes directly. Only the float32 summation
     order differs: each gradient entry is a sum over ~8*32*24 = 6e3 products, whose rounding
     error is ~sqrt(n) * 2^-24 ~ 5e-6 of the magnitudes summed (more where terms cancel). We
@@ -226,14 +231,14 @@ def test_first_step_gradient_of_two_processes_equals_one_process(two, one):
 
 
 def test_the_comparison_has_power_a_half_batch_gradient_is_far_off(two, one):
-    """The test above would fail without DDP's all-reduce: rank 0's own half-batch gradient is
+    """The test above would fail without the all-reduce: rank 0's own half-batch gradient is
     not the global one. (Recomputed here from the run's first batch on one process.)"""
     cfg = train.resolve(train.parse_args([*VAE_IN, "--max-steps", "1", "--out", "unused"]))
     run = train.Run(cfg)
     x = next(iter(run.batches.epoch(0)))
     vae = run.nets["vae"]
     x_hat, mu, logvar = vae(x[:4], run.noise(8)[:4])
-    loss, _, _ = train.elbo_terms(cfg, x[:4], x_hat, mu, logvar)
+    loss, _, _ = train.elbo(cfg, x[:4], x_hat, mu, logvar)
     loss.backward()
     g1 = one["rec"]["grads"][0][1]
     scale = max(float(g.abs().max()) for g in g1.values())
@@ -275,15 +280,14 @@ def test_logged_losses_are_the_global_batchs(two, one):
 
 
 # -----------------------------------------------------------------------------
-# 2. Every family under 2 processes: DDP's invariant, and rank 0 alone writes
+# 2. Every family under 2 processes: identical ranks, and rank 0 alone writes
 
 @pytest.mark.parametrize("model", ALL)
 def test_every_family_under_two_processes_keeps_the_ranks_identical(two, model):
     """Every rank ends with bitwise the same parameters and optimizer state (the same
     all-reduced gradients, the same updates). BatchNorm running statistics are not compared:
-    on CPU there is no SyncBatchNorm, each rank's forward updates them from its own half-batch
-    (DDP re-broadcasts rank 0's buffers at the start of every forward), and the checkpoint keeps
-    rank 0's."""
+    on CPU there is no SyncBatchNorm, each rank's forward updates them from its own half-batch,
+    and the checkpoint keeps rank 0's."""
     r0, r1 = two["states"][model]
     assert r0["params"].keys() == r1["params"].keys() and r0["params"]
     for k in r0["params"]:
@@ -315,10 +319,9 @@ def test_only_rank_0_writes_the_run_folder(two, model):
 
 
 def test_vaegan_decoded_noise_gradient_is_all_reduced(two):
-    """The VAE-GAN decodes noise through run.nets["vae"].decode, bypassing the DDP wrapper; the
-    decoder is also used inside the wrapped forward, so its AccumulateGrad hook fires once per
-    backward with the sum of both uses, and DDP all-reduces it. Hence identical decoder
-    gradients on both ranks (not merely identical weights)."""
+    """The VAE-GAN's decoder runs twice a step, on z ~ q(z|x) inside the VAE's forward and on noise
+    through vae.decode: its gradient, the sum of both uses, is what the pre-step hook averages.
+    Hence identical decoder gradients on both ranks (not merely identical weights)."""
     g0 = [g for n, g in two["states"]["vaegan"][0]["grads"] if n == "vae"]
     g1 = [g for n, g in two["states"]["vaegan"][1]["grads"] if n == "vae"]
     assert g0 and len(g0) == len(g1)
@@ -382,74 +385,3 @@ def test_gradient_penalty_eps_is_each_ranks_slice_of_one_draw(two, tmp_path, mon
     one_eps = recorded[0]
     assert one_eps.shape == two_eps.shape == (8,)
     torch.testing.assert_close(two_eps, one_eps, rtol=0, atol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# 4. WGAN-GP: the gradient penalty's autograd.grad through the DDP-wrapped critic
-
-GP_WORKER = textwrap.dedent(r"""
-    import os, sys
-    import torch
-    sys.path.insert(0, sys.argv[1])
-    import losses, train
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    cfg = train.resolve(train.parse_args(sys.argv[3:]))
-    torch.set_default_dtype(torch.float64)     # a float64 critic, wrapped in DDP by train.Run
-    run = train.Run(cfg)                       # gloo process group, DDP-wrapped nets: train.py's own
-    D = run.nets["D"]
-    real, fake, eps = torch.load(sys.argv[2] + "/inputs.pt", weights_only=True)
-    n = real.shape[0] // world
-    mine = slice(rank * n, (rank + 1) * n)
-    torch.rand = lambda *a, **k: eps[mine]     # the same eps per sample as one process
-    loss = losses.critic_loss(run.fwd["D"](real[mine]), run.fwd["D"](fake[mine]))
-    critic = getattr(run, "penalty_critic", None) or run.fwd["D"]   # what train.py differentiates through
-    loss = loss + 10.0 * losses.gradient_penalty(critic, real[mine], fake[mine])
-    loss.backward()
-    torch.save({k: p.grad for k, p in D.named_parameters()}, f"{sys.argv[2]}/grad{rank}.pt")
-    torch.distributed.barrier()                # no rank tears gloo down while the other still talks
-    torch.distributed.destroy_process_group()
-""")
-
-
-@pytest.mark.parametrize("critic_norm", ["none", "layer"])
-def test_wgan_gp_critic_gradient_under_ddp_equals_one_process(tmp_path, critic_norm):
-    """train.py's D step calls gradient_penalty -> torch.autograd.grad(create_graph=True) through
-    the DDP-wrapped critic, then one backward of critic loss + lambda * GP. autograd.grad w.r.t.
-    x_hat alone runs no parameter's AccumulateGrad hook; the backward then reaches each critic
-    parameter's hook once, with the sum of the three forwards' and the penalty's double-backward
-    contributions, and DDP all-reduces that sum: the 1-process full-batch gradient. In float64
-    (critic and inputs), with the same eps per sample, it agrees to ~1e-16 (measured); 1e-10
-    leaves room for any summation order, while the rank-local (not all-reduced) penalty gradient
-    is off by ~50 % of the gradient's scale."""
-    argv = ["--model", "wgan-gp", "--image-size", "32", "--n-synthetic", "40", "--batch-size", "8", "--n-critic", "1",
-            "--critic-norm", critic_norm, "--device", "cpu", "--out", str(tmp_path / "unused")]
-    g = torch.Generator().manual_seed(1)
-    real, fake = (torch.rand(8, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
-    eps = torch.rand(8, 1, 1, 1, generator=g, dtype=torch.float64)
-    torch.save((real, fake, eps), tmp_path / "inputs.pt")
-    (tmp_path / "gp.py").write_text(GP_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "gp.py"), ROOT, str(tmp_path), *argv]
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, failure(p)
-    g0, g1 = (torch.load(tmp_path / f"grad{r}.pt", weights_only=True) for r in (0, 1))
-    # 1 process, full batch, same eps
-    cfg = train.resolve(train.parse_args(argv))
-    torch.set_default_dtype(torch.float64)
-    try:
-        D = train.Run(cfg).nets["D"]
-    finally:
-        torch.set_default_dtype(torch.float32)
-    assert next(D.parameters()).dtype == torch.float64
-    real_rand = torch.rand
-    torch.rand = lambda *a, **k: eps
-    try:
-        loss = losses.critic_loss(D(real), D(fake)) + 10.0 * losses.gradient_penalty(D, real, fake)
-    finally:
-        torch.rand = real_rand
-    loss.backward()
-    scale = max(float(p.grad.abs().max()) for p in D.parameters())
-    for k, p in D.named_parameters():
-        assert torch.equal(g0[k], g1[k]), k
-        torch.testing.assert_close(g0[k], p.grad, rtol=0, atol=1e-10 * scale, msg=k)
-

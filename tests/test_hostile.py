@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import data
+import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +71,7 @@ def test_resume_into_a_new_folder_continues_there(run_a, tmp_path):
     assert train.main(["--resume", str(run_a), "--out", str(tmp_path / "b"), "--max-steps", "2", "--quiet"]) == 0
     assert digest(run_a / "last.pt") == before
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 2
-    rows = train.read_metrics(tmp_path / "b" / "metrics.csv")
+    rows = data.read_csv(tmp_path / "b" / "metrics.csv")
     assert [r["step"] for r in rows] == ["2"]  # the resumed epoch's row, completed once
 
 
@@ -109,17 +111,17 @@ def test_a_second_writer_is_refused_and_the_first_keeps_its_temp_files(run_a, tm
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "k"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; train.lock_folder(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; train.claim_folder(sys.argv[1], fresh=False); "
                                "print('locked', flush=True); time.sleep(60)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(train.UsageError, match="in use"):
-            train.lock_folder(str(out))
+        with pytest.raises(data.UsageError, match="in use"):
+            train.claim_folder(str(out), fresh=False)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    os.close(train.lock_folder(str(out)))  # the kernel dropped the dead process's lock
+    os.close(train.claim_folder(str(out), fresh=True))  # the kernel dropped the dead process's lock
 
 
 def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
@@ -143,10 +145,12 @@ def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
     (["--model", "vae-lrelu", "--obs-std", "0.1"], "--obs-std only applies with --recon gnll"),
     (["--model", "ae", "--kl-weight", "1"], "--kl-weight only applies"),
     (["--model", "sngan", "--balance-labels"], "--balance-labels only applies with --conditional"),
-    (["--model", "vae", "--batch-size", "1"], "BatchNorm"),
+    (["--model", "vae", "--image-size", "32", "--n-synthetic", "20", "--batch-size", "1"], "BatchNorm"),
     (["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "1", "--batch-size", "1"], "test split is empty"),
 ])
-def test_bad_arguments_one_line_exit_2_and_no_folder(argv, says, tmp_path, capsys):
+def test_bad_arguments_one_line_exit_2_and_no_run_left(argv, says, tmp_path, capsys):
+    """Refused before the run folder is claimed: no folder; refused once the data is seen (the
+    folder is claimed first): at most an empty run folder, which a fresh run may take."""
     out = tmp_path / "never"
     try:
         rc = train.main(argv + ["--out", str(out), "--max-steps", "1", "--quiet"])
@@ -154,7 +158,10 @@ def test_bad_arguments_one_line_exit_2_and_no_folder(argv, says, tmp_path, capsy
         rc = e.code
     assert rc == 2
     assert says in one_error(capsys)
-    assert not out.exists()
+    if out.exists():
+        assert says in ("BatchNorm", "test split is empty")
+        assert sorted(p.name for p in out.rglob("*")) == [".lock", "recon", "samples"]
+        os.close(train.claim_folder(str(out), fresh=True))  # not "already holds a run"
 
 
 # --- files that are not what they claim ---------------------------------------------------
@@ -169,6 +176,18 @@ def test_non_checkpoint_files_say_what_they_are(tmp_path, capsys):
     assert train.main(["--resume", str(noise)]) == 2
     line = one_error(capsys)
     assert "is not a PyTorch checkpoint" in line and "pickled code" not in line
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(run_a, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(run_a, old)
+    state = torch.load(old / "last.pt", weights_only=True)
+    assert state.pop("format") == models.FORMAT
+    torch.save(state, old / "last.pt")
+    before = digest(old / "last.pt")
+    assert train.main(["--resume", str(old), "--max-steps", "2", "--quiet"]) == 2
+    assert "was written by an older version of facegen; train it again with this one" in one_error(capsys)
+    assert digest(old / "last.pt") == before
 
 
 def test_tampered_checkpoints_and_metrics_give_one_line(run_a, tmp_path, capsys):

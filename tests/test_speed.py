@@ -1,7 +1,7 @@
-"""Speed switches (issue 12): --amp without native bf16 trains in fp32 and says so; the defaults
-are settled at run start and recorded, and a resume keeps them; --benchmark drops a hopeless
-switch after one round. No timed assertions: speed is shown by docs/bench_vs_examples.py and
---benchmark's printed ratios, never by a test."""
+"""Speed switches: --amp without native bf16 trains in fp32 and says so in one line; the unset
+switches are settled at run start (train.settle_speed) and recorded in config.json, and a resume
+keeps what the run recorded. No timed assertions: speed is shown by docs/bench_vs_examples.py,
+never by a test."""
 import json
 import os
 import platform
@@ -14,33 +14,49 @@ import torch
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "dcgan", "--image-size", "32", "--n-synthetic", "160", "--batch-size", "8", "--quiet"]
+TINY = ["--model", "dcgan", "--image-size", "32", "--n-synthetic", "40", "--batch-size", "8", "--quiet"]
+CPU = torch.device("cpu")
 
 
-def cfg_of(*argv):
-    return train.resolve(train.parse_args(["--model", "dcgan", *argv]))
+def cfg_of(*argv, model="dcgan"):
+    return train.resolve(train.parse_args(["--model", model, *argv]))
+
+
+def bf16(monkeypatch, native):
+    """Make this CPU look as if it has (or lacks) native bf16, as oneDNN and ATen report it."""
+    caps = dict(torch.cpu.get_capabilities(), avx512_bf16=native, amx_bf16=native, bf16=native)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
 
 
 def test_amp_without_native_bf16_falls_back_to_fp32_in_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    cfg = train.resolve_speed(cfg_of("--amp"), torch.device("cpu"))
+    bf16(monkeypatch, False)
+    cfg = cfg_of("--amp")
+    train.settle_speed(cfg, CPU)
     err = capsys.readouterr().err
     assert cfg["amp"] is False
     assert len(err.strip().splitlines()) == 1 and "no native bf16" in err and "fp32" in err
-    monkeypatch.setattr(train, "native_bf16", lambda device: True)
-    assert train.resolve_speed(cfg_of("--amp"), torch.device("cpu"))["amp"] is True
-    assert capsys.readouterr().err == ""
-    assert train.resolve_speed(cfg_of(), torch.device("cpu"))["amp"] is False  # never on by default
+    cfg = cfg_of("--amp")
+    train.settle_speed(cfg, CPU, say=False)                   # other ranks: the same choice, silently
+    assert cfg["amp"] is False and capsys.readouterr().err == ""
+    bf16(monkeypatch, True)
+    cfg = cfg_of("--amp")
+    train.settle_speed(cfg, CPU)
+    assert cfg["amp"] is True and capsys.readouterr().err == ""
+    cfg = cfg_of()
+    train.settle_speed(cfg, CPU)
+    assert cfg["amp"] is False                                # never on by default
 
 
 def test_amp_fallback_run_is_the_fp32_run(tmp_path, monkeypatch, capsys):
     """With no native bf16, `--amp` trains exactly the fp32 model and records amp: false."""
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    bf16(monkeypatch, False)
     for name, extra in (("amp", ["--amp"]), ("fp32", [])):
         assert train.main(TINY + ["--max-steps", "2", "--epochs", "1", "--out", str(tmp_path / name), *extra]) == 0
-    assert "--amp ignored" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("--amp ignored") == 1
     assert json.loads((tmp_path / "amp" / "config.json").read_text())["amp"] is False
     a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["nets"] for n in ("amp", "fp32"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
@@ -50,58 +66,31 @@ def test_detection_sees_an_avx2_only_cpu():
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU an AVX2-only one for
     PyTorch; the bf16 check must see it (it asks oneDNN, which honours the cap)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-    code = "import torch, train; print(train.native_bf16(torch.device('cpu')))"
+    code = ("import torch, train; cfg = dict(amp=True, channels_last=None, fused_adam=None, optimizer='adam'); "
+            "train.settle_speed(cfg, torch.device('cpu'), say=False); print(cfg['amp'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-def test_defaults_are_settled_at_start_and_a_resume_keeps_the_recorded_choice(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "CPU_DEFAULTS", dict(channels_last=True, fused_adam=True))
-    cfg = train.resolve_speed(cfg_of(), cpu)
-    assert (cfg["channels_last"], cfg["fused_adam"]) == (True, True)
-    assert train.resolve_speed(cfg_of("--no-channels-last", "--no-fused-adam"), cpu)["channels_last"] is False
-    # a run recorded before these defaults: NCHW and fused_adam null (= foreach Adam on CPU) stay so
-    old = dict(cfg_of(), channels_last=False, fused_adam=None, resume="runs/old")
-    cfg = train.resolve_speed(old, cpu)
-    assert (cfg["channels_last"], cfg["fused_adam"]) == (False, None)
-    # RMSProp has no fused flag to settle
-    assert train.resolve_speed(train.resolve(train.parse_args(["--model", "wgan"])), cpu)["fused_adam"] is None
+def test_unset_switches_are_settled_for_the_device():
+    cfg = cfg_of()
+    assert (cfg["channels_last"], cfg["fused_adam"]) == (None, None)      # unset until the device is known
+    train.settle_speed(cfg, CPU)
+    assert (cfg["channels_last"], cfg["fused_adam"]) == (True, True)      # NHWC on CPU, fused Adam
+    cfg = cfg_of("--no-channels-last", "--no-fused-adam")
+    train.settle_speed(cfg, CPU)
+    assert (cfg["channels_last"], cfg["fused_adam"]) == (False, False)    # a flag given wins
+    cfg = cfg_of(model="wgan")
+    train.settle_speed(cfg, CPU)
+    assert cfg["fused_adam"] is False                                     # RMSProp: no fused Adam
 
 
-def test_config_json_records_the_resolved_switches(tmp_path):
-    assert train.main(TINY + ["--max-steps", "1", "--epochs", "1", "--out", str(tmp_path / "r")]) == 0
-    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert isinstance(cfg["channels_last"], bool) and isinstance(cfg["fused_adam"], bool)
-    assert cfg["channels_last"] == bool(train.CPU_DEFAULTS["channels_last"])
-
-
-class FakeTimed:
-    def __init__(self, rate):
-        self.r, self.calls = rate, 0
-
-    def rate(self, steps):
-        self.calls += 1
-        return self.r
-
-
-def test_a_hopeless_configuration_is_dropped_after_round_one():
-    timed = [FakeTimed(100.0), FakeTimed(49.0), FakeTimed(51.0), FakeTimed(130.0)]
-    best, dropped = train.best_rates(timed, steps=1, rounds=3)
-    assert dropped == {1} and best == [100.0, 49.0, 51.0, 130.0]
-    assert [t.calls for t in timed] == [3, 1, 3, 3]
-
-
-def test_benchmark_smoke_reports_skipped_amp_and_a_dropped_switch(monkeypatch, capsys):
-    """--benchmark on a tiny DCGAN: amp skipped without native bf16, a (fake) slow switch
-    reported as hopeless, a fast path and the run defaults printed."""
-    monkeypatch.setattr(train, "native_bf16", lambda device: False)
-    monkeypatch.setattr(train, "SWITCHES", [("slow switch", dict(channels_last=True)),
-                                            ("bf16 autocast (--amp)", dict(amp=True))])
-    real = train.Timed.rate
-    monkeypatch.setattr(train.Timed, "rate", lambda self, steps: real(self, steps) / (100 if self.cfg["channels_last"] else 1))
-    assert train.main(TINY + ["--benchmark", "--bench-steps", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "resident + slow switch" in out and "hopeless" in out
-    assert "bf16 autocast (--amp): skipped, no native bf16" in out
-    assert "fast path: resident data + nothing else" in out and "defaults of a run here" in out
+def test_config_json_records_the_switches_and_a_resume_keeps_them(tmp_path):
+    out = tmp_path / "r"
+    assert train.main(TINY + ["--max-steps", "1", "--no-channels-last", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["channels_last"], cfg["fused_adam"], cfg["amp"], cfg["compile"]) == (False, True, False, False)
+    assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0   # no switch given
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["channels_last"], cfg["fused_adam"]) == (False, True)    # the run's, not this device's default
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2

@@ -3,7 +3,6 @@ training actually learns; refusals are clear. Small synthetic data, CPU, a few s
 import copy
 import csv
 import json
-import math
 import os
 
 import pytest
@@ -50,11 +49,14 @@ def test_every_model_writes_a_complete_run_folder(tmp_path, model):
         assert "D(x)" in rows[0] and "D(G(z))" in rows[0]  # their values: test_logged_d_of_x_is_the_mean_probability
     if models.FAMILY[model] == "wasserstein":
         assert "wasserstein" in rows[0]
+    nets = {"autoencoder": ["vae"], "vaegan": ["D", "vae"]}.get(models.FAMILY[model], ["D", "G"])
+    assert all(float(rows[0][f"grad_norm_{n}"]) > 0 for n in nets)   # every update's gradient norm, per net
+    assert not any(k.startswith("grad_norm") and k[10:] not in nets for k in rows[0])
     state = torch.load(out / "last.pt", weights_only=True)
-    assert state["step"] == 2 and set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert state["step"] == 2 and state["format"] == models.FORMAT and set(state["rng"]) == {"torch"}
 
 
-SEEDS = {  # SPEC "Models" / README: each seed's hyperparameters, as resolved with no flags
+SEEDS = {  # SPEC "Models" / README: each report's hyperparameters, as resolved with no flags
     "vae": dict(image_size=[64, 64], recon="gnll", obs_std=0.01, lr=1e-4, latent_dim=64, batch_size=64, epochs=500,
                 kl_weight=1.0, optimizer="adam"),
     "vae-vgg": dict(image_size=[64, 64], recon="gnll", obs_std=0.1, lr=1e-5, latent_dim=512, batch_size=64),
@@ -74,7 +76,7 @@ SEEDS = {  # SPEC "Models" / README: each seed's hyperparameters, as resolved wi
 
 
 @pytest.mark.parametrize("model", ALL)
-def test_seed_defaults_are_the_seeds_hyperparameters(model):
+def test_seed_defaults_are_the_reports_hyperparameters(model):
     cfg = train.resolve(train.parse_args(["--model", model]))
     got = {k: tuple(cfg[k]) if k == "betas" else cfg[k] for k in SEEDS[model]}
     assert got == SEEDS[model]
@@ -82,7 +84,7 @@ def test_seed_defaults_are_the_seeds_hyperparameters(model):
                                                 latent_dim=cfg["latent_dim"])) == cfg["latent_dim"]
 
 
-def test_seed000_part2_flags():
+def test_the_wuga_reports_kl_and_recon_weights_are_flags():
     cfg = train.resolve(train.parse_args(["--model", "vae", "--kl-weight", "10", "--recon-scale", "0.01"]))
     assert (cfg["kl_weight"], cfg["recon_scale"]) == (10.0, 0.01)
 
@@ -113,36 +115,32 @@ def rows_without_timing(path):
     return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in csv.DictReader(open(path))]
 
 
-# (the Wuga vae: test_mid_epoch_resume_is_bitwise_exact and test_robustness's kills)
+# (the Wuga vae, stopped mid-epoch and at epoch ends: test_robustness's kills)
 # ae: flip + colour jitter (augmentation RNG); wgan: RMSProp + clipping;
 # wgan-gp: the penalty's eps; vaegan: two nets, noise decoded outside the VAE's forward
-@pytest.mark.parametrize("model,extra", [("ae", []), ("wgan", ["--n-critic", "2"]),
-                                         ("wgan-gp", ["--n-critic", "2"]), ("vaegan", []),
-                                         ("sngan", ["--conditional"]),  # sngan: the spectral norm's u buffers and the labels
-                                         ("dcgan", ["--ema", "0.9"])])  # the moving average of G
-def test_resume_is_bitwise_exact(tmp_path, model, extra):
+# stop: at an epoch's end (--epochs 1), or mid-epoch at --max-steps 3 (then the resume completes
+# the epoch's metrics row from the checkpoint's sums)
+@pytest.mark.parametrize("model,extra,stop", [
+    ("ae", [], "--epochs"), ("wgan", ["--n-critic", "2"], "--max-steps"),    # 2 steps an epoch: 3 is mid-epoch 2
+    ("wgan-gp", ["--n-critic", "2"], "--epochs"), ("vaegan", [], "--max-steps"),
+    ("sngan", ["--conditional"], "--max-steps"),  # sngan: the spectral norm's u buffers and the labels
+    ("dcgan", ["--ema", "0.9"], "--epochs")])     # the moving average of G
+def test_resume_is_bitwise_exact(tmp_path, model, extra, stop):
     straight, split = tmp_path / "straight", tmp_path / "split"
     small = ["--n-synthetic", "50"]  # 40 training images: 5 batches an epoch
     assert run_train(straight, model, "--epochs", "2", *small, *extra) == 0
-    assert run_train(split, model, "--epochs", "1", *small, *extra) == 0
-    assert run_train(split, model, "--resume", str(split), "--epochs", "2", *small) == 0
+    first = ["--epochs", "1"] if stop == "--epochs" else ["--epochs", "2", "--max-steps", "3"]
+    assert run_train(split, model, *first, *small, *extra) == 0
+    st = torch.load(split / "last.pt", weights_only=True)
+    assert (st["step"], st["pos"] > 0) == (3, True) if stop == "--max-steps" else (st["epoch"], st["pos"]) == (1, 0)
+    assert run_train(split, model, "--resume", str(split), "--epochs", "2", "--max-steps", "1000", *small) == 0
     same_state(straight / "last.pt", split / "last.pt")
     rows = rows_without_timing(straight / "metrics.csv")
     assert len(rows) == 2 and rows == rows_without_timing(split / "metrics.csv")
 
 
-def test_mid_epoch_resume_is_bitwise_exact(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(straight, "vae", "--epochs", "1") == 0
-    assert run_train(split, "vae", "--epochs", "1", "--max-steps", "5", "--checkpoint-every", "5") == 0
-    assert torch.load(split / "last.pt", weights_only=True)["pos"] == 5
-    assert run_train(split, "vae", "--resume", str(split), "--max-steps", "1000") == 0
-    a, b = weights(straight / "last.pt"), weights(split / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_an_autoencoder_overfits_one_fixed_batch():
-    """Training learns, as a property of the loop's update (train.optimizer_step) rather than of
+    """Training learns, as a property of one step (train.vae_step -> train.update) rather than of
     how a run happens to go: 30 Adam steps on the same 8 images must take the summed squared error
     far below its start (a machine-independent margin: it reaches ~5 % of the start at lr 1e-3
     and 3e-3, we ask for < 30 %; a wrong sign, a missing step or a detached loss stays near 100 %)."""
@@ -151,12 +149,7 @@ def test_an_autoencoder_overfits_one_fixed_batch():
                                           "--device", "cpu", "--out", "unused"]))
     run = train.Run(cfg)
     x = next(iter(run.batches.epoch(0)))
-    seen = []
-    for _ in range(30):
-        x_hat, _, _ = run.nets["vae"](x)
-        loss = losses.mse_recon(x, x_hat)
-        train.optimizer_step(run, "vae", loss)
-        seen.append(float(loss.detach()))
+    seen = [float(train.vae_step(run.fwd, run.opts, [(x, None)], cfg, run.noise)["recon"].detach()) for _ in range(30)]
     assert min(seen[-5:]) < 0.3 * seen[0], seen[::10]
 
 
@@ -178,34 +171,6 @@ def test_resume_refuses_disagreeing_flags(tmp_path, capsys):
     assert "model dcgan" in err and "latent_dim 7" in err and "Traceback" not in err
 
 
-def test_a_run_saved_before_newer_flags_existed_resumes(tmp_path):
-    """Runs made by an older facegen lack later config keys (here --conditional's and
-    --adv-weight's): a resume takes their defaults, which are the old behaviour; where a default
-    has changed since (dcgan's --reuse-fakes), train.BEFORE_FLAG's, which the gallery prints."""
-    out = tmp_path / "old"
-    assert run_train(out, "wgan-gp", "--max-steps", "1", "--epochs", "2") == 0
-    state = torch.load(out / "last.pt", weights_only=True)
-    for k in ("conditional", "attr_file", "attrs", "adv_weight"):
-        del state["config"][k]
-    torch.save(state, out / "last.pt")
-    assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["step"] == 2 and state["config"]["conditional"] is False
-    # an old dcgan drew fresh z: resumed, it still does, bitwise as an uninterrupted fresh-z run
-    for name, extra in (("dc", []), ("dc-fresh", ["--no-reuse-fakes"])):
-        assert run_train(tmp_path / name, "dcgan", "--max-steps", "1", *extra) == 0
-    state = torch.load(tmp_path / "dc-fresh" / "last.pt", weights_only=True)
-    del state["config"]["reuse_fakes"]
-    torch.save(state, tmp_path / "dc-fresh" / "last.pt")
-    assert facegen.train_command(state["config"]).count("--no-reuse-fakes") == 1
-    assert "reuse" not in facegen.train_command(json.loads((tmp_path / "dc" / "config.json").read_text()))
-    assert run_train(tmp_path / "dc-full", "dcgan", "--max-steps", "2", "--no-reuse-fakes") == 0
-    assert train.main(["--resume", str(tmp_path / "dc-fresh"), "--max-steps", "2", "--quiet"]) == 0
-    assert weights(tmp_path / "dc-fresh" / "last.pt").keys() == weights(tmp_path / "dc-full" / "last.pt").keys()
-    for k, v in weights(tmp_path / "dc-fresh" / "last.pt").items():
-        assert torch.equal(v, weights(tmp_path / "dc-full" / "last.pt")[k]), k
-
-
 @pytest.mark.parametrize("argv", [["--lr", "0"], ["--batch-size", "-1"], ["--epochs", "0"], ["--latent-dim", "0"]])
 def test_invalid_numbers_are_refused(argv):
     with pytest.raises(SystemExit) as e:
@@ -221,26 +186,26 @@ def test_clear_errors_exit_2(tmp_path, capsys):
     assert train.main(["--model", "vae", "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
-    assert "does not exist" in err[0] and "supports sizes" in err[1] and "40x40" in err[1] and "no images" in err[2]
+    assert "missing" in err[0] and ("does not exist" in err[0] or "No such file" in err[0])
+    assert "--model vae supports image sizes 64x64, 32x32" in err[1]
+    assert "no images" in err[2]
 
 
 def test_gan_step_is_n_critic_critic_updates_on_fresh_batches_then_one_generator_update(tmp_path, monkeypatch):
-    calls, batches = [], []
-    real_step, real_gan = train.optimizer_step, train.STEPS["wasserstein"]
+    calls, batches, real_gan = [], [], train.STEPS["wasserstein"]
 
-    def spy_step(run, name, loss):
+    def spy(run, name, loss, update):
         frozen = {k: p.clone() for k, p in run.nets["D"].named_parameters()} if name == "G" else {}
-        norm = real_step(run, name, loss)
+        update()
         for k, p in run.nets["D"].named_parameters():  # the G update leaves D alone
             assert name != "G" or torch.equal(p, frozen[k]), k
         calls.append(name)
-        return norm
 
-    def spy_gan(run, xs):
+    def spy_gan(nets, opts, xs, cfg, noise):
         batches.append(xs)
-        return real_gan(run, xs)
+        return real_gan(nets, opts, xs, cfg, noise)
 
-    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    spy_updates(monkeypatch, spy)
     monkeypatch.setitem(train.STEPS, "wasserstein", spy_gan)
     assert run_train(tmp_path / "w", "wgan-gp", "--n-critic", "3", "--max-steps", "2") == 0
     assert calls == ["D", "D", "D", "G"] * 2
@@ -252,20 +217,19 @@ def test_reuse_fakes_scores_the_last_critic_fakes_with_the_updated_d(tmp_path, m
     """--reuse-fakes: one G forward per step (per critic batch), and G's update is the gradient of
     L_G(D'(x̃)) for the last critic batch's x̃ = G(z) and D' the critic after its update, computed
     here independently from copies of the nets; with --no-reuse-fakes G runs once more, on fresh z."""
-    events, checked, real_step = [], [], train.optimizer_step
+    events, checked = [], []
 
-    def spy_step(run, name, loss):
+    def spy(run, name, loss, update):
         if name == "G":  # recompute G's gradient from copies: the kept fakes' z, D as updated
             G, D = copy.deepcopy(run.nets["G"]), copy.deepcopy(run.nets["D"])
             G.load_state_dict(events[-1][1])                     # G's BatchNorm buffers before that forward
             x_fake = G(events[-1][2])
             grads = torch.autograd.grad(losses.GAN_LOSSES[run.cfg["gan_loss"]][1](D(x_fake).float()),
                                         list(G.parameters()))
-        norm = real_step(run, name, loss)
+        update()
         if name == "G":
             checked.append(all(torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
                                for p, g in zip(run.nets["G"].parameters(), grads)))
-        return norm
 
     def setup(run):
         G = run.nets["G"]
@@ -273,7 +237,7 @@ def test_reuse_fakes_scores_the_last_critic_fakes_with_the_updated_d(tmp_path, m
             lambda m, i: events.append(("G", copy.deepcopy(m.state_dict()), i[0].clone()))
             if m.training and m is G else None)                  # not sampling, not the copy below
 
-    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    spy_updates(monkeypatch, spy)
     spy_run(monkeypatch, setup)
     n_critic = int(extra[1]) if extra else 1
     assert run_train(tmp_path / "r", model, "--max-steps", "2", "--reuse-fakes", *extra) == 0
@@ -288,18 +252,17 @@ def test_the_generator_update_computes_no_discriminator_gradient(tmp_path, monke
     """G's (the VAE-GAN's VAE's) loss passes through D: its backward leaves D's .grad exactly as
     D's own update left them (computing more would cost ~8 % of a step, for nothing), and gives
     every parameter of the net it updates a gradient."""
-    real_step, checked = train.optimizer_step, []
+    checked = []
 
-    def spy_step(run, name, loss):
+    def spy(run, name, loss, update):
         before = [p.grad.clone() for p in run.nets["D"].parameters()] if name == updated else None
-        norm = real_step(run, name, loss)
+        update()
         if before is not None:
             assert all(torch.equal(p.grad, g) for p, g in zip(run.nets["D"].parameters(), before))
             assert all(p.grad is not None for p in run.nets[name].parameters())
             checked.append(name)
-        return norm
 
-    monkeypatch.setattr(train, "optimizer_step", spy_step)
+    spy_updates(monkeypatch, spy)
     assert run_train(tmp_path / model, model, "--max-steps", "2") == 0
     assert checked == [updated] * 2
 
@@ -313,6 +276,19 @@ def spy_run(monkeypatch, setup):
         return real(run)
 
     monkeypatch.setattr(train, "train", spy)
+
+
+def spy_updates(monkeypatch, spy):
+    """Route every train.update(opt, loss) of the run train.main builds through
+    spy(run, name, loss, update), name the optimizer's net; update() does the real update."""
+    runs, real = [], train.update
+
+    def update(opt, loss):
+        name = next(k for k, o in runs[-1].opts.items() if o is opt)
+        spy(runs[-1], name, loss, lambda: real(opt, loss))
+
+    monkeypatch.setattr(train, "update", update)
+    spy_run(monkeypatch, runs.append)
 
 
 def test_vaegan_d_sees_real_reconstructions_and_decoded_noise(tmp_path, monkeypatch):
@@ -467,17 +443,6 @@ def test_speed_switch_trains_and_resumes(tmp_path, monkeypatch, capsys, switch):
         same_state(straight / "last.pt", split / "last.pt")
 
 
-def test_benchmark_smoke(tmp_path, capsys):
-    out = tmp_path / "bench"
-    assert train.main(["--model", "ae", "--image-size", "32", "--n-synthetic", "40", "--batch-size", "8",
-                       "--benchmark", "--bench-steps", "1", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "baseline" in text and "fast path" in text and text.count("img/s") >= 4, text
-    rates = [float(line.split()[0]) for line in text.splitlines() if "img/s" in line and line.strip()[0].isdigit()]
-    assert rates and all(r > 0 and math.isfinite(r) for r in rates), text
-    assert not (out / "last.pt").exists()  # a benchmark trains no run
-
-
 # ---------------------------------------------------------------------------------------------
 # Conditional models, the VAE-GAN's adversarial weight
 # ---------------------------------------------------------------------------------------------
@@ -499,9 +464,9 @@ def test_conditional_smoke_every_family(tmp_path, model):
 def test_conditional_steps_see_the_labels_of_their_batch(tmp_path, monkeypatch):
     seen, real_step = [], train.critic_step
 
-    def spy(run, x, y, keep=False):
+    def spy(G, D, opt_D, x, y, cfg, noise, keep=False):
         seen.append((x, y))
-        return real_step(run, x, y, keep)
+        return real_step(G, D, opt_D, x, y, cfg, noise, keep)
 
     monkeypatch.setattr(train, "critic_step", spy)
     assert run_train(tmp_path / "c", "sngan", "--conditional", "--max-steps", "2") == 0
@@ -530,22 +495,20 @@ def test_vaegan_adv_weight_scales_only_the_adversarial_term(tmp_path, w):
     assert run_train(out, "vaegan", "--max-steps", "3", "--adv-weight", str(w)) == 0
     row = next(csv.DictReader(open(out / "metrics.csv")))
     loss, adv, recon, kl = (float(row[k]) for k in ("loss", "adv", "recon", "kl"))
-    # epoch means are linear: mean(loss) = w·mean(adv) + mean(recon) + β·mean(kl), β = 0.01 (seed 003)
+    # epoch means are linear: mean(loss) = w·mean(adv) + mean(recon) + β·mean(kl), β = 0.01 (the LFW report)
     assert loss == pytest.approx(w * adv + recon + 0.01 * kl, rel=1e-4)
 
 
 def test_ema_is_the_moving_average_of_the_generator_and_changes_no_training(tmp_path, monkeypatch):
     start, after = [], []
     spy_run(monkeypatch, lambda run: start.extend(p.detach().clone() for p in run.nets["G"].parameters()))
-    real_step = train.optimizer_step
 
-    def record(run, name, loss):
-        norm = real_step(run, name, loss)
+    def record(run, name, loss, update):
+        update()
         if name == "G":
             after.append([p.detach().clone() for p in run.nets["G"].parameters()])
-        return norm
 
-    monkeypatch.setattr(train, "optimizer_step", record)
+    spy_updates(monkeypatch, record)
     assert run_train(tmp_path / "ema", "dcgan", "--max-steps", "6", "--ema", "0.9") == 0
     avg = start
     for t, w in enumerate(after):                       # the decay warms up: min(0.9, (1 + t) / (10 + t))
@@ -561,7 +524,7 @@ def test_ema_is_the_moving_average_of_the_generator_and_changes_no_training(tmp_
         if k.startswith("G_ema.") and "running" in k:
             assert torch.equal(v, state["G." + k[6:]])
     # training is untouched: G and D as in a run without --ema; samples come from G_ema
-    monkeypatch.setattr(train, "optimizer_step", real_step)
+    monkeypatch.undo()
     assert run_train(tmp_path / "plain", "dcgan", "--max-steps", "6") == 0
     plain = weights(tmp_path / "plain" / "last.pt")
     assert plain.keys() == {k for k in state if not k.startswith("G_ema.")}
@@ -581,3 +544,41 @@ def test_ema_can_be_added_on_resume_and_starts_from_g(tmp_path):
         if k.startswith("G_ema.") and "running" not in k and "num_batches" not in k:
             assert torch.allclose(v, d * g2["G." + k[6:]] + (1 - d) * g3["G." + k[6:]], atol=1e-6), k
     assert sum(k.startswith("G_ema.") for k in g3) == sum(k.startswith("G.") for k in g3)
+
+
+# -----------------------------------------------------------------------------
+# The loss curve's points (steps.csv) and --help
+
+def test_loss_points_every_log_every_steps_survive_a_resume_bitwise(tmp_path):
+    """steps.csv: a point every --log-every steps, each term's mean since the previous point
+    (an epoch's end starts a new window); a resume keeps the points up to its checkpoint, drops
+    any written after it, and goes on to the very bytes an uninterrupted run writes."""
+    argv = ["--model", "ae", "--epochs", "2", "--log-every", "2", "--image-size", "32", "--n-synthetic", "64",
+            "--batch-size", "16", "--quiet"]                                  # 51 train images: 3 steps/epoch
+    assert train.main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    straight = data.read_csv(tmp_path / "straight" / "steps.csv")
+    assert [int(p["step"]) for p in straight] == [2, 4, 6] and [int(p["epoch"]) for p in straight] == [1, 2, 2]
+    assert set(straight[0]) == {"epoch", "step", "loss", "recon", "kl", "grad_norm_vae"}
+    rows = data.read_csv(tmp_path / "straight" / "metrics.csv")              # epoch 1 = steps 1-3
+    assert float(rows[0]["recon"]) != pytest.approx(float(straight[0]["recon"]), rel=1e-6)  # a window, not the epoch
+    cut = tmp_path / "cut"
+    assert train.main([*argv, "--out", str(cut), "--max-steps", "4"]) == 0
+    assert [int(p["step"]) for p in data.read_csv(cut / "steps.csv")] == [2, 4]
+    with open(cut / "steps.csv", "a") as f:                                  # a point written after the checkpoint
+        f.write("2,5,1,1,0,1\n")
+    assert train.main(["--resume", str(cut), "--max-steps", "6", "--quiet"]) == 0
+    assert (cut / "steps.csv").read_bytes() == (tmp_path / "straight" / "steps.csv").read_bytes()
+    a, b = weights(tmp_path / "straight" / "last.pt"), weights(cut / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)                           # logging left training alone
+
+
+def test_help_ends_with_every_models_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    table = text[text.index("per-model defaults"):].splitlines()[1:]
+    assert [line.split()[0] for line in table[:len(train.SEED_DEFAULTS)]] == list(train.SEED_DEFAULTS)
+    for line, model in zip(table, train.SEED_DEFAULTS):          # what a run without flags resolves to
+        cfg = train.resolve(train.parse_args(["--model", model]))
+        assert f"lr={cfg['lr']}" in line and f"epochs={cfg['epochs']}" in line, line
