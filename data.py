@@ -323,7 +323,7 @@ def parse_size(s):
     parts = s.lower().replace(" ", "").split("x") if isinstance(s, str) else list(s) if isinstance(s, (tuple, list)) else [s]
     if not (len(parts) in (1, 2) and all(p.isdigit() if isinstance(p, str) else isinstance(p, numbers.Integral)
                                          and not isinstance(p, bool) for p in parts) and min(map(int, parts)) > 0):
-        raise ValueError(f"image size must be N or HxW with positive integers (e.g. 64 or 64x48); got {s!r}")
+        raise UsageError(f"image size must be N or HxW with positive integers (e.g. 64 or 64x48); got {s!r}")
     return int(parts[0]), int(parts[-1])
 
 def pick_device(name):   # 'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device

@@ -36,21 +36,19 @@ import losses
 import models
 from data import UsageError
 
-# -----------------------------------------------------------------------------
-# A run: its checkpoint holds the nets' weights and the config they were built from.
+# --- A run: its checkpoint holds the nets' weights and the config they were built from ----------------------
 
 def load_run(path, checkpoint="last", device="cpu"):
     """A run folder (its {checkpoint}.pt) or a checkpoint file -> (nets in eval mode, config)."""
     if os.path.isdir(path):
         path = os.path.join(path, f"{checkpoint}.pt")
     state = models.load_checkpoint(path, map_location=device)
-    cfg = state["config"]
-    nets = models.from_config(cfg)
+    nets = models.from_config(state["config"])
     try:
         nets.load_state_dict(state["nets"])
     except RuntimeError as e:  # weights of another shape than the config builds
         raise UsageError(f"cannot rebuild the model of {path}: {str(e).splitlines()[0]}")
-    return nets.to(device).eval(), dict(cfg, checkpoint=path, trained_steps=state.get("step"))
+    return nets.to(device).eval(), dict(state["config"], checkpoint=path, trained_steps=state.get("step"))
 
 def open_run(args):
     return load_run(args.run, args.checkpoint, data.pick_device(args.device))
@@ -70,8 +68,7 @@ def random_labels(nets, n, generator):
 
 @torch.no_grad()
 def decode(nets, z, y=None, batch=256):
-    """z (N, latent_dim) [, labels y (N, K)] -> images (N, 3, H, W) on the CPU, by the VAE decoder or G. A
-    conditional model given no y draws uniform labels (seed 0)."""
+    """z (N, latent_dim) [, labels y (N, K), else uniform ones, seed 0] -> images (N, 3, H, W) on the CPU."""
     G, dev = models.generator(nets), next(nets.parameters()).device
     if y is None:
         y = random_labels(nets, len(z), torch.Generator().manual_seed(0))
@@ -89,7 +86,8 @@ def out_path(args, name):
     if os.path.splitext(path)[1].lower() not in kinds:
         raise UsageError(f"--out {path}: this command writes a {' / '.join(kinds)} file")
     if not os.path.isdir(folder):
-        raise UsageError(f"--out {path}: {folder} is not a folder" + (" (it is a file)" if os.path.exists(folder) else ""))
+        why = " (it is a file)" if os.path.exists(folder) else ""
+        raise UsageError(f"--out {path}: {folder} is not a folder{why}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {path}: the folder {folder} is not writable")
     return path
@@ -100,8 +98,7 @@ def save(images, args, name, nrow, **labels):
     print(f"wrote {path}")
     return path
 
-# -----------------------------------------------------------------------------
-# Picture commands: one function each, returning the path it wrote.
+# --- Picture commands: one function each, returning the path it wrote ---------------------------------------
 
 def cmd_sample(args):
     """--n faces decoded from z ~ N(0, std² I); std < 1 keeps z nearer the centre: more typical, less varied faces
@@ -167,7 +164,8 @@ def encoder(nets, command):
 def encode_dataset(vae, images, batch=256):
     """uint8 images -> the means mu of q(z|x), (N, latent_dim), on the CPU."""
     dev = next(vae.parameters()).device
-    return torch.cat([vae.encode(to_float(images[i:i + batch], dev))[0].float().cpu() for i in range(0, len(images), batch)])
+    return torch.cat([vae.encode(to_float(images[i:i + batch], dev))[0].float().cpu()
+                      for i in range(0, len(images), batch)])
 
 def cmd_reconstruct(args):
     """Rows of --nrow test images (the run's test split, or --data), each over its reconstructions decode(mu)."""
@@ -176,8 +174,8 @@ def cmd_reconstruct(args):
     images = (data.load_images(args.data, tuple(cfg["image_size"]), verbose=False) if args.data
               else data.run_data(cfg)[1])[:args.n]
     x, x_hat, ncol = to_float(images), decode(nets, encode_dataset(vae, images)), min(args.nrow, len(images))
-    rows = lambda t: torch.cat([t, -torch.ones(-len(t) % ncol, *t.shape[1:])]).view(-1, ncol, *t.shape[1:])  # noqa: E731
-    grid = torch.stack([rows(x), rows(x_hat)], 1).flatten(0, 2)         # input row, its reconstruction row, ...
+    pad = -torch.ones(-len(x) % ncol, *x.shape[1:])                 # black, to fill the last row
+    grid = torch.stack([torch.cat([t, pad]).view(-1, ncol, *x.shape[1:]) for t in (x, x_hat)], 1).flatten(0, 2)
     return save(grid, args, "reconstruct.png", ncol, row_labels=["input", "reconstruction"] * (len(grid) // (2 * ncol)))
 
 def slerp(a, b, t):
@@ -186,8 +184,7 @@ def slerp(a, b, t):
         slerp(a, b; t) = [sin((1 − t) Ω) a + sin(t Ω) b] / sin Ω,   cos Ω = <a, b> / (|a| |b|)
 
     z ~ N(0, I_d) lives near the shell |z| ≈ √d, but the straight-line midpoint of two draws has |z| ≈ √(d/2),
-    closer to the centre than typical samples. Parallel endpoints: the straight line.
-    """
+    closer to the centre than typical samples. Parallel endpoints: the straight line."""
     omega = torch.arccos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1))[..., None]
     so = torch.sin(omega)
     flat = so.abs() < 1e-6
@@ -213,8 +210,7 @@ def cmd_interpolate(args):
         za, zb = encode_dataset(vae, test[ia]), encode_dataset(vae, test[ib])
     else:
         za, zb = (noise(nets, args.rows, g, args.std) for _ in "ab")
-    x = decode(nets, interpolation_path(za, zb, args.steps, args.slerp).flatten(0, 1))
-    x = x.view(args.rows, args.steps, *x.shape[1:])
+    x = decode(nets, interpolation_path(za, zb, args.steps, args.slerp).flatten(0, 1)).unflatten(0, (args.rows, -1))
     ends = ["t=0" if encode else "z_A\nt=0", *[""] * (args.steps - 2), "t=1" if encode else "z_B\nt=1"]
     if encode:
         x = torch.cat([to_float(test[ia])[:, None], x, to_float(test[ib])[:, None]], 1)
@@ -234,8 +230,7 @@ def cmd_gif(args):
     print(f"wrote {path} ({kept} frames)")
     return path
 
-# -----------------------------------------------------------------------------
-# Latent PCA (the LFW report): order the latent directions by how much the data's codes vary along them.
+# --- Latent PCA (the LFW report): order the latent directions by how much the data's codes vary along them ---
 
 def latent_pca(codes):
     """PCA of codes (N, d) -> (mean (d,), components (k, d), sigma (k,)), k = min(N, d):
@@ -243,8 +238,7 @@ def latent_pca(codes):
         codes − mean = U S Vᵀ (torch.linalg.svd),  component j = row j of Vᵀ,  sigma_j = S_j / √(N − 1)
 
     sigma_j is the std of the codes along component j, descending. Every component is kept: "the gain lies in
-    the ordering of these dimensions by variance". Each is signed so that its largest entry is positive.
-    """
+    the ordering of these dimensions by variance". Each is signed so that its largest entry is positive."""
     mean = codes.mean(0)
     _, S, Vh = torch.linalg.svd(codes - mean, full_matrices=False)
     sign = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
@@ -255,8 +249,7 @@ def from_pca(mean, components, sigma, coeffs):
     return mean + (coeffs * sigma[:coeffs.shape[1]]) @ components[:coeffs.shape[1]]
 
 def fit_pca(nets, train_images=None, n_noise=4096, seed=0):
-    """The PCA of the training images' posterior means μ. A GAN has no encoder: the PCA of n_noise draws
-    z ~ N(0, I), an isotropic cloud whose components are random directions (the page says so)."""
+    """The PCA of the training images' codes μ; for a GAN (no encoder), of n_noise draws z ~ N(0, I)."""
     if "vae" in nets:
         return latent_pca(encode_dataset(nets["vae"], train_images))
     return latent_pca(noise(nets, n_noise, torch.Generator().manual_seed(seed)))
@@ -265,8 +258,7 @@ def variance_share(sigma):  # of each principal component
     return sigma ** 2 / (sigma ** 2).sum()
 
 def pca_traversal(nets, basis, K, steps, span):
-    """The PCA grid -> (images, row labels, column labels): row j walks component j from -span to +span of its
-    std, the other components at the mean code; rows are labelled with their share of the variance."""
+    """Row j walks component j over ±span of its std, the others at the mean code -> (images, row, column labels)."""
     mean, components, sigma = basis
     K, c = min(K, len(sigma)), torch.linspace(-span, span, steps)
     coeffs = torch.zeros(K, steps, K)
@@ -278,14 +270,12 @@ def pca_traversal(nets, basis, K, steps, span):
 def explorer_about(run, cfg, n_train, latent_size):
     """The explorer page's text about a run (n_train: training images the PCA saw; None for a GAN)."""
     folder, step, (H, W) = data.run_folder(run), cfg.get("trained_steps"), cfg["image_size"]
-    try:  # the epoch of the checkpoint's step: its metrics.csv row
+    epoch = "?"
+    with contextlib.suppress(UsageError, KeyError, TypeError, ValueError):  # the epoch of the step: its metrics.csv row
         rows = data.read_csv(os.path.join(folder, "metrics.csv"))
         epoch = ([r["epoch"] for r in rows if int(r["step"]) <= step] or ["0"])[-1]
-    except (UsageError, KeyError, TypeError, ValueError):
-        epoch = "?"
-    basis = (f"This GAN has no encoder, so the components are those of 4096 draws z ~ N(0, I): an isotropic cloud "
-             f"with about the same variance in each of its {latent_size} directions, so the components are random "
-             f"orthogonal directions and their order means little." if n_train is None else
+    basis = (f"This GAN has no encoder, so the components are those of 4096 draws z ~ N(0, I), an isotropic cloud in "
+             f"{latent_size} dimensions: random orthogonal directions whose order means little." if n_train is None else
              f"The components are the principal axes of the codes μ of the {n_train} training images, largest "
              f"variance first; a slider moves the face along one, in units of that component's std σ.")
     return {"model": cfg["model"], "basis": basis, "help": basis + " The strip above each slider shows the face at "
@@ -314,16 +304,12 @@ def cmd_pca(args):
         server.server_close()
     return path
 
-# -----------------------------------------------------------------------------
-# The PCA explorer: a local page with a slider per component.
-#
+# --- The PCA explorer: a local page with a slider per component ---------------------------------------------
 # The page's state is its URL query, so every view is a permalink: f, the start face, and c, the slider values.
-# The face shown is decode(z_f + Σ_j c_j σ_j v_j), v_j the j-th principal component and σ_j the codes' std along
-# it; z_f is the mean code (f=mean), the posterior mean μ of test image f (autoencoders), or z ~ N(0, I) with seed f.
+# The face shown is decode(z_f + Σ_j c_j σ_j v_j), z_f the mean code, test image f's μ, or z ~ N(0, I) with seed f.
 
 PAGE = """<!doctype html><html lang="en"><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>facegen latent PCA explorer</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>facegen latent PCA explorer</title>
 <style>
 body { margin: 0; padding: 12px 24px; font: 15px/1.4 system-ui, sans-serif; background: #f6f6f6 }
 h1 { font-size: 20px; margin: 0 } h2 { font-size: 15px; margin: 14px 0 6px } p { color: #555; overflow-wrap: anywhere }
@@ -340,19 +326,16 @@ input[type=range] { display: block; margin: 4px 0 0 calc(100% / (2 * var(--n)) -
                     width: calc(100% * (var(--n) - 1) / var(--n) + 16px) }
 .ticks { display: grid; grid-template-columns: repeat(var(--n), 1fr); text-align: center; font-size: 12px }
 @media (max-width: 760px) {
-  body { padding: 8px 10px } main { grid-template-columns: minmax(0, 1fr); grid-template-areas: "view" "starts" "sliders" }
-  #face { width: auto; max-width: 100%; height: 32vh; margin: 0 auto }
+  main { grid-template-columns: minmax(0, 1fr); grid-template-areas: "view" "starts" "sliders" }
+  body { padding: 8px 10px } #face { width: auto; max-width: 100%; height: 32vh; margin: 0 auto }
 }
 </style>
-<h1>Latent PCA explorer</h1>
-<p id="facts"></p><p id="help"></p>
-<main>
-<section id="view"><img id="face" alt="the face for the current slider values">
+<h1>Latent PCA explorer</h1><p id="facts"></p><p id="help"></p>
+<main><section id="view"><img id="face" alt="the face for the current slider values">
   <p><span id="from"></span><br><a id="save" download>save PNG</a>
   <button onclick="start(f)">reset all sliders</button></p></section>
 <section id="starts"><h2>Start from</h2><div id="thumbs"></div></section>
-<section id="sliders"><h2>Principal components (slider: offset from the start face, in σ)</h2></section>
-</main>
+<section id="sliders"><h2>Principal components (slider: offset from the start face, in σ)</h2></section></main>
 <script>
 const I = __INFO__;  // the run, the components and the starting state, written by the server
 const $ = id => document.getElementById(id), el = (tag, props) => Object.assign(document.createElement(tag), props);
@@ -361,13 +344,11 @@ const signed = v => (v > 0 ? "+" : v < 0 ? "−" : "±") + Math.abs(v).toFixed(2
 document.body.style.cssText = `--n: ${n}; --aspect: ${I.aspect}`;
 $("facts").textContent = I.facts.map(([k, v]) => `${k} ${v}`).join(" · ");
 $("help").textContent = I.help;
-
-// One request at a time per picture: while one loads, newer values only replace the wish, so
-// dragging a slider never floods the server with requests that the browser then cancels.
+// One request at a time per picture (a newer value waits as the wish): dragging never floods the server.
 function loader(img) {
   let wish = null, busy = false;
-  const next = () => { if (wish !== img.getAttribute("src")) { busy = true; img.src = wish; } };
-  img.onload = img.onerror = e => { busy = false; if (e.type === "load") img.dataset.shown = img.getAttribute("src"); next(); };
+  const next = () => { busy = wish !== img.getAttribute("src"); if (busy) img.src = wish; };
+  img.onload = img.onerror = e => { if (e.type === "load") img.dataset.shown = img.getAttribute("src"); next(); };
   return url => { wish = url; if (!busy) next(); };
 }
 
@@ -380,8 +361,8 @@ const rows = I.shares.map((share, j) => {
   r.setAttribute("aria-label", pc(j));
   I.ticks.forEach(t => ticks.append(el("span", {textContent: (t > 0 ? "+" : "") + +t.toFixed(2)})));
   const row = $("sliders").appendChild(el("div", {className: "row"}));
-  row.append(el("b", {textContent: pc(j)}), out, `${pct(share)} of the variance · ${pct(cumulative += share)} cumulative `,
-             reset, strip, r, ticks);
+  row.append(el("b", {textContent: pc(j)}), out,
+             `${pct(share)} of the variance · ${pct(cumulative += share)} cumulative `, reset, strip, r, ticks);
   const set = v => { r.value = v; c[j] = +r.value; show(true); };
   r.oninput = () => { c[j] = +r.value; show(false); };
   r.onchange = () => show(true);
@@ -390,7 +371,6 @@ const rows = I.shares.map((share, j) => {
   c[j] = +r.value;  // a permalink's value, snapped to the slider's step
   return {r, out, strip: loader(strip)};
 });
-
 // The start faces: the mean code, then held-out test images (autoencoders) or noise seeds (GANs).
 const name = v => v === "mean" ? "the mean code" : I.noise ? `z ~ N(0, I), seed ${v}` : `held-out test image #${v}`;
 const thumbs = ["mean", ...I.starts].map(v => $("thumbs").appendChild(
@@ -398,7 +378,6 @@ const thumbs = ["mean", ...I.starts].map(v => $("thumbs").appendChild(
 $("thumbs").append(" ", el("button", {textContent: I.noise ? "random z" : "random test image",
                                       onclick: () => start(Math.floor(Math.random() * I.n_faces))}));
 function start(v) { f = String(v); rows.forEach((row, j) => { row.r.value = 0; c[j] = 0; }); show(true); }
-
 function show(settled) {  // settled: not mid-drag, so also the preview strips, the URL and the start
   const s = `f=${f}&c=${c.join(",")}`;
   rows.forEach((row, j) => row.out.value = signed(c[j]));
@@ -409,7 +388,8 @@ function show(settled) {  // settled: not mid-drag, so also the preview strips, 
   history.replaceState(null, "", "?" + s);
   rows.forEach((row, j) => row.strip(`strip.png?j=${j}&${s}`));
   thumbs.forEach((t, i) => t.classList.toggle("on", ["mean", ...I.starts][i] == f));
-  $("from").textContent = "Start: " + name(f) + (I.noise || f === "mean" ? "" : " (the face is its reconstruction, edited)");
+  const edited = I.noise || f === "mean" ? "" : " (the face is its reconstruction, edited)";
+  $("from").textContent = "Start: " + name(f) + edited;
 }
 show(true);
 </script>
@@ -423,10 +403,8 @@ def png_bytes(x):
     return buf.getvalue()
 
 class Explorer:
-    """The explorer's pictures, each a method of the URL query. pca: fit_pca's basis; faces: the held-out test images
-    (uint8), None for a GAN (start faces are then noise seeds); k sliders from -span to +span. The server's threads
-    share it; the nets run under a lock (torch modules are not promised to be thread-safe)."""
-
+    """The explorer's pictures, a method per route. faces: the held-out test images (uint8), None for a GAN. The
+    server's threads share it; the nets run under a lock (torch modules are not promised to be thread-safe)."""
     def __init__(self, nets, pca, about, faces=None, k=8, span=3.0, n_ticks=7, n_starts=12):
         self.nets, self.pca, self.faces, self.lock = nets, pca, faces, threading.Lock()
         self.k, self.span = min(k, len(pca[2])), span
@@ -440,11 +418,10 @@ class Explorer:
     def state(self, query, names=("f", "c")):
         """Query 'f=3&c=0.5,-1.2' -> (f: 'mean' or a start index, c (K,) with 0 for those not given, fields). Other
         names, a repeated name, bad bytes or values are a ValueError (a 400 that never echoes the input)."""
-        try:
+        pairs = None
+        with contextlib.suppress(ValueError):  # bad syntax or bytes, too many fields
             pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
                                            errors="strict", max_num_fields=len(names))
-        except ValueError:
-            pairs = None
         if pairs is None or len(dict(pairs)) < len(pairs) or not {k for k, _ in pairs} <= set(names):
             raise ValueError(f"the query takes name=value pairs, each of {', '.join(names)} at most once")
         q = dict(pairs)
@@ -461,7 +438,7 @@ class Explorer:
         """Coefficient rows (B, K) -> faces decode(z_f + Σ_j c_j σ_j v_j), (B, 3, H, W)."""
         mean, components, sigma = self.pca
         with self.lock:
-            z_f = (mean if f == "mean" else torch.randn(len(mean), generator=torch.Generator().manual_seed(int(f)))
+            z_f = (mean if f == "mean" else noise(self.nets, 1, torch.Generator().manual_seed(int(f)))[0]
                    if self.faces is None else encode_dataset(self.nets["vae"], self.faces[int(f)][None])[0])
             return decode(self.nets, from_pca(z_f, components, sigma, coeffs))
 
@@ -497,10 +474,8 @@ class ExplorerHandler(http.server.BaseHTTPRequestHandler):
     routes = {"/": "page", "/face.png": "face_png", "/strip.png": "strip_png", "/start.png": "start_png"}
 
     def handle(self):
-        try:
+        with contextlib.suppress(ConnectionError, TimeoutError):  # the client left, or stalled mid-reply: its loss only
             super().handle()
-        except (ConnectionError, TimeoutError):  # the client left, or stalled mid-reply: its loss only
-            pass
 
     def do_GET(self):
         if self.headers.get("Host", "").rsplit(":", 1)[0] not in ("127.0.0.1", "localhost"):
@@ -530,8 +505,7 @@ def make_server(explorer, port=0):
     server.explorer = explorer
     return server
 
-# -----------------------------------------------------------------------------
-# Metrics 1: likelihood bounds for the VAEs, nats per image.
+# --- Metrics 1: likelihood bounds for the VAEs, nats per image ----------------------------------------------
 
 def log_weights(vae, x, obs_std, k, generator, batch=256):
     """Log importance weights (B, k) of k posterior samples per image (Burda et al. 2016):
@@ -541,9 +515,7 @@ def log_weights(vae, x, obs_std, k, generator, batch=256):
         log p(x|z) = −losses.gaussian_nll(x, x_hat, σ) per image
         log p(z) = −½ Σ (z² + log 2π),   log q(z|x) = −½ Σ (eps² + logvar + log 2π)
 
-    Each log w_i is an unbiased one-sample estimate of the ELBO. vae: encode(x) -> (mu, logvar), decode(z) -> the
-    mean of p(x|z); σ = obs_std. The decoder sees up to `batch` samples at a time.
-    """
+    Each log w_i is an unbiased one-sample estimate of the ELBO; σ = obs_std. `batch`: samples per decoder call."""
     mu, logvar = vae.encode(x)
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     c, out = 0.5 * math.log(2 * math.pi), []
@@ -561,8 +533,7 @@ def iw_bound(log_w):
         L_k = log (1/k) Σ_i w_i = logsumexp_i(log w_i) − log k  <=  log p(x)
 
     L_1 is the ELBO; E[L_k] never decreases with k and tends to log p(x). For the same draws L_k >= mean_i log
-    w_i (Jensen): never looser than the k-sample ELBO estimate.
-    """
+    w_i (Jensen): never looser than the k-sample ELBO estimate."""
     return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 def likelihood_std(cfg):
@@ -580,8 +551,7 @@ def likelihood_bounds(vae, images, obs_std, k, seed, batch=64):
                     for i in range(0, len(images), batch)])
     return -lw.mean().item(), -iw_bound(lw).mean().item()
 
-# -----------------------------------------------------------------------------
-# Metrics 2: sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al. 2018, app. D).
+# --- Metrics 2: sliced Wasserstein distance on Laplacian-pyramid patches (Karras et al. 2018, app. D) -------
 
 def _blur(x, gain=1.0):
     """cv2's 5x5 binomial filter [1 4 6 4 1]ᵀ[1 4 6 4 1] / 256 per channel, mirrored borders."""
@@ -594,8 +564,7 @@ def laplacian_pyramid(x, levels):
 
         G_0 = x,  G_{i+1} = blur(G_i)[::2, ::2] (cv2.pyrDown),  L_i = G_i − up(G_{i+1})
 
-    up is cv2.pyrUp: zeros between the pixels, then the blur with 4 x the kernel.
-    """
+    up is cv2.pyrUp: zeros between the pixels, then the blur with 4 x the kernel."""
     out, g = [], x
     for _ in range(levels - 1):
         down, up = _blur(g)[:, :, ::2, ::2], torch.zeros_like(g)
@@ -619,8 +588,7 @@ def sliced_wasserstein(a, b, n_projections, generator, chunk=128):
         SWD(a, b) = mean over directions θ ~ U(S^{d−1}) of W_1(θᵀa, θᵀb),
         W_1 in 1-D = mean_m |sort(θᵀa)_m − sort(θᵀb)_m|
 
-    n_projections directions from `generator`, `chunk` at a time (Karras et al.: 4 x 128).
-    """
+    n_projections directions from `generator`, `chunk` at a time (Karras et al.: 4 x 128)."""
     if a.shape != b.shape:
         raise ValueError(f"sliced_wasserstein needs equal-size sets; got {tuple(a.shape)}, {tuple(b.shape)}")
     total = 0.0
@@ -632,10 +600,9 @@ def sliced_wasserstein(a, b, n_projections, generator, chunk=128):
 
 def swd_pyramid(a, b, generator, n_per_image=128, n_projections=512, size=7, coarsest=16):
     """SWD x 1e3 per Laplacian level (down to `coarsest` px), finest first, between image sets a, b (N, C, H, W),
-    as Karras et al. 2018: n_per_image random 7x7 neighbourhoods per image and level, each channel normalised by
-    its mean and std over the patches. Two deviations from their code: the patch positions are drawn once for both
-    sets (so SWD(a, a) = 0 exactly), and the normalisation pools both sets (theirs normalises each set by its own
-    statistics, which hides a global colour or brightness shift)."""
+    as Karras et al. 2018: n_per_image random 7x7 neighbourhoods per image and level, each channel normalised by its
+    mean and std over the patches. Unlike their code, the patch positions are drawn once for both sets (SWD(a, a) = 0
+    exactly) and the normalisation pools both sets (per-set statistics hide a global colour or brightness shift)."""
     if a.shape != b.shape:
         raise ValueError(f"swd_pyramid needs equal-size sets; got {tuple(a.shape)}, {tuple(b.shape)}")
     N, C, H, W = a.shape
@@ -688,8 +655,8 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
                                          "samples_vs_test": model, "train_vs_test": floor,
                                          "samples_vs_test_mean": mean(model), "train_vs_test_mean": mean(floor),
                                          "ratio_each": [sum(m) / sum(f) for m, f in each]},
-              "nearest_train_rms": {f"{who}_{stat}": getattr(t, stat)().item() for who, t in zip(("samples", "test"), near)
-                                    for stat in ("median", "mean")}}
+              "nearest_train_rms": {f"{who}_{stat}": getattr(t, stat)().item()
+                                    for who, t in zip(("samples", "test"), near) for stat in ("median", "mean")}}
     report["nearest_train_rms"]["ratio_median"] = (near[0].median() / near[1].median()).item()
     if "vae" in nets and nets["vae"].variational:
         sigma, bpd = likelihood_std(cfg), lambda nats: nats / (3 * H * W * math.log(2))
@@ -698,18 +665,12 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
                                 "neg_elbo_bpd": bpd(elbo), "neg_iw_bpd": bpd(iw)}
     return report
 
-def write_json(report, args, name):
-    path = out_path(args, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
-    return path
-
 def cmd_evaluate(args):
     """Write evaluate.json and print a table: see evaluate()."""
     nets, cfg = open_run(args)
     r = evaluate(nets, cfg, args.n, args.k, args.seed, args.patches, args.projections, args.draws)
-    path, s, nn, lik = write_json(r, args, "evaluate.json"), r["swd_x1e3"], r["nearest_train_rms"], r.get("likelihood")
+    path, s, nn, lik = out_path(args, "evaluate.json"), r["swd_x1e3"], r["nearest_train_rms"], r.get("likelihood")
+    data.write_json(path, r)
     rows = [*zip([f"SWD x1e3, {px} px level" for px in s["level_px"]], s["samples_vs_test"], s["train_vs_test"]),
             ("SWD x1e3, mean", s["samples_vs_test_mean"], s["train_vs_test_mean"]),
             ("nearest-train RMS, median", nn["samples_median"], nn["test_median"]),
@@ -725,8 +686,7 @@ def cmd_evaluate(args):
           f"held-out faces are)\nwrote {path}")
     return path
 
-# -----------------------------------------------------------------------------
-# Metrics 3: control of a conditional model, the classification accuracy score (CAS) per label.
+# --- Metrics 3: control of a conditional model, the classification accuracy score (CAS) per label -----------
 
 def train_classifier(images, labels, classes, epochs=5, seed=0, batch=128, lr=1e-3):
     """models.Classifier fitted to labelled real images (h-flips): Adam on the attributes' summed cross-entropy."""
@@ -745,19 +705,19 @@ def train_classifier(images, labels, classes, epochs=5, seed=0, batch=128, lr=1e
 @torch.no_grad()
 def predict(clf, x, batch=512):
     """float images (N, 3, H, W) in [-1, 1] -> the classifier's value per attribute, int64 (N, K)."""
-    return torch.cat([torch.stack([l.argmax(1) for l in clf(x[i:i + batch].cpu())], 1) for i in range(0, len(x), batch)])
+    return torch.cat([torch.stack([o.argmax(1) for o in clf(x[i:i + batch])], 1) for i in range(0, len(x), batch)])
 
 def control(nets, cfg, n=256, epochs=5, seed=0):
     """How reliably generated faces carry the requested labels (classification accuracy score, Ravuri & Vinyals
-    2019, the other way round: a classifier trained on real faces judges generated ones). A models.Classifier
-    learns the training images' labels; its recall per attribute value on the test images says how well the
-    attribute can be read at all; then, per attribute k and value v, the share of n faces generated with y_k = v
-    (the others from random test labels) it reads as v. 'balanced': the mean over values (rare ones count fully)."""
+    2019, the other way round: a classifier trained on real faces judges generated ones). Its recall per value on
+    the test images says how well an attribute can be read at all; per attribute k and value v, the share of n faces
+    generated with y_k = v (the others from random test labels) it reads as v. 'balanced': the mean over values."""
     if not cfg.get("labels"):
         raise UsageError("control needs a conditional run (train.py --conditional)")
     (train_x, test_x), (train_y, test_y, info) = data.run_data(cfg), data.run_labels(cfg)
     clf = train_classifier(train_x, train_y, models.label_classes(info), epochs, seed)
-    read, g, share = predict(clf, to_float(test_x)), torch.Generator().manual_seed(seed), lambda b: b.float().mean().item()
+    read, g = predict(clf, to_float(test_x)), torch.Generator().manual_seed(seed)
+    share = lambda b: b.float().mean().item()  # noqa: E731  of True in a bool tensor
     report = {"run": cfg["checkpoint"], "model": cfg["model"], "trained_steps": cfg["trained_steps"],
               "classifier_epochs": epochs, "n_per_value": n, "n_test": len(test_x), "attributes": {}}
     for k, (attr, values) in enumerate(info.items()):
@@ -769,16 +729,18 @@ def control(nets, cfg, n=256, epochs=5, seed=0):
             per_value[name] = {"n_test": int(has.sum()), "real": share(read[has, k] == v) if has.any() else None,
                                "generated": share(got == v)}
         real = [p["real"] for p in per_value.values() if p["real"] is not None]
+        generated = [p["generated"] for p in per_value.values()]
         report["attributes"][attr] = {"real_accuracy": share(read[:, k] == test_y[:, k]), "values": per_value,
                                       "real_balanced": sum(real) / len(real),
-                                      "generated_balanced": sum(p["generated"] for p in per_value.values()) / len(values)}
+                                      "generated_balanced": sum(generated) / len(generated)}
     return report
 
 def cmd_control(args):
     """Write control.json and print its table: see control()."""
     nets, cfg = open_run(args)
     r = control(nets, cfg, args.n, args.epochs, args.seed)
-    path = write_json(r, args, "control.json")
+    path = out_path(args, "control.json")
+    data.write_json(path, r)
     print(f"  {'attribute = value':30s} {'real (test)':>12s} {'generated':>10s}   classifier: {args.epochs} epochs")
     for attr, a in r["attributes"].items():
         for name, p in a["values"].items():
@@ -789,9 +751,7 @@ def cmd_control(args):
     print(f"wrote {path}")
     return path
 
-# -----------------------------------------------------------------------------
-# Command line: every size and count is bounded at parse time, so a typo cannot ask for a
-# grid of a billion faces (or a 30 GB explorer picture) and fail only after loading the run.
+# --- Command line: every size and count is bounded, so a typo fails at once, not after loading the run ---
 
 def between(kind, lo, hi):
     return data.checked(kind, lambda v: lo <= v <= hi, f"in {lo}..{hi}")
@@ -824,11 +784,11 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--std", dict(type=data.non_negative, default=1.0, help="std of the noise endpoints"))]),
     "std-sweep": (cmd_std_sweep, "rows of samples at std 0.25 ... 2.0 (the LFW report, figs 12-13)", [
         ("--n", dict(type=ROW, default=8, help="faces per row (one eps per column)")),
-        ("--stds", dict(type=std_list, default=[0.25 * i for i in range(1, 9)], help="comma-separated std of each row"))]),
+        ("--stds", dict(type=std_list, default=[i / 4 for i in range(1, 9)], help="comma-separated std of each row"))]),
     "pca": (cmd_pca, "latent PCA grid, and the slider explorer with --serve", [
         ("--components", dict(type=between(int, 1, 64), default=8, help="top components: grid rows, sliders")),
         ("--steps", dict(type=between(int, 1, 64), default=9, help="grid columns")),
-        ("--range", dict(type=between(float, 0.0, 10.0), default=3.0, help="grid and sliders: from -range to +range std")),
+        ("--range", dict(type=between(float, 0.0, 10.0), default=3.0, help="grid and sliders: -range to +range std")),
         ("--serve", dict(action="store_true", help="then serve the slider explorer on 127.0.0.1")),
         ("--port", dict(type=between(int, 0, 65535), default=8000, help="explorer port (0: any free port)"))]),
     "gif": (cmd_gif, "progress.gif from samples/epoch_*.png", [
@@ -854,7 +814,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pictures and measurements from a facegen run (COMMAND --help: its options).")
+    p = argparse.ArgumentParser(description="Pictures and measurements from a run (COMMAND --help: its options).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, short, flags) in COMMANDS.items():
         s = sub.add_parser(name, help=short, description=fn.__doc__, formatter_class=Help)

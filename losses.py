@@ -32,10 +32,7 @@ def _batch_mean(t):
     return t.flatten(1).sum(1).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# VAE: reconstruction, KL, ELBO
-# ---------------------------------------------------------------------------------------------
-
+# ---- VAE: reconstruction, KL, ELBO -----------------------------------------------------------
 def gaussian_nll(x, mean, obs_std, reduction="mean"):
     """Gaussian negative log-likelihood of x under N(mean, σ²I), σ fixed (Kingma & Welling 2014).
 
@@ -92,10 +89,7 @@ def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
     return recon_scale * recon + kl_weight * kl
 
 
-# ---------------------------------------------------------------------------------------------
-# GAN (binary cross-entropy on logits, non-saturating generator)
-# ---------------------------------------------------------------------------------------------
-
+# ---- GAN (binary cross-entropy on logits, non-saturating generator) --------------------------
 def d_loss(real_logits, fake_logits):
     """Discriminator BCE (Goodfellow et al. 2014), D(x) = sigmoid(l):
 
@@ -120,10 +114,7 @@ def g_loss(fake_logits):
     return F.softplus(-fake_logits).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Least-squares GAN (Akbari's "MSE" loss)
-# ---------------------------------------------------------------------------------------------
-
+# ---- Least-squares GAN (Akbari's "MSE" loss) -------------------------------------------------
 def d_loss_ls(real_out, fake_out):
     """Least-squares discriminator loss (LSGAN, Mao et al. 2017, with a = 0, b = c = 1):
 
@@ -140,10 +131,7 @@ def g_loss_ls(fake_out):
     return ((fake_out - 1) ** 2).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Wasserstein GAN (critic with weight clipping, or with gradient penalty)
-# ---------------------------------------------------------------------------------------------
-
+# ---- Wasserstein GAN (critic with weight clipping, or with gradient penalty) -----------------
 def critic_loss(real_scores, fake_scores):
     """WGAN critic loss (Arjovsky et al. 2017, Algorithm 1), to minimise:
 
@@ -185,10 +173,7 @@ def gradient_penalty(critic, real, fake, eps=None):
     return ((grad_norm - 1) ** 2).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# Hinge loss (SN-GAN, the anime GAN report's future work)
-# ---------------------------------------------------------------------------------------------
-
+# ---- Hinge loss (SN-GAN, the anime GAN report's future work) ---------------------------------
 def d_loss_hinge(real_scores, fake_scores):
     """Hinge discriminator loss (Lim & Ye 2017; Miyato et al. 2018, eq. 17 with SN), to minimise:
 

@@ -1,10 +1,8 @@
 """Every facegen network, the reparameterisation trick, the seeds' weight init, and checkpoints.
 
-Reading order: reparameterize, init_weights, the VAE -> conv_stack, the one layer builder -> the
-autoencoders -> the GAN G and D -> build_model / from_config -> save_checkpoint / load_checkpoint.
-Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size in
-the code is computed from the image size with the conv arithmetic, never typed in.
-"""
+Reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders -> the GAN
+G and D -> build_model / from_config -> checkpoints. Shape comments are C x H x W of one sample
+for a 64x64 input (64x48 for vae-in); every size is computed with the conv arithmetic."""
 import contextlib
 import copy
 import math
@@ -39,9 +37,8 @@ def supported_sizes(name):
 
 
 def reparameterize(mu, logvar, eps=None):
-    """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013).
-    Drawing eps apart makes z a differentiable function of mu and logvar. eps defaults to a draw
-    from the global RNG; under torchrun train.py passes its rank's slice of one global draw."""
+    """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013):
+    z is a differentiable function of mu and logvar. eps: given, or drawn from the global RNG."""
     return mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if eps is None else eps)
 
 
@@ -60,18 +57,16 @@ def init_weights(module):
 
 
 class VAE(nn.Module):
-    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013).
-    encoder: x -> flat features; head: features -> [mu, logvar] (B, 2z), split in half (the same
-    map as Perriu's two Linears); decoder: a Generator. variational=False is the plain autoencoder:
-    the head outputs the code itself, encode returns (code, None) and forward decodes it."""
+    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013). encoder: x ->
+    flat features; head: features -> [mu, logvar] (B, 2z) (Perriu's two Linears in one); decoder: a Generator.
+    variational=False: the plain autoencoder. Conditional: a CVAE (Sohn et al. 2015), q(z|x, y) and p(x|z, y)."""
     def __init__(self, encoder, head, decoder, variational=True):
         super().__init__()
         self.encoder, self.head, self.decoder, self.variational = encoder, head, decoder, variational
         self.latent_dim, self.classes = decoder.latent_dim, decoder.classes
 
     def encode(self, x, y=None):
-        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None).
-        Conditional (a CVAE, Sohn et al. 2015): q(z|x, y), the head reads [features, one_hot(y)]."""
+        """x (B, 3, H, W) -> (mu, logvar), each (B, latent_dim); AE: (code, None). A CVAE's head reads y too."""
         h = self.encoder(x)
         if self.classes:
             h = torch.cat([h, one_hot(y, self.classes).to(h.dtype)], 1)
@@ -96,8 +91,7 @@ def one_hot(y, classes):
 
 class Generator(nn.Sequential):
     """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]: GAN generators and VAE decoders.
-    Conditional (classes: the number of values of each attribute): forward(z, y) decodes
-    [z, one_hot(y)] (Mirza & Osindero 2014's concatenation; the same code makes a CVAE)."""
+    classes (values per attribute): forward(z, y) decodes [z, one_hot(y)] (Mirza & Osindero 2014)."""
     def __init__(self, latent_dim, *layers, classes=()):
         super().__init__(*layers)
         self.latent_dim, self.classes = latent_dim, tuple(classes)
@@ -108,7 +102,6 @@ class Generator(nn.Sequential):
         return super().forward(z)
 
 
-# ---- one conv-stack builder that also computes the output shape ----------------------------
 def _norm(kind, c):  # 'layer': GroupNorm(1, C), the WGAN-GP paper's per-sample layer norm
     return {"batch": [nn.BatchNorm2d(c)], "instance": [nn.InstanceNorm2d(c, affine=True)],  # affine like BN
             "layer": [nn.GroupNorm(1, c)], "none": []}[kind]
@@ -121,9 +114,8 @@ def _act(kind):  # in place: each overwrites the norm's / conv's output, which n
 
 def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_first=True):
     """Layers [conv -> norm -> act] for every entry of `spec`; returns (nn.Sequential, out shape).
-    shape: input (C, H, W). spec entries: (c_out, k, stride, pad) for a conv, (c_out, k, stride,
-    pad, output_pad) for a transposed conv (transpose=True), "pool" (2x2 max-pool) or "up" (x2
-    nearest). norm_first=False: no norm after the first conv (DCGAN D). The conv arithmetic:
+    shape: input (C, H, W). spec: (c_out, k, stride, pad[, output_pad if transpose]) per conv, "pool"
+    (2x2 max-pool) or "up" (x2 nearest). norm_first=False: no norm after the first conv. Arithmetic:
         conv:  H' = floor((H + 2p - k) / s) + 1
         convT: H' = (H - 1) s - 2p + k + output_pad"""
     c, h, w = shape
@@ -160,8 +152,8 @@ def _vae(z, classes, enc, head, start, dec, out, norm="batch", act="relu", varia
 
 # ---- autoencoders ---------------------------------------------------------------------------
 def _vae_wuga(size, z, classes=()):
-    """Wuga VAE: conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity
-    activation; decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
+    """Wuga VAE: conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity activation;
+    decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
     enc, (c, h, w) = conv_stack((3, *size), [(c, 5, 2, 2) for c in (64, 128, 256, 512)],
                                 "batch", "relu")     # 64 x 32 x 32, 128 x 16 x 16, 256 x 8 x 8, 512 x 4 x 4
     head = nn.Sequential(nn.Linear(c * h * w + sum(classes), 2 * z), nn.BatchNorm1d(2 * z))  # 8192 -> [mu, logvar]
@@ -174,9 +166,9 @@ def _vae_wuga(size, z, classes=()):
 
 
 def _vae_vgg(size, z, classes=()):
-    """Wuga VAE part 3: VGG16's 13 conv 3x3 in 5 blocks, each ended by a 2x2 max-pool; mirrored
-    decoder of [x2 upsample + 3x3 convs]. The report shows no norm layers; we add BN after every
-    conv (it fought exploding gradients; BN makes 26 convs trainable from N(0, 0.02^2) init)."""
+    """Wuga VAE part 3: VGG16's 13 conv 3x3 in 5 blocks, each ended by a 2x2 max-pool; mirrored decoder of
+    [x2 upsample + 3x3 convs]. Deviation: the report shows no norm layers; we add BN after every conv
+    (without it the gradients of 26 convs from N(0, 0.02^2) init explode)."""
     def _c3(*channels):   # VGG's 3x3 'same' convolutions (stride 1, pad 1)
         return [(c, 3, 1, 1) for c in channels]
     enc, (c, h, w) = conv_stack((3, *size), [*_c3(64, 64), "pool",          # 64 x 32 x 32
@@ -196,9 +188,8 @@ def _vae_vgg(size, z, classes=()):
 
 
 def _vae_in(size, z, classes=()):
-    """Perriu's VAE: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar;
-    decoder FC -> reshape -> the mirrored convT stack -> tanh. 32-pixel-high images drop the
-    deepest (256-channel) stage, so 32x24 ends on the same 4x3 grid as 64x48."""
+    """Perriu's VAE: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar; decoder
+    FC -> reshape -> mirrored convT stack -> tanh. 32-pixel-high images drop the 256-channel stage (to 4x3)."""
     enc_spec = [(32, 4, 2, 1), (32, 3, 1, 1),       # 32 x 32 x 24
                 (64, 4, 2, 1), (64, 3, 1, 1),       # 64 x 16 x 12
                 (128, 4, 2, 1), (128, 3, 1, 1),     # 128 x 8 x 6
@@ -219,9 +210,9 @@ def _vae_in(size, z, classes=()):
 
 
 def _conv_ae(size, z, channels, variational, classes=()):
-    """The LFW report's nets: [conv 4x4 s2 p1 + BN + LeakyReLU(0.2)] per channel count, a Linear
-    bottleneck (the AE's code or the VAE's [mu, logvar]), Linear -> reshape + BN + LeakyReLU, the
-    mirrored convT stack -> tanh. The report gives no figures: k4 s2 p1 and channels are ours."""
+    """The LFW report's nets: [conv 4x4 s2 p1 + BN + LeakyReLU(0.2)] per channel count, a Linear bottleneck
+    (code or [mu, logvar]), Linear -> reshape + BN + LeakyReLU, mirrored convT stack -> tanh.
+    The report gives no figures: k4 s2 p1 and the channels are ours."""
     enc, start = conv_stack((3, *size), [(c, 4, 2, 1) for c in channels],  # vae-lrelu: 32 x 32 x 32,
                             "batch", "lrelu")                              # ..., 256 x 4 x 4
     head = nn.Linear(math.prod(start) + sum(classes), 2 * z if variational else z)  # 4096 -> [mu, logvar]
@@ -265,8 +256,7 @@ def _generator(side, z, arch, classes=()):
 
 def _discriminator(side, arch, norm, spectral=False, classes=()):
     """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
-    layer -> conv 4x4 valid -> 1 x 1 x 1 score; classic: conv 4x4 s2 p1. norm: 'batch' (DCGAN,
-    WGAN), 'none' or 'layer' (WGAN-GP, per-sample). spectral: every conv in a SpectralNorm."""
+    layer -> conv 4x4 valid -> 1 x 1 x 1 score; classic: conv 4x4 s2 p1. spectral: SN on every conv."""
     k, p = (5, 2) if arch == "seed002" else (4, 1)
     body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
                              norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
@@ -278,18 +268,15 @@ def _discriminator(side, arch, norm, spectral=False, classes=()):
 
 
 class Discriminator(nn.Sequential):
-    """x (B, 3, H, W) -> raw score (B,): a logit for the BCE/LS losses, a critic value for the
-    Wasserstein ones. No sigmoid here: it lives inside the loss (numerically stable).
-    Conditional: the projection discriminator (Miyato & Koyama 2018),
+    """x (B, 3, H, W) -> raw score (B,): a logit (BCE/LS losses) or a critic value; the sigmoid
+    lives inside the loss. Conditional: the projection discriminator (Miyato & Koyama 2018),
         D(x, y) = ψ(φ(x)) + Σ_k V_k[y_k]ᵀ φ(x),   φ(x) = the last features summed over H x W,
-    one embedding row V_k[v] (C,) per value v of attribute k: the label meets the features D
-    already computes, which the paper shows controls the class far better than concatenating y."""
+    one row V_k[v] (C,) per value v of attribute k (controls the class far better than concat)."""
     def __init__(self, *layers, classes=(), features=0):   # features: C of φ(x)
         super().__init__(*layers)
         self.classes = tuple(classes)
         if self.classes:
-            # V: every attribute's rows stacked, attribute k's from offsets[k]; a Parameter, not a
-            # module, so the layers stay the unconditional D's. V = 0: D starts unconditional.
+            # V: a Parameter (D's modules stay the unconditional D's), attribute k's rows from offsets[k], 0 at init
             self.embed = nn.Parameter(torch.zeros(sum(self.classes), features))
             self.register_buffer("offsets", torch.tensor([0, *self.classes[:-1]]).cumsum(0), persistent=False)
 
@@ -304,13 +291,11 @@ class Discriminator(nn.Sequential):
 
 
 class SpectralNorm(nn.Module):
-    """A conv or linear layer with weight W_SN = W / σ(W), σ its largest singular value (Miyato et
-    al. 2018): the layer is 1-Lipschitz, and so is D, a stack of them with LeakyReLU. σ(W) of the
-    matrix W (out, in·k·k) comes from power iteration with a persistent left singular vector u (a
-    buffer, checkpointed), one step per training forward (frozen in eval), as in Algorithm 1:
+    """Spectral norm (Miyato et al. 2018, Algorithm 1), written out, not torch's parametrizations.spectral_norm:
+    a conv with W_SN = W / σ(W), σ its largest singular value, is 1-Lipschitz, and so is D. σ of W (out, in·k·k)
+    by power iteration with a persistent left singular vector u (a buffer), one step per training forward:
         v ← Wᵀu / ‖Wᵀu‖,   u ← W v / ‖W v‖        (no gradient: u is a constant for backprop)
-        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)
-    Hand-written (not torch's parametrizations.spectral_norm) to show the ten lines of the method."""
+        σ(W) ≈ uᵀ W v' = ‖Wᵀu‖,  v' = Wᵀu / ‖Wᵀu‖   (its gradient u v'ᵀ is the paper's)"""
     def __init__(self, layer, eps=1e-12):
         super().__init__()
         self.layer, self.eps = layer, eps
@@ -319,7 +304,7 @@ class SpectralNorm(nn.Module):
 
     def sigma(self):
         W = self.layer.weight.flatten(1)                        # (out, in·k·k)
-        if self.training:
+        if self.training:                                       # eval: u is frozen
             with torch.no_grad():
                 v = W.t().float() @ self.u
                 v = v / v.norm().clamp_min(self.eps)            # v ← Wᵀu / ‖Wᵀu‖
@@ -330,20 +315,14 @@ class SpectralNorm(nn.Module):
 
     def forward(self, x):
         layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
-        if isinstance(layer, nn.Linear):
-            return nn.functional.linear(x, w, layer.bias)
         return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-# ---- build_model: the one constructor train.py and facegen.py share ---------------------------
 def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False):
-    """Model `name` for images of `image_size` ((H, W) or an int), init_weights applied, as an
-    nn.ModuleDict: {"vae"} (autoencoders), {"G", "D"} (GANs) or {"vae", "D"} (vaegan).
-    latent_dim None -> DEFAULT_LATENT. arch ("classic" | "seed002", None -> DEFAULT_ARCH): GANs
-    only; critic_norm ("none" | "layer"): "layer" for wgan-gp only. classes (values per attribute,
-    e.g. (5, 2, 2)) makes it conditional: G and the decoder take [z, one_hot(y)], the encoder reads
-    y too (CVAE), D is a projection D. ema adds "G_ema", a frozen copy of G that train.py keeps as
-    a moving average of G (GANs only). Raises ValueError for anything it cannot build."""
+    """Model `name` for `image_size` ((H, W) or an int), init_weights applied, as an nn.ModuleDict: {"vae"}
+    (autoencoders), {"G", "D"} (GANs) or {"vae", "D"} (vaegan). None -> DEFAULT_LATENT / DEFAULT_ARCH;
+    critic_norm "layer": wgan-gp only. classes (values per attribute, e.g. (5, 2, 2)): conditional nets,
+    projection D. ema adds "G_ema", a frozen copy of G for train.py's moving average (GANs only)."""
     sizes = supported_sizes(name)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if size not in sizes:
@@ -366,14 +345,13 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         models = {"vae": _AUTOENCODERS["vae-lrelu"](size, z, classes),
                   "D": _discriminator(size[0], "classic", "batch", classes=classes)}
     else:
-        # WGAN-GP drops BatchNorm from the critic (it couples a batch's samples: the anime GAN
-        # report); SN-GAN (Miyato et al. 2018) uses spectral norm on every layer of D and no BN.
-        # The projection's V is not spectrally normalised (Miyato & Koyama do): a deviation, V is small.
+        # WGAN-GP's critic has no BatchNorm (it couples a batch's samples: the anime GAN report);
+        # SN-GAN (Miyato et al. 2018): SN on every conv of D, no BN. Deviation: unlike Miyato & Koyama,
+        # the projection's V gets no SN (it is small).
         norm = {"wgan-gp": critic_norm, "sngan": "none"}.get(name, "batch")
         models = {"G": _generator(size[0], z, arch, classes),
                   "D": _discriminator(size[0], arch, norm, spectral=name == "sngan", classes=classes)}
-    models = nn.ModuleDict(models)
-    models.apply(init_weights)
+    models = nn.ModuleDict(models).apply(init_weights)
     if ema:
         if "G" not in models:
             raise ValueError(f"model {name} has no generator G to average (ema: GANs only)")
@@ -419,14 +397,12 @@ class Classifier(nn.Module):
         return self.head(self.body(x)).split(self.classes, 1)
 
 
-# ---- checkpoints: atomic, weights-only, versioned ---------------------------------------------
-FORMAT = 2   # the layout of a checkpoint dict; load_checkpoint refuses any other
+FORMAT = 2   # checkpoints: atomic, weights-only, versioned; load_checkpoint refuses any other FORMAT
 
 
 def save_checkpoint(state, path):
     """torch.save({**state, "format": FORMAT}) to a temp file beside `path`, fsync, os.replace,
-    fsync the folder: a kill at any moment leaves the old checkpoint or the new one, never half.
-    A failed write removes the temp file; its OSError says the old checkpoint is unchanged."""
+    fsync the folder: a kill at any moment leaves the old checkpoint or the new one, never half."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
@@ -490,9 +466,9 @@ def describe_file(path):
     """What a file looks like from its first bytes, for error messages."""
     with open(path, "rb") as f:
         head = f.read(512)
-    what = next((what for magic, what in MAGIC.items() if head.startswith(magic)), None)
-    if what:
-        return f"it is {what}"
+    for magic, what in MAGIC.items():
+        if head.startswith(magic):
+            return f"it is {what}"
     try:
         return "it is text" if head.decode("utf-8") else "it is empty"
     except UnicodeDecodeError:

@@ -4,9 +4,9 @@
     python train.py --model wgan-gp --data anime.zip  # WGAN-GP on a zip of face images
     python train.py --resume runs/vae                 # continue exactly where it stopped
 
-Read it top to bottom: each model's hyperparameters -> where the data comes from -> one update ->
-the step of each family (VAE, GAN, VAE-GAN) -> the loop. What wraps a step (DDP, autocast, the NaN
-watch, the weight average, meters, signals) is set up below the loop; the command line is last.
+Read it top to bottom: the models' hyperparameters -> the data -> one update -> the step of each
+family (VAE, GAN, VAE-GAN) -> the loop, which wraps each step (autocast, the weight average, meters,
+the NaN watch, signals) -> setup (data parallelism, the update hooks) -> the command line.
 """
 import argparse
 import csv
@@ -63,9 +63,8 @@ SEED_DEFAULTS = {
 }
 
 # -----------------------------------------------------------------------------
-# Where the data comes from: a folder, a .zip or the synthetic faces, decoded once into uint8
-# (cached) and split train/test by --seed; batches are cut, scaled to [-1, 1] and augmented on the
-# training device. A conditional run's labels come with them (and are recorded in cfg["labels"]).
+# The data: a folder, a .zip or the synthetic faces, decoded once into uint8 (cached), split by
+# --seed; batches are cut, scaled to [-1, 1] and augmented on the device. Labels for conditional runs.
 
 def load_data(cfg, device, rank=0, world=1):
     """-> (train Batches, test Batches). The test images never train."""
@@ -232,7 +231,7 @@ def train(run):
     progress = Progress(run)
     while run.epoch < cfg["epochs"]:
         fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
-        n = max(0, min(fits, total_steps(run) - run.step))
+        n = max(0, min(fits, run.total - run.step))
         if n == 0 and not (fits == 0 and run.pos > 0):            # (else: saved before its row was written)
             break
         t0, it = time.time(), run.batches.epoch(run.epoch, start=run.pos)
@@ -257,10 +256,6 @@ def train(run):
     frames = data.epoch_frames(os.path.join(run.out, "samples")) if run.main else None
     if frames:
         data.save_gif(frames, os.path.join(run.out, "progress.gif"))
-
-def total_steps(run):
-    total = run.cfg["epochs"] * (len(run.batches) // steps_per_update(run.cfg))
-    return min(total, run.cfg["max_steps"] or total)
 
 def end_epoch(run, rows, completes, seconds, n_images, points=()):
     """metrics.csv's row, loss.png, the pictures, best.pt (lowest test loss) and last.pt."""
@@ -299,7 +294,8 @@ def write_pictures(run, epoch):
     nets, name = run.nets, f"epoch_{epoch:03d}.png"
     nets.eval()
     with torch.no_grad():
-        data.save_grid(models.generator(nets)(run.fixed_z, run.sample_y).float().cpu(), os.path.join(run.out, "samples", name))
+        samples = models.generator(nets)(run.fixed_z, run.sample_y)
+        data.save_grid(samples.float().cpu(), os.path.join(run.out, "samples", name))
         if "vae" in nets:
             x, y = run.fixed_x, run.fixed_y
             x_hat = nets["vae"].decode(nets["vae"].encode(x, y)[0], y)
@@ -321,7 +317,7 @@ class Progress:
             data.write_csv(self.path, self.points)
         self.mark(run)
 
-    def mark(self, run):
+    def mark(self, run):  # the sums at a point: the next point averages the steps after it
         self.prev = (run.means(), run.meter_n)
 
     def update(self, run, rate):
@@ -332,11 +328,12 @@ class Progress:
                                 **{k: (v * n - prev.get(k, 0.0) * prev_n) / (n - prev_n) for k, v in means.items()}})
             if run.main:
                 data.write_csv(self.path, self.points[-1:], append=len(self.points) > 1)
-        total = total_steps(run)
+        total = run.total
         eta = (total - run.step) * steps_per_update(run.cfg) * run.cfg["batch_size"] / max(rate, 1e-9)
         if not self.quiet and (sys.stdout.isatty() or time.time() - self.last >= 30):
             self.last = time.time()
-            print(f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} | {rate:.0f} img/s | eta {eta:.0f}s", flush=True)
+            print(f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} | {rate:.0f} img/s | eta {eta:.0f}s",
+                  flush=True)
 
 # -----------------------------------------------------------------------------
 # Setup: a run's state, and what wraps its steps.
@@ -350,26 +347,40 @@ class Run:
         self.cfg, self.out = cfg, cfg["out"]
         # the rows so far: the resumed run's (it may have been copied to another --out)
         self.rows_path = os.path.join(data.run_folder(cfg["resume"]) if cfg.get("resume") else self.out, "metrics.csv")
-        self.device, self.rank, self.world = start_processes(cfg)
-        self.main = self.rank == 0
+        # under torchrun (RANK, WORLD_SIZE set) each process trains its share of every global batch
+        self.device = data.pick_device(cfg["device"])
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1:
+            if cfg["batch_size"] % self.world:
+                raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {self.world} processes")
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        torch.backends.cudnn.benchmark, self.main = True, self.rank == 0  # fixed shapes: cuDNN's fastest kernels
         settle_speed(cfg, self.device, say=self.main)
         self.batches, self.test_batches = load_data(cfg, self.device, self.rank, self.world)
+        total = cfg["epochs"] * (len(self.batches) // steps_per_update(cfg))
+        self.total = min(total, cfg["max_steps"] or total)  # the run's steps
         torch.manual_seed(cfg["seed"])  # init_weights draws from it
         nets = models.from_config(cfg).to(self.device)
-        if cfg["batch_size"] // self.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in nets.modules()):
+        if cfg["batch_size"] // self.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                       for m in nets.modules()):
             raise UsageError(f"BatchNorm needs 2 images per batch and process: use --batch-size >= {2 * self.world}")
         nets = nets.to(memory_format=torch.channels_last) if cfg["channels_last"] else nets
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch (not on gloo)
             nets = nn.SyncBatchNorm.convert_sync_batchnorm(nets)
         self.nets, self.latent_dim = nets, models.latent_dim(nets)
         trained = {k: m for k, m in nets.items() if k != "G_ema"}  # G_ema follows G, no optimizer
+        adam = dict(betas=tuple(cfg["betas"]), fused=cfg["fused_adam"] or None)
         self.opts = {k: torch.optim.RMSprop(m.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "rmsprop" else
-                     torch.optim.Adam(m.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=cfg["fused_adam"] or None)
-                     for k, m in trained.items()}
+                     torch.optim.Adam(m.parameters(), lr=cfg["lr"], **adam) for k, m in trained.items()}
         self.fwd = {k: torch.compile(m) for k, m in trained.items()} if cfg["compile"] else trained
         self.norms = add_update_hooks(self)
         # the pictures: a fixed z, 8 test images; conditional: the first 64 test images' labels
-        self.fixed_z = torch.randn(64, self.latent_dim, generator=torch.Generator().manual_seed(cfg["seed"] + 1)).to(self.device)
+        z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
+        self.fixed_z = torch.randn(64, self.latent_dim, generator=z_gen).to(self.device)
         first, labels = next(iter(self.test_batches.epoch(0))), self.test_batches.labels
         self.fixed_x, self.fixed_y = (first[0][:8], first[1][:8]) if labels is not None else (first[:8], None)
         self.sample_y = None if labels is None else labels[torch.arange(64, device=labels.device) % len(labels)]
@@ -418,13 +429,17 @@ class Run:
                                      f"{step} (epoch {self.epoch + 1}); training stopped and nothing non-finite was "
                                      f"saved: {kept}. Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
         for name, m in self.nets.items():  # an update with a finite gradient can still overflow (a huge --lr)
-            if not all(torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()):
-                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step}; nothing non-finite was saved: {kept}")
+            finite = [torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()]
+            if not torch.stack(finite).all():  # one host read per net
+                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step}; "
+                                         f"nothing non-finite was saved: {kept}")
 
     def checkpoint(self, name="last.pt"):
         self.check_finite()
         self.means()  # under torchrun: the global sums, which the checkpoint keeps
-        rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {"format": models.FORMAT, "nets": self.nets.state_dict(), "config": self.cfg, "rng": rng,
                  "optimizers": {k: o.state_dict() for k, o in self.opts.items()},
                  "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
@@ -450,21 +465,6 @@ class Run:
             raise UsageError(f"the checkpoint does not fit --model {self.cfg['model']}: {type(e).__name__}: "
                              f"{(str(e).strip().splitlines() or [''])[0][:300]}")
 
-def start_processes(cfg):
-    """-> (device, rank, world size); under torchrun joins the process group (NCCL on CUDA, else gloo)."""
-    device = data.pick_device(cfg["device"])
-    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if cfg["batch_size"] % world:
-            raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by {world} processes")
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    return device, rank, world
-
 def add_update_hooks(run):
     """What wraps every update: a hook between backward and step. Under torchrun it averages the
     gradients over the processes (data parallelism in one all-reduce); then it reads their norm or
@@ -478,7 +478,8 @@ def add_update_hooks(run):
             for g, part in zip(grads, (flat / run.world).split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
         clip = run.cfg["grad_clip"]
-        norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else torch.nn.utils.get_total_norm(grads)
+        norms[f"grad_norm_{name}"] = norm
     norms = {}
     for name, opt in run.opts.items():
         opt.register_step_pre_hook(lambda opt, args, kwargs, name=name: hook(opt, name))
@@ -534,6 +535,7 @@ RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "chec
 # The flags of these groups belong to these families; giving one to another family is refused.
 FAMILIES = {"autoencoders": {"autoencoder", "vaegan"}, "vaegan": {"vaegan"}, "GANs": {"adversarial", "wasserstein"}}
 ON_OFF, SWITCH, M = argparse.BooleanOptionalAction, "store_true", "(default: per model, below)"
+NARGS = {"--betas": dict(nargs=2, metavar=("B1", "B2"))}
 FLAGS = [  # (group, flag, type | choices | action, help)
     ("run", "--model", sorted(SEED_DEFAULTS), "what to train (required unless --resume)"),
     ("run", "--data", str, "folder or .zip of face images (default: the built-in synthetic faces)"),
@@ -564,8 +566,7 @@ FLAGS = [  # (group, flag, type | choices | action, help)
     ("GANs", "--ema", data.unit_interval, "sample from G_ema, a moving average of G with this decay (e.g. 0.999)"),
     ("GANs", "--reuse-fakes", ON_OFF, f"G's update scores the critic's fakes, not fresh z {M}"),
     ("optimizer", "--optimizer", ["adam", "rmsprop"], f"for every net {M}"),
-    ("optimizer", "--beta1", data.unit_interval, f"Adam beta1 {M}"),
-    ("optimizer", "--beta2", data.unit_interval, f"Adam beta2 {M}"),
+    ("optimizer", "--betas", data.unit_interval, f"Adam's beta1 beta2, e.g. --betas 0.5 0.999 {M}"),
     ("optimizer", "--grad-clip", data.positive_float, "clip each net's global gradient norm to this"),
     ("labels", "--conditional", SWITCH, "condition every net on labels: synthetic factors, subfolders or --attr-file"),
     ("labels", "--attr-file", str, "CelebA-style list_attr_celeba.txt (+-1 per attribute) for --data"),
@@ -584,7 +585,7 @@ FLAGS = [  # (group, flag, type | choices | action, help)
 
 def parse_args(argv=None):
     table = "\n".join(f"  {m:10s}" + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in SEED_DEFAULTS.items())
-    every = " ".join(f"{k}={COMMON_DEFAULTS[k]}" for k in ("image_size", "batch_size", "optimizer", "betas", "kl_weight", "n_critic"))
+    every = " ".join(f"{k}={COMMON_DEFAULTS[k]}" for k in ("image_size", "batch_size", "optimizer", "betas", "n_critic"))
     p = argparse.ArgumentParser(description="Train a face VAE or GAN into a run folder.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"per-model defaults (the reports' values; a flag given wins):\n{table}\n"
@@ -592,8 +593,9 @@ def parse_args(argv=None):
     groups = {}
     for group, flag, kind, text in FLAGS:
         g = groups.setdefault(group, p.add_argument_group(group))
-        how = dict(choices=kind) if isinstance(kind, list) else dict(action=kind) if kind in (ON_OFF, SWITCH) else dict(type=kind)
-        g.add_argument(flag, **how, help=text, default="auto" if flag == "--device" else None)
+        how = dict(choices=kind) if isinstance(kind, list) else dict(action=kind) if kind in (ON_OFF, SWITCH) \
+            else dict(type=kind)
+        g.add_argument(flag, **how, help=text, default="auto" if flag == "--device" else None, **NARGS.get(flag, {}))
     return p.parse_args(argv)
 
 def resolve(args):
@@ -602,13 +604,8 @@ def resolve(args):
                     latent_dim=models.DEFAULT_LATENT[args.model], **SEED_DEFAULTS[args.model])
     given = {k for k, v in vars(args).items() if v is not None}
     cfg = {**vars(args), **defaults, **{k: v for k, v in vars(args).items() if v is not None}}
-    b1, b2 = cfg.pop("beta1", None), cfg.pop("beta2", None)
-    cfg["betas"] = (cfg["betas"][0] if b1 is None else b1, cfg["betas"][1] if b2 is None else b2)
     cfg["out"] = cfg["out"] or os.path.join("runs", args.model)
-    try:
-        cfg["image_size"] = list(data.parse_size(cfg["image_size"]))
-    except ValueError as e:
-        raise UsageError(str(e))
+    cfg["image_size"] = list(data.parse_size(cfg["image_size"]))
     if tuple(cfg["image_size"]) not in models.supported_sizes(args.model):
         raise UsageError(f"--model {args.model} supports image sizes " + ", ".join(f"{h}x{w}" for h, w in
                          models.supported_sizes(args.model)) + f"; got {'x'.join(map(str, cfg['image_size']))}")
@@ -618,12 +615,12 @@ def resolve(args):
     if unused:
         raise UsageError(f"--model {args.model} does not use " + ", ".join(unused))
     adam, cond = ("--optimizer adam", cfg["optimizer"] == "adam"), ("--conditional", cfg["conditional"])
-    for flag, (needs, ok) in dict(beta1=adam, beta2=adam, fused_adam=adam, obs_std=("--recon gnll", cfg["recon"] == "gnll"),
+    for flag, (needs, ok) in dict(betas=adam, fused_adam=adam, obs_std=("--recon gnll", cfg["recon"] == "gnll"),
                                   attr_file=cond, balance_labels=cond, attrs=("--attr-file", cfg["attr_file"]),
                                   kl_weight=("a variational model (ae has no KL term)", args.model != "ae")).items():
         if flag in given and not ok:
             raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs}; this run has --model "
-                             f"{args.model} --optimizer {cfg['optimizer']}" + (f" --recon {cfg['recon']}" if "vae" in cfg["model"] else ""))
+                             f"{args.model} --optimizer {cfg['optimizer']} --recon {cfg['recon']}")
     return cfg
 
 def config_from(args):
@@ -635,7 +632,7 @@ def config_from(args):
     state = models.load_checkpoint(args.resume)
     saved = state["config"]
     fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
-    given = {"betas" if k in ("beta1", "beta2") else k for k, v in vars(args).items() if v is not None and k not in RESUMABLE}
+    given = {k for k, v in vars(args).items() if v is not None and k not in RESUMABLE}
     differ = [f"{k} {fresh[k]} (the run has {saved.get(k)})" for k in sorted(given)
               if json.dumps(fresh[k]) != json.dumps(saved.get(k))]
     if differ:
@@ -656,7 +653,7 @@ def main(argv=None):
         resumed_here = cfg.get("resume") and os.path.realpath(data.run_folder(cfg["resume"])) == os.path.realpath(out)
         lock = claim_folder(out, fresh=not resumed_here)
         if not cfg.get("resume"):
-            cfg["data_fingerprint"] = data.fingerprint(cfg["data"], tuple(cfg["image_size"]), cfg["n_synthetic"], cfg["seed"])
+            cfg["data_fingerprint"] = data.fingerprint(cfg["data"], cfg["image_size"], cfg["n_synthetic"], cfg["seed"])
         run = Run(cfg, state)  # builds and loads everything
         if run.main:
             data.write_json(os.path.join(out, "config.json"), cfg)
@@ -664,8 +661,8 @@ def main(argv=None):
             run.stop.append(signum)
             if len(run.stop) > 1:
                 raise KeyboardInterrupt
-        main_thread = threading.current_thread() is threading.main_thread()
-        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+                    if threading.current_thread() is threading.main_thread()}
         try:
             train(run)
             if run.world > 1:  # no rank tears the process group down before rank 0's last pictures

@@ -96,7 +96,7 @@ def test_parse_size():
     assert data.parse_size("64x48") == (64, 48)
     assert data.parse_size((64, 48)) == (64, 48)
     for bad in ("", "0", "64x", "x48", "-4", "64x48x3", "abc", 0, True, (64, 0), 6.4):
-        with pytest.raises(ValueError):
+        with pytest.raises(data.UsageError):
             data.parse_size(bad)
 
 

@@ -136,11 +136,11 @@ def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
 # --- bad arguments: one line, exit 2, nothing written -------------------------------------
 
 @pytest.mark.parametrize("argv, says", [
-    (["--model", "dcgan", "--beta1", "2"], "--beta1"),
-    (["--model", "dcgan", "--beta2", "nan"], "--beta2"),
+    (["--model", "dcgan", "--betas", "2", "0.9"], "--betas"),
+    (["--model", "dcgan", "--betas", "0.5", "nan"], "--betas"),
     (["--model", "dcgan", "--seed", str(2 ** 70)], "--seed"),
     (["--model", "dcgan", "--seed", "-1"], "--seed"),
-    (["--model", "wgan", "--beta1", "0.5"], "--beta1 only applies with --optimizer adam"),
+    (["--model", "wgan", "--betas", "0.5", "0.9"], "--betas only applies with --optimizer adam"),
     (["--model", "wgan", "--fused-adam"], "--fused-adam only applies with --optimizer adam"),
     (["--model", "vae-lrelu", "--obs-std", "0.1"], "--obs-std only applies with --recon gnll"),
     (["--model", "ae", "--kl-weight", "1"], "--kl-weight only applies"),
