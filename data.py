@@ -536,210 +536,175 @@ _why = lambda e: str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: 
 
 # =============================================================================================
 # Synthetic faces: an offline stand-in for real photos, so every command runs with no download.
-# Face i has its own RNG seeded by (seed, i) and independent factors: skin, face shape, hair colour
-# and style, eyes, brows, nose, mouth, blush, freckles, facial hair, glasses, background, shirt,
-# position, size and tilt. The random numbers are drawn in a fixed order: changing that order (or
-# any drawing call) changes every face.
+# Face i uses its own RNG, seeded by (seed, i), in a fixed order: changing it (or any drawing call) changes every face.
 # =============================================================================================
 
 def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
     """n cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i). factors=True:
     (images, int64 n x 3 SYNTHETIC_LABELS), recorded from the draws that shaped each face."""
-    size = parse_size(size)
-    S = max(128, 2 * max(size))                     # supersample, then an antialiased resize
-    out, labels = np.empty((n, 3, *size), np.uint8), np.empty((n, 3), np.int64)
+    size, labels = parse_size(size), np.empty((n, 3), np.int64)
+    S, out = max(128, 2 * max(size)), np.empty((n, 3, *size), np.uint8)   # supersample, then an antialiased resize
     for i in range(n):
         f = _draw_face(random.Random(f"facegen-face/{seed}/{i}"), S)   # face i: (seed, i) only
-        out[i] = np.asarray(_fit(_tilt_and_crop(f), size)).transpose(2, 0, 1)
+        out[i] = np.asarray(_fit(f.picture, size)).transpose(2, 0, 1)
         labels[i] = (f.hair_group, f.glasses, f.beard)     # SYNTHETIC_LABELS order
     return (torch.from_numpy(out), torch.from_numpy(labels)) if factors else torch.from_numpy(out)
 
-def _draw_face(rng, S):
-    """One face, back to front: _tilt_and_crop(f) is its picture; f.hair_group, .glasses, .beard its labels."""
-    f = _Face(rng, S)                                   # position, colours, head shape
-    for part in (_back, _eyes, _mouth, _hair_in_front, _glasses):
-        part(f)
-    return f
-
-class _Face:
-    """A face being drawn: its RNG, its canvas (S plus a margin, so the tilt leaves no corners),
-    colours and head geometry in units of u, the head size. Parts add what later parts need."""
-
-    def __init__(self, rng, S):
-        self.rng, self.S, self.pad = rng, S, S // 6
-        C = S + 2 * self.pad
-        u = self.u = S * rng.uniform(1.08, 1.25)              # head size: the unit of length
-        self.cx, self.cy = C / 2 + S * rng.uniform(-0.05, 0.05), C / 2 + S * rng.uniform(-0.03, 0.04)   # position
-        self.lw = max(1, round(S / 90))                         # line width
-        self.bg = _hsv(rng.random(), rng.uniform(0.12, 0.5), rng.uniform(0.62, 0.95))
-        t = rng.random() * (len(_SKIN) - 1)
-        skin = self.skin = _mix(_SKIN[int(t)], _SKIN[min(int(t) + 1, len(_SKIN) - 1)], t % 1)
-        hair = rng.choice(_FUN_HAIR) if rng.random() < 0.1 else rng.choice(_HAIR)
-        self.hair_group = _HAIR_GROUP.get(hair, len(HAIR_GROUPS) - 1)   # a label; draws nothing
-        self.hair = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in hair)
-        self.line, self.dark, self.style = _mix(skin, (40, 20, 12), 0.5), (30, 20, 20), rng.choice(_HAIR_STYLES)
-        self.d = ImageDraw.Draw(img := Image.new("RGB", (C, C), self.bg))
-        # head: half width a, forehead and jaw half heights bt, bb, roundness (small nb: pointy)
-        self.img, self.a, self.bt, self.bb = img, u * rng.uniform(0.18, 0.23), u * rng.uniform(0.22, 0.26), u * rng.uniform(0.24, 0.3)
-        self.head = dict(cx=self.cx, cy=self.cy, a=self.a, bt=self.bt, bb=self.bb, nt=rng.uniform(2.0, 2.6), nb=rng.uniform(1.6, 3.2))
-
+class _Face:   # a face being drawn: canvas d, colours, head geometry (unit u); set by _draw_face and the parts
     def oval(self, x, y, rx, ry, **kw):
         self.d.ellipse((x - rx, y - ry, x + rx, y + ry), **kw)
 
+def _draw_face(rng, S):
+    """One face, drawn back to front on a canvas of S plus a margin (so the tilt leaves no corners) -> a _Face:
+    .picture (S x S) and the labels .hair_group, .glasses, .beard."""
+    f, pad, C, u = _Face(), S // 6, S + 2 * (S // 6), S * rng.uniform(1.08, 1.25)   # u: head size, the unit of length
+    f.rng, f.cx, f.cy = rng, C / 2 + S * rng.uniform(-0.05, 0.05), C / 2 + S * rng.uniform(-0.03, 0.04)
+    f.lw, f.bg = max(1, round(S / 90)), _hsv(rng.random(), rng.uniform(0.12, 0.5), rng.uniform(0.62, 0.95))
+    t = rng.random() * (len(_SKIN) - 1)
+    skin = f.skin = _mix(_SKIN[int(t)], _SKIN[min(int(t) + 1, len(_SKIN) - 1)], t % 1)
+    hair = rng.choice(_FUN_HAIR) if rng.random() < 0.1 else rng.choice(_HAIR)
+    f.hair_group = _HAIR_GROUP.get(hair, len(HAIR_GROUPS) - 1)   # a label; draws nothing
+    f.hair = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in hair)
+    f.line, f.dark, f.style = _mix(skin, (40, 20, 12), 0.5), (30, 20, 20), rng.choice(_HAIR_STYLES)
+    f.d = ImageDraw.Draw(img := Image.new("RGB", (C, C), f.bg))
+    f.u, f.a, f.bt, f.bb = u, u * rng.uniform(0.18, 0.23), u * rng.uniform(0.22, 0.26), u * rng.uniform(0.24, 0.3)
+    f.head = dict(cx=f.cx, cy=f.cy, a=f.a, bt=f.bt, bb=f.bb, nt=rng.uniform(2.0, 2.6), nb=rng.uniform(1.6, 3.2))
+    for part in (_back, _eyes, _mouth, _hair_in_front, _glasses): part(f)
+    # tilt about the centre, crop the margin: one affine map (output -> input); nearest is enough, _fit smooths
+    th = math.radians(rng.uniform(-10, 10))
+    ca, sa, ox, oy = math.cos(th), math.sin(th), pad - f.cx, pad - f.cy
+    affine = (ca, -sa, ca * ox - sa * oy + f.cx, sa, ca, sa * ox + ca * oy + f.cy)
+    f.picture = img.transform((S, S), Image.Transform.AFFINE, affine, Image.Resampling.NEAREST, fillcolor=f.bg)
+    return f
+
 def _back(f):
-    """Shoulders in a shirt, the neck with a V collar, hair behind the head (long, a bun, curls,
-    a bald fringe; f.ht: its outline), ears and the face (f.ey: the eye line)."""
-    rng, u, cx, cy, a, bt, bb, hair, lw = f.rng, f.u, f.cx, f.cy, f.a, f.bt, f.bb, f.hair, f.lw
-    shirt = _hsv(rng.random(), rng.uniform(0.3, 0.8), rng.uniform(0.3, 0.9))
-    neck, top = _mix(f.skin, (0, 0, 0), 0.12), cy + bb + u * 0.06
-    f.oval(cx, top + u * 0.35, u * 0.42, u * 0.35, fill=shirt, outline=_mix(shirt, (0, 0, 0), 0.3), width=lw)
-    f.d.rectangle((cx - a * 0.42, cy + bb * 0.4, cx + a * 0.42, top + u * 0.04), fill=neck)
+    """Shoulders in a shirt, the neck, hair behind the head (f.ht: its outline), ears and the face (f.ey: eye line)."""
+    rng, u, cx, cy, a, bt, bb, hair, top = f.rng, f.u, f.cx, f.cy, f.a, f.bt, f.bb, f.hair, f.cy + f.bb + f.u * 0.06
+    shirt, neck = _hsv(rng.random(), rng.uniform(0.3, 0.8), rng.uniform(0.3, 0.9)), _mix(f.skin, (0, 0, 0), 0.12)
+    f.oval(cx, top + u * 0.35, u * 0.42, u * 0.35, fill=shirt, outline=_mix(shirt, (0, 0, 0), 0.3), width=f.lw)
+    f.d.rectangle((cx - a * 0.42, cy + bb * 0.4, cx + a * 0.42, top + u * 0.04), fill=neck)      # neck, V collar
     f.d.polygon([(cx - a * 0.42, top + u * 0.02), (cx + a * 0.42, top + u * 0.02), (cx, top + u * 0.1)], fill=neck)
     ht = f.ht = dict(f.head, a=a * rng.uniform(1.06, 1.12), bt=bt * rng.uniform(1.1, 1.22))
     if f.style == "long":
-        drop, back = cy + bb * rng.uniform(0.6, 1.5), _head_pts(**dict(ht, a=a * 1.2), t0=math.pi, t1=2 * math.pi)
+        drop, back = cy + bb * rng.uniform(0.6, 1.5), _head_pts(**dict(ht, a=a * 1.2), t0=math.pi, t1=math.tau)
         f.d.polygon(back + [(cx + a * 1.25, drop), (cx, drop + u * 0.03), (cx - a * 1.25, drop)], fill=hair)
     elif f.style == "bun":
         r = a * rng.uniform(0.35, 0.5)
         f.oval(cx, cy - ht["bt"] - r * 0.3, r, r, fill=hair)
     elif f.style == "curly":
-        r = u * rng.uniform(0.05, 0.07)
-        for x, y in _head_pts(**dict(ht, a=a * 1.12, bt=ht["bt"] * 1.02), t0=math.pi - 0.5, t1=2 * math.pi + 0.5, m=14):
+        r, curls = u * rng.uniform(0.05, 0.07), dict(ht, a=a * 1.12, bt=ht["bt"] * 1.02)
+        for x, y in _head_pts(**curls, t0=math.pi - 0.5, t1=math.tau + 0.5, m=14):
             f.oval(x, y, r, r, fill=hair)
     elif f.style == "bald" and rng.random() < 0.6:          # a fringe of hair above the ears
         for s in (-1, 1): f.oval(cx + s * a * 0.9, cy - bt * 0.3, a * 0.18, bt * 0.4, fill=hair)
-    f.ey = cy + u * rng.uniform(-0.02, 0.02)
-    for s in (-1, 1): f.oval(cx + s * a * 0.96, f.ey + bt * 0.03, a * 0.16, bt * 0.25, fill=f.skin, outline=f.line, width=lw)
-    f.d.polygon(_head_pts(**f.head), fill=f.skin, outline=f.line, width=lw)
+    f.ey, ink = cy + u * rng.uniform(-0.02, 0.02), dict(fill=f.skin, outline=f.line, width=f.lw)
+    for s in (-1, 1): f.oval(cx + s * a * 0.96, f.ey + bt * 0.03, a * 0.16, bt * 0.25, **ink)     # ears
+    f.d.polygon(_head_pts(**f.head), **ink)
 
 def _eyes(f):
-    """Blush and freckles; eyes (white + iris + pupil + highlight under a lid line, or dots, or
-    happy arcs); brows by thickness, height, arch and tilt (inner end up: worried; down: cross)."""
+    """Blush, freckles, eyes (white, iris, pupil, highlight and lid; dots; or happy arcs) and brows."""
     rng, u, cx, ey, skin, lw, dark = f.rng, f.u, f.cx, f.ey, f.skin, f.lw, f.dark
-    ex, ew, f.my = f.a * rng.uniform(0.38, 0.48), u * rng.uniform(0.038, 0.054), f.cy + f.bb * rng.uniform(0.5, 0.62)
-    f.ex, f.ew = ex, ew                       # eye offset and half width; f.my: the mouth line
+    ex, ew, my = f.ex, f.ew, f.my = (f.a * rng.uniform(0.38, 0.48), u * rng.uniform(0.038, 0.054),   # eye offset,
+                                     f.cy + f.bb * rng.uniform(0.5, 0.62))         # half width; the mouth line
     if rng.random() < 0.45:
         blush = _mix(skin, (236, 104, 118), rng.uniform(0.25, 0.45))
-        for s in (-1, 1): f.oval(cx + s * ex * 1.2, (ey + f.my) / 2 + u * 0.01, u * 0.045, u * 0.024, fill=blush)
-    if rng.random() < 0.15:
-        for _ in range(rng.randint(6, 12)):
-            f.oval(cx + rng.choice((-1, 1)) * ex * rng.uniform(0.6, 1.4), ey + u * rng.uniform(0.05, 0.09),
-                   lw, lw, fill=_mix(skin, (90, 45, 20), 0.35))
+        for s in (-1, 1): f.oval(cx + s * ex * 1.2, (ey + my) / 2 + u * 0.01, u * 0.045, u * 0.024, fill=blush)
+    for _ in range(rng.randint(6, 12) if rng.random() < 0.15 else 0):                # freckles
+        f.oval(cx + rng.choice((-1, 1)) * ex * rng.uniform(0.6, 1.4), ey + u * rng.uniform(0.05, 0.09),
+               lw, lw, fill=_mix(skin, (90, 45, 20), 0.35))
     eh = ew * rng.uniform(0.6, 0.95)
     iris, kind = rng.choice(_IRIS), rng.choices(("open", "dot", "happy"), (0.8, 0.12, 0.08))[0]
     r = min(eh * rng.uniform(0.75, 0.95), ew * 0.8)
     gx, gy = rng.uniform(-1, 1) * (ew - r) * 0.7, rng.uniform(-0.15, 0.15) * eh   # gaze
-    for s in (-1, 1):
-        x0 = cx + s * ex
+    for x0 in (cx - ex, cx + ex):
         box = (x0 - ew, ey - eh, x0 + ew, ey + eh)
         if kind == "open":
             f.d.ellipse(box, fill=(250, 250, 250), outline=f.line, width=lw)
-            f.oval(x0 + gx, ey + gy, r, r, fill=iris)
-            f.oval(x0 + gx, ey + gy, r * 0.5, r * 0.5, fill=(15, 12, 12))
-            f.oval(x0 + gx - r * 0.35, ey + gy - r * 0.35, r * 0.28, r * 0.28, fill=(255, 255, 255))
-            f.d.arc(box, 200, 340, fill=dark, width=lw * 2)
-        elif kind == "dot":
+            for d, k, c in ((0, 1, iris), (0, 0.5, (15, 12, 12)), (0.35, 0.28, (255, 255, 255))):   # + pupil, highlight
+                f.oval(x0 + gx - r * d, ey + gy - r * d, r * k, r * k, fill=c)
+        if kind == "dot":
             f.oval(x0, ey, r, r * 1.25, fill=dark)
             f.oval(x0 - r * 0.3, ey - r * 0.55, r * 0.25, r * 0.25, fill=(255, 255, 255))
-        else: f.d.arc(box, 195, 345, fill=dark, width=lw * 2)
+        else: f.d.arc(box, *((200, 340) if kind == "open" else (195, 345)), fill=dark, width=lw * 2)   # lid, happy
     brow = _mix(skin, (40, 30, 25), 0.6) if f.style == "bald" else _mix(f.hair, (20, 15, 10), 0.35)
     by, bw = ey - eh - u * rng.uniform(0.02, 0.045), max(lw, round(u * rng.uniform(0.012, 0.024)))
-    tilt, arch = u * rng.uniform(-0.018, 0.018), u * rng.uniform(0, 0.015)
+    tilt, arch = u * rng.uniform(-0.018, 0.018), u * rng.uniform(0, 0.015)   # inner end up: worried; down: cross
     for x0, s in ((cx - ex, -1), (cx + ex, 1)):
         f.d.line([(x0 + s * ew * 1.1, by + u * 0.005), (x0 + s * ew * 0.1, by - arch), (x0 - s * ew * 0.9, by + tilt)],
                  fill=brow, width=bw, joint="curve")
 
 def _mouth(f):
-    """A nose (button, nostrils, arc or line), a beard (the jaw outline closed above the mouth),
-    a moustache, and a smile, grin, arc, open mouth, flat line, 'o' or frown."""
+    """A nose (button, nostrils, arc or line), a beard, a moustache and a mouth (7 kinds)."""
     rng, u, cx, a, my, lw, skin = f.rng, f.u, f.cx, f.a, f.my, f.lw, f.skin
-    ny = f.ey + (my - f.ey) * rng.uniform(0.5, 0.65)
-    nose, kind, nw = _mix(skin, (60, 30, 15), 0.35), rng.choice(("button", "nostrils", "arc", "line")), u * rng.uniform(0.018, 0.03)
+    ny, nose = f.ey + (my - f.ey) * rng.uniform(0.5, 0.65), _mix(skin, (60, 30, 15), 0.35)
+    kind, nw = rng.choice(("button", "nostrils", "arc", "line")), u * rng.uniform(0.018, 0.03)
     if kind == "button": f.oval(cx, ny, nw, nw * 0.7, fill=_mix(skin, (60, 30, 15), 0.18))
     elif kind == "nostrils":
         for s in (-1, 1): f.oval(cx + s * nw * 0.6, ny, lw, lw, fill=nose)
     elif kind == "arc": f.d.arc((cx - nw, ny - nw, cx + nw, ny + nw), 20, 160, fill=nose, width=lw + 1)
     else:
-        s = rng.choice((-1, 1))
-        f.d.line([(cx + s * nw * 0.3, ny - u * 0.06), (cx - s * nw * 0.6, ny), (cx + s * nw * 0.5, ny)], fill=nose, width=lw + 1)
+        w = rng.choice((-1, 1)) * nw                    # a line, bent to either side
+        f.d.line([(cx + w * 0.3, ny - u * 0.06), (cx - w * 0.6, ny), (cx + w * 0.5, ny)], fill=nose, width=lw + 1)
     f.beard = f.style != "long" and rng.random() < 0.1    # the label records the same draw
-    if f.beard:
+    if f.beard:                                          # the jaw outline, closed above the mouth
         chin = _head_pts(**dict(f.head, a=a * 1.01, bb=f.bb * 1.03), t0=0.15, t1=math.pi - 0.15, m=24)
-        f.d.polygon(chin + [(cx - a * 0.6, my - u * 0.02), (cx + a * 0.6, my - u * 0.02)], fill=_mix(f.hair, skin, 0.25))
-    if rng.random() < 0.1:
-        w = u * 0.06
-        f.d.polygon([(cx - w, my - u * 0.01), (cx, ny + u * 0.012), (cx + w, my - u * 0.01), (cx, my - u * 0.025)], fill=f.hair)
+        f.d.polygon(chin + [(cx + s * a * 0.6, my - u * 0.02) for s in (-1, 1)], fill=_mix(f.hair, skin, 0.25))
+    if rng.random() < 0.1:                               # a moustache
+        w, y = u * 0.06, my - u * 0.01
+        f.d.polygon([(cx - w, y), (cx, ny + u * 0.012), (cx + w, y), (cx, my - u * 0.025)], fill=f.hair)
     mw, mh = u * rng.uniform(0.04, 0.08), u * rng.uniform(0.02, 0.045)
-    inside, lips = (92, 26, 36), _mix(skin, (196, 64, 74), 0.55)
+    box, inside, lips = (cx - mw, my - mh, cx + mw, my + mh), (92, 26, 36), _mix(skin, (196, 64, 74), 0.55)
     kind = rng.choices(("smile", "grin", "arc", "open", "flat", "o", "frown"), (3, 2, 3, 1, 1, 1, 1))[0]
-    box = (cx - mw, my - mh, cx + mw, my + mh)
-    if kind in ("smile", "grin"):
-        f.d.chord(box, 0, 180, fill=inside, outline=lips, width=lw)
-        if kind == "grin": f.d.chord((cx - mw * 0.9, my - mh * 0.2, cx + mw * 0.9, my + mh * 0.8), 180, 360, fill=(248, 248, 244))
-    elif kind == "arc": f.d.arc(box, 15, 165, fill=inside, width=lw * 2)
-    elif kind == "open":
+    if kind in ("smile", "grin"): f.d.chord(box, 0, 180, fill=inside, outline=lips, width=lw)
+    if kind == "grin":                                   # teeth
+        f.d.chord((cx - mw * 0.9, my - mh * 0.2, cx + mw * 0.9, my + mh * 0.8), 180, 360, fill=(248, 248, 244))
+    if kind == "arc": f.d.arc(box, 15, 165, fill=inside, width=lw * 2)
+    if kind == "open":
         f.oval(cx, my + mh * 0.05, mw * 0.6, mh * 1.05, fill=inside, outline=lips, width=lw)
         f.d.chord((cx - mw * 0.45, my, cx + mw * 0.45, my + mh), 0, 180, fill=(222, 96, 106))
-    elif kind == "flat": f.d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=inside, width=lw * 2)
-    elif kind == "o": f.oval(cx, my, mh * 0.7, mh * 0.8, fill=inside, outline=lips, width=lw)
-    else: f.d.arc((cx - mw * 0.8, my, cx + mw * 0.8, my + mh * 2), 200, 340, fill=inside, width=lw * 2)
+    if kind == "flat": f.d.line([(cx - mw * 0.8, my), (cx + mw * 0.8, my)], fill=inside, width=lw * 2)
+    if kind == "o": f.oval(cx, my, mh * 0.7, mh * 0.8, fill=inside, outline=lips, width=lw)
+    if kind == "frown": f.d.arc((cx - mw * 0.8, my, cx + mw * 0.8, my + mh * 2), 200, 340, fill=inside, width=lw * 2)
 
 def _hair_in_front(f):
-    """An arc over the top of the head closed by a hairline spline; spikes or curls on top."""
-    if f.style == "bald":
-        return
-    rng, u, cx, cy, a, bt, ht, hair = f.rng, f.u, f.cx, f.cy, f.a, f.bt, f.ht, f.hair
+    """An arc over the head closed by a hairline spline (a fringe, a side parting or a plain curve); spikes, curls."""
+    if f.style == "bald": return
+    rng, u, cx, cy, a, bt, bb, ht, hair, xs = f.rng, f.u, f.cx, f.cy, f.a, f.bt, f.bb, f.ht, f.hair, f.a * 0.9
     # how far down the sides it reaches, the hairline's height (share of forehead), the parting
     side, hl, part = rng.uniform(0.1, 0.4), rng.uniform(0.5, 0.72), a * rng.uniform(-0.4, 0.4)
     if f.style in ("bangs", "long"): side, hl = rng.uniform(0.5, 1.1), rng.uniform(0.28, 0.45)
-    front = hair
-    if f.style == "buzz": front, hl, side = _mix(hair, f.skin, 0.45), 0.78, 0.05   # skin shows: a lighter cap
-    outer = _head_pts(**ht, t0=math.pi - side, t1=2 * math.pi + side, m=40)
-    f.d.polygon(outer + _spline([outer[-1]] + _hairline(f, side, hl, part) + [outer[0]]), fill=front)
+    if f.style == "buzz": hair, hl, side = _mix(hair, f.skin, 0.45), 0.78, 0.05   # skin shows: a lighter cap
+    outer = _head_pts(**ht, t0=math.pi - side, t1=math.tau + side, m=40)
+    if f.style in ("bangs", "long") and (f.style == "bangs" or rng.random() < 0.5):   # a fringe with n teeth
+        n, y = rng.randint(3, 7), cy + bb * 0.1 * side
+        line = [(cx + xs, y), *((cx + xs * 0.95 * (1 - 2 * i / n), cy - bt * (hl + (0.08 if i % 2 and n <= 5 else 0.0)))
+                                for i in range(n + 1)), (cx - xs, y)]
+    else:                                                # control points right to left; y: at the sides
+        y, k, d, lo = ((cy - bt * 0.25, 0.45, 0.2, hl * 0.55) if f.style == "side" else
+                       (cy - bt * 0.15 + bb * 0.2 * max(0, side - 0.4), 0.5, 0.12, hl))
+        fl, fr = (lo, hl) if part > 0 else (hl, lo)
+        line = [(cx + xs, y), (cx + a * k, cy - bt * fr), (cx + part, cy - bt * (hl + d)), (cx - a * k, cy - bt * fl),
+                (cx - xs, y)]
+    f.d.polygon(outer + _spline([outer[-1]] + line + [outer[0]]), fill=hair)
     if f.style == "spiky":                               # triangles pointing away from centre
-        for x, y in _head_pts(**ht, t0=math.pi + 0.35, t1=2 * math.pi - 0.35, m=rng.randint(5, 8)):
-            dx, dy, k = x - cx, y - cy, rng.uniform(0.18, 0.35)
-            f.d.polygon([(x - dy * 0.18, y + dx * 0.18), (x + dx * k, y + dy * k), (x + dy * 0.18, y - dx * 0.18)], fill=hair)
+        for x, y in _head_pts(**ht, t0=math.pi + 0.35, t1=math.tau - 0.35, m=rng.randint(5, 8)):
+            p, q, k = x - cx, y - cy, rng.uniform(0.18, 0.35)                    # (p, q): from the centre
+            f.d.polygon([(x - q * 0.18, y + p * 0.18), (x + p * k, y + q * k), (x + q * 0.18, y - p * 0.18)], fill=hair)
     if f.style == "curly":                               # curls along the hairline
-        for x, y in _head_pts(**dict(ht, a=a * 0.9, bt=bt * hl * 1.25), t0=math.pi + 0.3, t1=2 * math.pi - 0.3, m=8):
+        for x, y in _head_pts(**dict(ht, a=a * 0.9, bt=bt * hl * 1.25), t0=math.pi + 0.3, t1=math.tau - 0.3, m=8):
             f.oval(x, y, u * 0.035, u * 0.035, fill=hair)
-
-def _hairline(f, side, hl, part):
-    """Control points of the hairline, right to left: swept to one side of the parting, a fringe
-    cut straight or in tufts, or a plain curve (hl: its height as a share of the forehead)."""
-    cx, cy, a, bt, bb, xs = f.cx, f.cy, f.a, f.bt, f.bb, f.a * 0.9
-    if f.style == "side":
-        fl, fr = (hl * 0.55, hl) if part > 0 else (hl, hl * 0.55)
-        return [(cx + xs, cy - bt * 0.25), (cx + a * 0.45, cy - bt * fr), (cx + part, cy - bt * (hl + 0.2)),
-                (cx - a * 0.45, cy - bt * fl), (cx - xs, cy - bt * 0.25)]
-    if f.style in ("bangs", "long") and (f.style == "bangs" or f.rng.random() < 0.5):
-        n = f.rng.randint(3, 7)                          # teeth of the fringe
-        teeth = [(cx + xs * 0.95 * (1 - 2 * i / n), cy - bt * (hl + (0.08 if i % 2 and n <= 5 else 0.0))) for i in range(n + 1)]
-        return [(cx + xs, cy + bb * 0.1 * side)] + teeth + [(cx - xs, cy + bb * 0.1 * side)]
-    y_side = cy - bt * 0.15 + bb * 0.2 * max(0, side - 0.4)
-    return [(cx + xs, y_side), (cx + a * 0.5, cy - bt * hl), (cx + part, cy - bt * (hl + 0.12)),
-            (cx - a * 0.5, cy - bt * hl), (cx - xs, y_side)]
 
 def _glasses(f):
     """Round or square frames in one of four colours, with arms and a bridge."""
     rng, cx, ey, ex, lw = f.rng, f.cx, f.ey, f.ex, f.lw
     f.glasses = rng.random() < 0.15                         # the label records the same draw
-    if not f.glasses:
-        return
+    if not f.glasses: return
     frame = rng.choice([(25, 25, 30), (110, 60, 30), (180, 30, 40), (40, 60, 150)])
     gw, lens = f.ew * 1.45, f.d.ellipse if rng.random() < 0.5 else f.d.rectangle
     for s in (-1, 1):
         lens((cx + s * ex - gw, ey - gw * 0.8, cx + s * ex + gw, ey + gw * 0.8), outline=frame, width=lw * 2)
         f.d.line([(cx + s * (ex + gw), ey - gw * 0.3), (cx + s * f.a * 0.98, ey - gw * 0.4)], fill=frame, width=lw * 2)
     f.d.line([(cx - ex + gw, ey - gw * 0.2), (cx + ex - gw, ey - gw * 0.2)], fill=frame, width=lw * 2)
-
-def _tilt_and_crop(f):
-    """Tilt about the face centre and crop the margin in one affine map (output -> input). Nearest
-    is enough: the shapes are drawn without antialiasing, and _fit's downscale smooths them."""
-    th = math.radians(f.rng.uniform(-10, 10))
-    ca, sa, ox, oy = math.cos(th), math.sin(th), f.pad - f.cx, f.pad - f.cy
-    affine = (ca, -sa, ca * ox - sa * oy + f.cx, sa, ca, sa * ox + ca * oy + f.cy)
-    return f.img.transform((f.S, f.S), Image.Transform.AFFINE, affine, Image.Resampling.NEAREST, fillcolor=f.bg)
 
 _SKIN = [(255, 228, 206), (247, 206, 172), (236, 188, 145), (216, 162, 118), (188, 131, 88), (146, 97, 62),
          (108, 69, 44), (78, 50, 33)]
@@ -748,27 +713,22 @@ _HAIR = [(28, 24, 24), (62, 42, 30), (104, 68, 40), (146, 92, 50), (176, 84, 42)
 _FUN_HAIR = [(64, 104, 208), (222, 98, 168), (76, 166, 106), (136, 82, 188), (226, 82, 70)]
 _IRIS = [(96, 60, 32), (58, 38, 24), (66, 122, 198), (68, 138, 86), (138, 108, 52), (108, 124, 140)]
 _HAIR_STYLES = ("bald", "buzz", "short", "side", "bangs", "long", "spiky", "curly", "bun")
-# the hair-colour label: _HAIR's nine colours in four groups, any _FUN_HAIR colour the fifth
-HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")
+HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")   # labels: _HAIR's 9 colours in 4 groups, _FUN_HAIR
 _HAIR_GROUP = {c: g for g, cs in enumerate([_HAIR[0:2], _HAIR[2:5], _HAIR[5:7], _HAIR[7:9]]) for c in cs}
 SYNTHETIC_LABELS = {"hair": list(HAIR_GROUPS), "glasses": ["no", "yes"], "beard": ["no", "yes"]}
 _mix = lambda c1, c2, t: tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))     # noqa: E731
 _hsv = lambda h, s, v: tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))  # noqa: E731
 
 def _head_pts(cx, cy, a, bt, bb, nt, nb, t0=0.0, t1=2 * math.pi, m=48):
-    """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves,
+    """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves of half width a,
     forehead (half height bt, exponent nt) and jaw (bb, nb; small nb = pointed chin)."""
-    pts = []
-    for t in (t0 + (t1 - t0) * i / m for i in range(m + 1)):
-        c, s = math.cos(t), math.sin(t)
-        b, n = (bb, nb) if s > 0 else (bt, nt)
-        pts.append((cx + a * math.copysign(abs(c) ** (2 / n), c), cy + b * math.copysign(abs(s) ** (2 / n), s)))
-    return pts
+    cs = [(math.cos(t), math.sin(t)) for t in (t0 + (t1 - t0) * i / m for i in range(m + 1))]
+    return [(cx + a * math.copysign(abs(c) ** (2 / n), c), cy + b * math.copysign(abs(s) ** (2 / n), s))
+            for c, s in cs for b, n in [(bb, nb) if s > 0 else (bt, nt)]]
 
 def _spline(pts, k=6):
-    """Catmull-Rom curve through pts (smooth hairlines from a few control points)."""
-    P, out = [pts[0], *pts, pts[-1]], []
-    for p0, p1, p2, p3 in (P[i - 1:i + 3] for i in range(1, len(P) - 2)):
-        out += [tuple(0.5 * (2 * b + (c - a) * t + (2 * a - 5 * b + 4 * c - d) * t * t + (3 * b - a - 3 * c + d) * t ** 3)
-                      for a, b, c, d in zip(p0, p1, p2, p3)) for t in (j / k for j in range(k))]
-    return out + [P[-2]]
+    """Catmull-Rom curve through pts, k points per segment (smooth hairlines from a few control points)."""
+    P = [pts[0], *pts, pts[-1]]
+    return [tuple(0.5 * (2 * b + (c - a) * t + (2 * a - 5 * b + 4 * c - d) * t * t + (3 * b - a - 3 * c + d) * t ** 3)
+                  for a, b, c, d in zip(*w))
+            for w in zip(P, P[1:], P[2:], P[3:]) for t in (j / k for j in range(k))] + [P[-2]]

@@ -251,7 +251,7 @@ def from_pca(mean, components, sigma, coeffs):
 def fit_pca(nets, train_images=None, n_noise=4096, seed=0):
     """The PCA of the training images' codes μ; for a GAN (no encoder), of n_noise draws z ~ N(0, I)."""
     if "vae" in nets:
-        return latent_pca(encode_dataset(nets["vae"], train_images))
+        return latent_pca(encode_dataset(encoder(nets, "pca"), train_images))
     return latent_pca(noise(nets, n_noise, torch.Generator().manual_seed(seed)))
 
 def variance_share(sigma):  # of each principal component
@@ -658,7 +658,7 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
               "nearest_train_rms": {f"{who}_{stat}": getattr(t, stat)().item()
                                     for who, t in zip(("samples", "test"), near) for stat in ("median", "mean")}}
     report["nearest_train_rms"]["ratio_median"] = (near[0].median() / near[1].median()).item()
-    if "vae" in nets and nets["vae"].variational:
+    if "vae" in nets and nets["vae"].variational and not nets["vae"].classes:  # q(z|x, y) needs labels: no bound
         sigma, bpd = likelihood_std(cfg), lambda nats: nats / (3 * H * W * math.log(2))
         elbo, iw = likelihood_bounds(nets["vae"], test_x[:n], sigma, k, seed)
         report["likelihood"] = {"obs_std": sigma, "k": k, "neg_elbo_nats": elbo, "neg_iw_nats": iw,

@@ -49,6 +49,8 @@ def gaussian_nll(x, mean, obs_std, reduction="mean"):
     """
     var = torch.as_tensor(obs_std, dtype=x.dtype) ** 2  # σ²; a float stays a CPU scalar: no copy to the GPU, no sync
     nll = 0.5 * ((x - mean) ** 2 / var + torch.log(2 * math.pi * var))
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     return _batch_mean(nll) if reduction == "mean" else nll.flatten(1).sum(1)
 
 

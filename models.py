@@ -37,9 +37,12 @@ def supported_sizes(name):
 
 
 def reparameterize(mu, logvar, eps=None):
-    """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2013):
+    """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2014):
     z is a differentiable function of mu and logvar. eps: given, or drawn from the global RNG."""
-    return mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if eps is None else eps)
+    if eps is None:
+        eps = torch.randn_like(mu)
+    std = torch.exp(0.5 * logvar)
+    return mu + std * eps
 
 
 def init_weights(module):
@@ -57,7 +60,7 @@ def init_weights(module):
 
 
 class VAE(nn.Module):
-    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2013). encoder: x ->
+    """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2014). encoder: x ->
     flat features; head: features -> [mu, logvar] (B, 2z) (Perriu's two Linears in one); decoder: a Generator.
     variational=False: the plain autoencoder. Conditional: a CVAE (Sohn et al. 2015), q(z|x, y) and p(x|z, y)."""
     def __init__(self, encoder, head, decoder, variational=True):
@@ -236,7 +239,7 @@ def _gan_channels(side):  # DCGAN: 64 maps at side/2, doubling at every halving 
 
 
 def _generator(side, z, arch, classes=()):
-    """seed002 (the anime GAN report): z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2
+    """seed002 (report 002's layout): z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2
     (256, 128, 64, 3) -> tanh. classic (Radford et al. 2016, Akbari's report): z x 1 x 1 -> convT
     4x4 s1 p0 -> 512 x 4 x 4 -> convT 4x4 s2 p1 up to 3 x 64 x 64; BN + ReLU but last, tanh."""
     ch = _gan_channels(side)[::-1]                                    # 512, 256, 128, 64

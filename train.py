@@ -93,7 +93,7 @@ def update(opt, loss):
     optimizer's gradients only (G's loss passes through D, whose weight gradients would be wasted)."""
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=opt.param_groups[0]["params"])
-    opt.step()
+    opt.step()  # a hook runs first: torchrun's gradient average, the norm, --grad-clip (add_update_hooks)
 
 # -----------------------------------------------------------------------------
 # A step function takes the nets (forward callables), their optimizers, the step's batches
@@ -109,17 +109,22 @@ def elbo(cfg, x, x_hat, mu, logvar):
     (mse-mean, report 001)."""
     x_hat = x_hat.float()
     if cfg["recon"] == "gnll":
-        recon = losses.gaussian_nll(x, x_hat, cfg["obs_std"])               # -log p(x | z)
+        recon = losses.gaussian_nll(x, x_hat, cfg["obs_std"])      # -log p(x | z)
+    elif cfg["recon"] == "mse-mean":
+        recon = losses.mse_recon(x, x_hat) / x[0].numel()          # per pixel: report 001's λ scale
     else:
-        recon = losses.mse_recon(x, x_hat) / (x[0].numel() if cfg["recon"] == "mse-mean" else 1)
-    kl = (losses.kl_divergence(mu.float(), logvar.float()) if logvar is not None  # KL(q(z|x) || N(0, I))
-          else torch.zeros((), device=x.device))
+        recon = losses.mse_recon(x, x_hat)                         # Σ (x − x̂)² per image
+    if logvar is None:                                             # a plain autoencoder: no KL
+        kl = torch.zeros((), device=x.device)
+    else:
+        kl = losses.kl_divergence(mu.float(), logvar.float())     # KL(q(z|x) ‖ N(0, I))
     return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
 
 def vae_step(nets, opts, batches, cfg, noise):
     """One ELBO update of the VAE on a batch x (a CVAE: q(z|x, y), p(x|z, y))."""
     ((x, y),) = batches
-    x_hat, mu, logvar = nets["vae"](x, noise(len(x)), y)      # x̂ = Dec(μ + σ·ε [, y]), ε ~ N(0, I)
+    eps = noise(len(x))                                        # ε ~ N(0, I)
+    x_hat, mu, logvar = nets["vae"](x, eps, y)                 # x̂ = Dec(μ + σ·ε [, y])
     loss, recon, kl = elbo(cfg, x, x_hat, mu, logvar)          # −ELBO = recon + β·KL
     update(opts["vae"], loss)
     return dict(loss=loss, recon=recon, kl=kl)
@@ -139,17 +144,18 @@ def critic_step(G, D, opt_D, x, y, cfg, noise, keep=False):
         kept = G(noise(len(x)), y)                                 # x̃ = G(z [, y]), z ~ N(0, I)
     x_fake = kept.detach()                                         # D's update leaves G alone
     d_real, d_fake = D(x, y).float(), D(x_fake, y).float()         # D(x [, y]), D(x̃ [, y])
-    loss_d = losses.GAN_LOSSES[cfg["gan_loss"]][0](d_real, d_fake)   # L_D
+    d_loss_fn, _ = losses.GAN_LOSSES[cfg["gan_loss"]]
+    loss_d = d_loss_fn(d_real, d_fake)                             # L_D
     gp = None
     if cfg["gp_weight"]:
-        eps = noise(len(x), 1, 1, 1, draw=torch.rand, dtype=x.dtype)   # ε ~ U[0, 1] per sample
+        eps = noise(len(x), 1, 1, 1, draw=torch.rand, dtype=x.dtype)   # ε ~ U[0, 1] per sample (x̃ may be bf16)
         gp = losses.gradient_penalty(lambda x_mix: D(x_mix, y), x, x_fake.to(x.dtype), eps)
         loss_d = loss_d + cfg["gp_weight"] * gp                    # L_D += λ·E[(‖∇D(x̂)‖₂ − 1)²]
     update(opt_D, loss_d)
     if cfg["clip"]:
         with torch.no_grad():
-            for w in opt_D.param_groups[0]["params"]:
-                w.clamp_(-cfg["clip"], cfg["clip"])                # w ← clip(w, −c, c)
+            for w in opt_D.param_groups[0]["params"]:              # every parameter, BatchNorm's too, as
+                w.clamp_(-cfg["clip"], cfg["clip"])                # Arjovsky et al.'s code: w ← clip(w, −c, c)
     return dict(loss_d=loss_d, gp=gp, **score_stats(cfg, d_real, d_fake)), (kept if keep else None)
 
 def generator_step(G, D, opt_G, n, y, cfg, noise, fakes=None):
@@ -159,7 +165,8 @@ def generator_step(G, D, opt_G, n, y, cfg, noise, fakes=None):
     if fakes is None:
         fakes = G(noise(n), y)                                     # G(z [, y]), z fresh
     d_gen = D(fakes, y).float()                                    # D(G(z [, y]) [, y])
-    loss_g = losses.GAN_LOSSES[cfg["gan_loss"]][1](d_gen)          # L_G
+    _, g_loss_fn = losses.GAN_LOSSES[cfg["gan_loss"]]
+    loss_g = g_loss_fn(d_gen)                                      # L_G
     update(opt_G, loss_g)
     return dict(loss_g=loss_g)
 
@@ -180,8 +187,9 @@ def score_stats(cfg, d_real, d_fake):
     targets are 1 and 0; hinge: the margins +1 and −1)."""
     if cfg["gan_loss"] == "wasserstein":
         return {"wasserstein": d_real.mean() - d_fake.mean()}
-    p = torch.sigmoid if cfg["gan_loss"] == "bce" else (lambda s: s)
-    return {"D(x)": p(d_real).mean(), "D(G(z))": p(d_fake).mean()}
+    if cfg["gan_loss"] == "bce":
+        d_real, d_fake = torch.sigmoid(d_real), torch.sigmoid(d_fake)
+    return {"D(x)": d_real.mean(), "D(G(z))": d_fake.mean()}
 
 # --- VAE-GAN (LFW report): the VAE's decoder is also a GAN generator.
 
@@ -195,20 +203,21 @@ def vaegan_step(nets, opts, batches, cfg, noise):
     z_p = noise(len(x))                                            # z_p ~ N(0, I)
     x_hat, mu, logvar = vae(x, noise(len(x)), y)                   # x̂ = Dec(μ + σ·ε [, y])
     x_p = vae.decode(z_p, y)                                       # x_p = Dec(z_p [, y])
-    fakes, y2 = torch.cat([x_hat, x_p]), None if y is None else torch.cat([y, y])
-    d_real, d_fake = D(x, y).float(), D(fakes.detach(), y2).float()
+    fakes = torch.cat([x_hat, x_p])
+    y_fake = None if y is None else torch.cat([y, y])
+    d_real, d_fake = D(x, y).float(), D(fakes.detach(), y_fake).float()
     loss_d = losses.d_loss(d_real, d_fake)          # −E[log σ(D(x))] − E[log(1 − σ(D(x̂ ∪ x_p)))]
     update(opts["D"], loss_d)
-    adv = losses.g_loss(D(fakes, y2).float())                      # −E[log σ(D(x̂ ∪ x_p))]: fool D
+    adv = losses.g_loss(D(fakes, y_fake).float())                  # −E[log σ(D(x̂ ∪ x_p))]: fool D
     loss_vae, recon, kl = elbo(cfg, x, x_hat, mu, logvar)
     loss = cfg["adv_weight"] * adv + loss_vae                      # w·L_adv − ELBO
     update(opts["vae"], loss)
-    return dict(loss_d=loss_d, **score_stats(cfg, d_real, d_fake[:len(x)]), loss=loss, adv=adv,
-                recon=recon, kl=kl)
+    stats = score_stats(cfg, d_real, d_fake[:len(x)])             # "D(G(z))" here: D(x̂), the reconstructions
+    return dict(loss_d=loss_d, **stats, loss=loss, adv=adv, recon=recon, kl=kl)
 
 STEPS = {"autoencoder": vae_step, "adversarial": gan_step, "wasserstein": gan_step, "vaegan": vaegan_step}
 
-def average(G_ema, G, decay, t):
+def update_ema(G_ema, G, decay, t):
     """--ema: G_ema ← d·G_ema + (1 − d)·G after G's update at step t, d = min(decay, (1 + t)/(10 + t))
     so a short run's average is not stuck at the initial weights (Yazıcı et al. 2019); BatchNorm
     statistics are copied from G, not averaged."""
@@ -242,7 +251,7 @@ def train(run):
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
                 out = step_fn(run.fwd, run.opts, batches, cfg, run.noise)
             if "G_ema" in run.nets:
-                average(run.nets["G_ema"], run.nets["G"], cfg["ema"], run.step)
+                update_ema(run.nets["G_ema"], run.nets["G"], cfg["ema"], run.step)
             run.count({**out, **run.norms}, per_step)
             if run.stopping():  # Ctrl-C / SIGTERM came during the step: it is complete, save here
                 raise KeyboardInterrupt
@@ -270,8 +279,8 @@ def end_epoch(run, rows, completes, seconds, n_images, points=()):
         print(f"epoch {run.epoch + 1}/{run.cfg['epochs']} {fmt(row, skip=1)}", flush=True)
     if completes:  # a partial epoch (--max-steps) keeps its sums: a resume completes its row
         run.epoch, run.pos, run.meter, run.meter_n = run.epoch + 1, 0, {}, 0
-    if row.get("test_loss", math.inf) < run.best:  # best.pt first: a kill between the two
-        run.best = row["test_loss"]                 # never leaves best.pt ahead of last.pt
+    if row.get("test_loss", math.inf) < run.best:  # best.pt first: a kill between the two never leaves
+        run.best = row["test_loss"]                 # a last.pt whose `best` is not in best.pt
         run.checkpoint("best.pt")
     run.checkpoint("last.pt")
 
@@ -358,7 +367,8 @@ class Run:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                 torch.cuda.set_device(self.device)
-        torch.backends.cudnn.benchmark, self.main = True, self.rank == 0  # fixed shapes: cuDNN's fastest kernels
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
+        self.main = self.rank == 0
         settle_speed(cfg, self.device, say=self.main)
         self.batches, self.test_batches = load_data(cfg, self.device, self.rank, self.world)
         total = cfg["epochs"] * (len(self.batches) // steps_per_update(cfg))
@@ -376,7 +386,9 @@ class Run:
         adam = dict(betas=tuple(cfg["betas"]), fused=cfg["fused_adam"] or None)
         self.opts = {k: torch.optim.RMSprop(m.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "rmsprop" else
                      torch.optim.Adam(m.parameters(), lr=cfg["lr"], **adam) for k, m in trained.items()}
-        self.fwd = {k: torch.compile(m) for k, m in trained.items()} if cfg["compile"] else trained
+        # --compile: not D under a gradient penalty (torch.compile has no double backward)
+        self.fwd = {k: torch.compile(m) if cfg["compile"] and not (k == "D" and cfg["gp_weight"]) else m
+                    for k, m in trained.items()}
         self.norms = add_update_hooks(self)
         # the pictures: a fixed z, 8 test images; conditional: the first 64 test images' labels
         z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
@@ -545,7 +557,8 @@ FLAGS = [  # (group, flag, type | choices | action, help)
     ("run", "--max-steps", data.positive_int, "stop after N steps (a GAN step ends with one G update)"),
     ("run", "--batch-size", data.positive_int, f"global batch size {M}"),
     ("run", "--lr", data.positive_float, f"learning rate of every net {M}"),
-    ("run", "--latent-dim", data.positive_int, "size of z (default: vae, vae-in 64; vae-vgg 512; others 128)"),
+    ("run", "--latent-dim", data.positive_int, "size of z (default: vae, vae-in 64; dcgan, wgan, wgan-gp 100; "
+                                                "vae-vgg 512; others 128)"),
     ("run", "--seed", data.seed_int, "seeds weights, data split, order and augmentation (default: 0)"),
     ("run", "--test-fraction", data.checked(float, lambda v: 0 < v < 1, "between 0 and 1"),
      "held-out share of the images, never trained on (default: 0.2)"),

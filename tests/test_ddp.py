@@ -150,7 +150,7 @@ def torchrun(tmp, jobs, nproc=2):
            str(script), ROOT, str(listing)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, failure(p)
-    states = {name: [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=True) for r in range(nproc)]
+    states = {name: [torch.load(tmp / f"{name}.rank{r}.pt", map_location="cpu", weights_only=True) for r in range(nproc)]
               for name, _ in jobs}
     for name, ranks in states.items():
         assert all(s["rc"] == 0 for s in ranks), (name, [s["rc"] for s in ranks])
@@ -299,7 +299,7 @@ def test_every_family_under_two_processes_keeps_the_ranks_identical(two, model):
     updates = [n for n, _ in r0["losses"]]
     assert len(updates) == len(r1["losses"]) and updates
     # and it trained: the saved checkpoint is rank 0's state after 2 steps
-    saved = torch.load(two["runs"] / model / "last.pt", weights_only=True)
+    saved = torch.load(two["runs"] / model / "last.pt", map_location="cpu", weights_only=True)
     assert saved["step"] == 2
     for k, v in r0["params"].items():
         assert torch.equal(saved["nets"][k], v), k
@@ -339,8 +339,8 @@ def test_resume_under_torchrun_equals_an_uninterrupted_two_process_run(two):
     """2 processes stop after 2 steps (a checkpoint), a second 2-process launch resumes to 4:
     bitwise the uninterrupted 4-step 2-process run (on CPU a gloo all-reduce of 2 ranks is a+b
     on both: deterministic)."""
-    a = torch.load(two["runs"] / "vae-in-4" / "last.pt", weights_only=True)
-    b = torch.load(two["runs"] / "split" / "last.pt", weights_only=True)
+    a = torch.load(two["runs"] / "vae-in-4" / "last.pt", map_location="cpu", weights_only=True)
+    b = torch.load(two["runs"] / "split" / "last.pt", map_location="cpu", weights_only=True)
     assert a["step"] == b["step"] == 4
     for k in a["nets"]:
         assert torch.equal(a["nets"][k], b["nets"][k]), k

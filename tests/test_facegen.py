@@ -61,7 +61,7 @@ def uint8_hwc(x):
 
 def test_load_run_rebuilds_the_trained_nets_in_eval_mode(runs):
     nets, cfg = facegen.load_run(str(runs["vae"]))
-    saved = torch.load(runs["vae"] / "last.pt", weights_only=True)["nets"]
+    saved = torch.load(runs["vae"] / "last.pt", map_location="cpu", weights_only=True)["nets"]
     assert not nets.training and cfg["model"] == "vae" and cfg["image_size"] == [H, W]
     for k, v in nets.state_dict().items():
         assert torch.equal(v, saved[k]), k

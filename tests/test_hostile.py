@@ -53,7 +53,7 @@ def test_resuming_a_copy_writes_into_the_copy(run_a, tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)  # a relative --resume from another directory
     assert train.main(["--resume", os.path.relpath(copy), "--max-steps", "2", "--quiet"]) == 0
     assert digest(run_a / "last.pt") == before  # the original is untouched
-    assert torch.load(copy / "last.pt", weights_only=True)["step"] == 2
+    assert torch.load(copy / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
     assert os.listdir(elsewhere) == []  # nothing created where we stood
 
 
@@ -70,7 +70,7 @@ def test_resume_into_a_new_folder_continues_there(run_a, tmp_path):
     before = digest(run_a / "last.pt")
     assert train.main(["--resume", str(run_a), "--out", str(tmp_path / "b"), "--max-steps", "2", "--quiet"]) == 0
     assert digest(run_a / "last.pt") == before
-    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
     rows = data.read_csv(tmp_path / "b" / "metrics.csv")
     assert [r["step"] for r in rows] == ["2"]  # the resumed epoch's row, completed once
 
@@ -181,7 +181,7 @@ def test_non_checkpoint_files_say_what_they_are(tmp_path, capsys):
 def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(run_a, tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(run_a, old)
-    state = torch.load(old / "last.pt", weights_only=True)
+    state = torch.load(old / "last.pt", map_location="cpu", weights_only=True)
     assert state.pop("format") == models.FORMAT
     torch.save(state, old / "last.pt")
     before = digest(old / "last.pt")
@@ -191,7 +191,7 @@ def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(run_a, tmp_path
 
 
 def test_tampered_checkpoints_and_metrics_give_one_line(run_a, tmp_path, capsys):
-    state = torch.load(run_a / "last.pt", weights_only=True)
+    state = torch.load(run_a / "last.pt", map_location="cpu", weights_only=True)
     shapes = tmp_path / "shapes"
     shutil.copytree(run_a, shapes)
     bad = dict(state, nets={k: v[..., :1] if v.dim() else v for k, v in state["nets"].items()})

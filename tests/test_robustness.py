@@ -50,7 +50,7 @@ def run_train(out, *extra):
 
 
 def nets(path):
-    return torch.load(path, weights_only=True)["nets"]
+    return torch.load(path, map_location="cpu", weights_only=True)["nets"]
 
 
 def assert_same_weights(a, b):
@@ -214,7 +214,7 @@ def test_checkpoint_every_n_steps_and_a_kill_before_the_epoch_end(tmp_path, monk
     assert run_train(out, "--resume", out) == 0
     assert_same_weights(straight_vae / "last.pt", out / "last.pt")
     assert_same_weights(straight_vae / "best.pt", out / "best.pt")
-    st = torch.load(out / "last.pt", weights_only=True)
+    st = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert (st["step"], st["epoch"], st["pos"]) == (10, 2, 0)
 
 
@@ -224,7 +224,7 @@ def test_kill_right_after_the_first_mid_epoch_checkpoint(tmp_path, monkeypatch, 
     with pytest.raises(Killed):
         run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "2")
     monkeypatch.undo()
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
     (out / ".tmp-k1ll3d.pt").write_bytes(b"PK\x03\x04 half a checkpoint")  # what a SIGKILL mid-save leaves
     assert run_train(out, "--resume", out) == 0
     assert_same_weights(straight_vae / "last.pt", out / "last.pt")
@@ -251,7 +251,7 @@ def test_kill_between_last_and_best_keeps_best_exact(tmp_path, monkeypatch, stra
     with pytest.raises(Killed):  # mid-epoch saves at steps 3, 6, 9: none at an epoch's end
         run_train(out, "--model", "vae", "--epochs", "2", "--checkpoint-every", "3")
     monkeypatch.undo()
-    assert not (out / "best.pt").exists() and torch.load(out / "last.pt", weights_only=True)["step"] == 3
+    assert not (out / "best.pt").exists() and torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 3
     assert run_train(out, "--resume", out) == 0
     assert_same_weights(straight_vae / "best.pt", out / "best.pt")
     assert_same_weights(straight_vae / "last.pt", out / "last.pt")
@@ -267,7 +267,7 @@ def test_kill_after_the_last_steps_checkpoint_still_closes_the_run(tmp_path, mon
     monkeypatch.undo()
     assert saves[-1] == ("last.pt", 10, 5, 1)
     assert run_train(out, "--resume", out) == 0
-    st = torch.load(out / "last.pt", weights_only=True)
+    st = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert (st["step"], st["epoch"], st["pos"]) == (10, 2, 0)
     assert [r["epoch"] for r in data.read_csv(str(out / "metrics.csv"))] == ["1", "2"]
     assert (out / "samples" / "epoch_002.png").is_file()
@@ -321,7 +321,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path, monkeypat
     assert run_train(out, *AE, "--max-steps", "4") == 130
     monkeypatch.undo()
     assert "interrupted at step 2" in capsys.readouterr().out
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2   # the step in flight completed
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 2   # the step in flight completed
     assert run_train(out, "--resume", out) == 0
     assert_same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
 
@@ -438,7 +438,7 @@ def test_grad_clip_bounds_the_global_norm(tmp_path, monkeypatch):
     assert len(seen) == 3 and max(seen) <= 1e-3 * (1 + 1e-4), seen
     row = data.read_csv(str(out / "metrics.csv"))[0]
     assert float(row["grad_norm_vae"]) > 1.0   # logged before clipping
-    assert torch.load(out / "last.pt", weights_only=True)["config"]["grad_clip"] == 1e-3
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["config"]["grad_clip"] == 1e-3
 
 
 # -----------------------------------------------------------------------------
@@ -623,4 +623,4 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     assert "loaded 17 images (4 skipped)" in out, out
     assert "skipped 4 of 21 image files" in err
     assert "corrupt.jpg" in err  # the first few are named
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["step"] == 2

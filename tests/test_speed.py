@@ -55,7 +55,7 @@ def test_amp_fallback_run_is_the_fp32_run(tmp_path, monkeypatch, capsys):
         assert train.main(TINY + ["--max-steps", "2", "--epochs", "1", "--out", str(tmp_path / name), *extra]) == 0
     assert capsys.readouterr().err.count("--amp ignored") == 1
     assert json.loads((tmp_path / "amp" / "config.json").read_text())["amp"] is False
-    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["nets"] for n in ("amp", "fp32"))
+    a, b = (torch.load(tmp_path / n / "last.pt", map_location="cpu", weights_only=True)["nets"] for n in ("amp", "fp32"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -93,4 +93,4 @@ def test_config_json_records_the_switches_and_a_resume_keeps_them(tmp_path):
     assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0   # no switch given
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["channels_last"], cfg["fused_adam"]) == (False, True)    # the run's, not this device's default
-    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 2

@@ -26,7 +26,7 @@ def run_train(out, model, *extra):
 
 
 def weights(path):
-    return torch.load(path, weights_only=True)["nets"]
+    return torch.load(path, map_location="cpu", weights_only=True)["nets"]
 
 
 @pytest.mark.parametrize("model", ALL)
@@ -52,7 +52,7 @@ def test_every_model_writes_a_complete_run_folder(tmp_path, model):
     nets = {"autoencoder": ["vae"], "vaegan": ["D", "vae"]}.get(models.FAMILY[model], ["D", "G"])
     assert all(float(rows[0][f"grad_norm_{n}"]) > 0 for n in nets)   # every update's gradient norm, per net
     assert not any(k.startswith("grad_norm") and k[10:] not in nets for k in rows[0])
-    state = torch.load(out / "last.pt", weights_only=True)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 2 and state["format"] == models.FORMAT and set(state["rng"]) == {"torch"}
 
 
@@ -99,7 +99,7 @@ def test_tests_run_on_the_cpu_unless_they_ask_for_cuda():
 
 def same_state(a, b):
     """Nets, optimizer state (Adam moments / RMSProp square averages, step counts) bitwise."""
-    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    a, b = torch.load(a, map_location="cpu", weights_only=True), torch.load(b, map_location="cpu", weights_only=True)
     assert a["nets"].keys() == b["nets"].keys()
     for k in a["nets"]:
         assert torch.equal(a["nets"][k], b["nets"][k]), k
@@ -131,7 +131,7 @@ def test_resume_is_bitwise_exact(tmp_path, model, extra, stop):
     assert run_train(straight, model, "--epochs", "2", *small, *extra) == 0
     first = ["--epochs", "1"] if stop == "--epochs" else ["--epochs", "2", "--max-steps", "3"]
     assert run_train(split, model, *first, *small, *extra) == 0
-    st = torch.load(split / "last.pt", weights_only=True)
+    st = torch.load(split / "last.pt", map_location="cpu", weights_only=True)
     assert (st["step"], st["pos"] > 0) == (3, True) if stop == "--max-steps" else (st["epoch"], st["pos"]) == (1, 0)
     assert run_train(split, model, "--resume", str(split), "--epochs", "2", "--max-steps", "1000", *small) == 0
     same_state(straight / "last.pt", split / "last.pt")
@@ -345,7 +345,7 @@ def test_gan_variants_train(tmp_path, monkeypatch, model, extra, check):
                                                       lambda f: calls.append("g") or real_g(f)))
     out = tmp_path / model
     assert run_train(out, model, "--max-steps", "2", *extra) == 0
-    st = torch.load(out / "last.pt", weights_only=True)
+    st = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     fresh = models.build_model(model, 32, arch=st["config"]["arch"], critic_norm=st["config"]["critic_norm"])
     assert set(fresh.state_dict()) == set(st["nets"]) and st["step"] == 2
     assert any(not torch.equal(v, st["nets"][k]) for k, v in fresh.state_dict().items())   # it trained
@@ -382,7 +382,7 @@ def test_best_pt_holds_the_epoch_with_the_lowest_test_loss(tmp_path):
     assert run_train(out, "ae", "--epochs", "3", "--n-synthetic", "30", "--lr", "3e-3") == 0
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     best_row = min(rows, key=lambda r: float(r["test_loss"]))
-    best = torch.load(out / "best.pt", weights_only=True)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == int(best_row["epoch"]) and best["step"] == int(best_row["step"])
     assert best["best"] == pytest.approx(float(best_row["test_loss"]), rel=1e-9)
     if best_row is rows[-1]:
@@ -429,7 +429,7 @@ def test_speed_switch_trains_and_resumes(tmp_path, monkeypatch, capsys, switch):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(split, "ae", "--max-steps", "1", switch, *SPEED) == 0
     assert run_train(split, "ae", "--resume", str(split), "--max-steps", "2", *SPEED, *([switch] if resumable else [])) == 0
-    st = torch.load(split / "last.pt", weights_only=True)
+    st = torch.load(split / "last.pt", map_location="cpu", weights_only=True)
     assert st["step"] == 2 and all(torch.isfinite(v).all() for v in st["nets"].values() if v.is_floating_point())
     assert not any(k.startswith("_orig_mod") or "module." in k for k in st["nets"])  # plain state dicts
     key = switch[2:].replace("-", "_")
