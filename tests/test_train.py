@@ -438,9 +438,21 @@ def test_speed_switch_trains_and_resumes(tmp_path, monkeypatch, capsys, switch):
         assert st["config"]["amp"] or "--amp ignored" in capsys.readouterr().err
     else:
         assert st["config"][key] is True
+
     if switch in ("--channels-last", "--fused-adam"):  # same kernels before and after the resume
         assert run_train(straight, "ae", "--max-steps", "2", switch, *SPEED) == 0
         same_state(straight / "last.pt", split / "last.pt")
+
+
+def test_compile_trains_wgan_gp_whose_penalty_needs_a_double_backward(tmp_path, monkeypatch):
+    """torch.compile (AOT autograd) has no double backward: under --compile the critic that the
+    gradient penalty differentiates through stays eager, and the run trains."""
+    import functools
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    out = tmp_path / "wgan-gp"
+    assert run_train(out, "wgan-gp", "--compile", "--max-steps", "1", "--n-critic", "1") == 0
+    st = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert st["step"] == 1 and float(st["meter"]["gp"]) > 0
 
 
 # ---------------------------------------------------------------------------------------------
