@@ -322,7 +322,7 @@ class Progress:
         self.path, self.last, self.quiet = os.path.join(run.out, "steps.csv"), 0.0, run.cfg["quiet"] or not run.main
         old = os.path.join(os.path.dirname(run.rows_path), "steps.csv")  # the resumed run's
         self.points = [p for p in data.read_csv(old) if int(p["step"]) <= run.step]
-        if run.main:
+        if run.main and (self.points or os.path.exists(self.path)):  # a resume keeps the points up to its step
             data.write_csv(self.path, self.points)
         self.mark(run)
 
