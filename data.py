@@ -338,7 +338,10 @@ def read_csv(path):
     """metrics.csv / steps.csv rows (dicts of strings); [] if missing; damaged: UsageError."""
     try:
         with open(path, newline="") as f:
-            return [r for r in csv.DictReader(f) if isinstance(int(r["epoch"]), int)]   # a damaged row raises
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            int(r["epoch"])   # a damaged row (cut short, or not ours) raises here
+        return rows
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:

@@ -84,6 +84,10 @@ def load_data(cfg, device, rank=0, world=1):
             data.Batches(test_x, min(cfg["batch_size"], len(test_x)), seed=cfg["seed"], device=device,
                          drop_last=False, labels=test_y))
 
+def pair(batch):
+    """A batch as (x, y): Batches yields x alone for a run without labels (y is then None)."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
 def steps_per_update(cfg):
     """Batches one step consumes: n_critic for GANs (a fresh real batch per critic update)."""
     return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
@@ -245,7 +249,7 @@ def train(run):
             break
         t0, it = time.time(), run.batches.epoch(run.epoch, start=run.pos)
         for i in range(n):
-            batches = [b if isinstance(b, tuple) else (b, None) for b in itertools.islice(it, per_step)]
+            batches = [pair(b) for b in itertools.islice(it, per_step)]
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
@@ -291,8 +295,7 @@ def test_losses(run):
     vae, totals = run.nets["vae"].eval(), {}
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(run.cfg["seed"])
-        for b in run.test_batches.epoch(0):
-            x, y = b if isinstance(b, tuple) else (b, None)
+        for x, y in map(pair, run.test_batches.epoch(0)):
             for k, v in zip(("test_loss", "test_recon", "test_kl"), elbo(run.cfg, x, *vae(x, None, y))):
                 totals[k] = totals.get(k, 0.0) + float(v) * len(x)
     vae.train()
@@ -393,8 +396,8 @@ class Run:
         # the pictures: a fixed z, 8 test images; conditional: the first 64 test images' labels
         z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
         self.fixed_z = torch.randn(64, self.latent_dim, generator=z_gen).to(self.device)
-        first, labels = next(iter(self.test_batches.epoch(0))), self.test_batches.labels
-        self.fixed_x, self.fixed_y = (first[0][:8], first[1][:8]) if labels is not None else (first[:8], None)
+        x, y = pair(next(iter(self.test_batches.epoch(0))))
+        self.fixed_x, self.fixed_y, labels = x[:8], None if y is None else y[:8], self.test_batches.labels
         self.sample_y = None if labels is None else labels[torch.arange(64, device=labels.device) % len(labels)]
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
         self.meter, self.meter_n, self.first_bad, self.stop = {}, 0, {}, []  # stop: the signals received
@@ -498,9 +501,10 @@ def add_update_hooks(run):
     return norms
 
 def settle_speed(cfg, device, say=True):
-    """Speed switches, recorded in config.json: unset, NHWC on CPU (measured faster there) and fused
-    Adam. --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86): elsewhere bf16
-    convolutions run ~25x slower than fp32, so the run says so and trains in fp32."""
+    """Speed switches, recorded in config.json: unset, NHWC on CPU (1.13x faster on a 2-core AMD EPYC
+    with AVX-512, docs/results.md) and fused Adam (as fast there; one kernel on CUDA). --amp needs
+    native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86): on a 2-core AVX2-only AMD EPYC bf16
+    convolutions ran ~25x slower than fp32, so there the run says so and trains in fp32."""
     cpu = device.type == "cpu"
     native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
               ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
