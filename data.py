@@ -316,7 +316,10 @@ positive_int = checked(int, lambda v: v > 0, "an integer > 0")
 positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 non_negative = checked(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 seed_int = checked(int, lambda v: 0 <= v < 2 ** 63 - 1, "an integer in [0, 2^63 - 1)")
-unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")   # Adam betas, EMA decay
+unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")   # Adam betas, EMA decay, test fraction
+
+def between(kind, lo, hi):   # every size and count is bounded: a typo fails at parse time, not in an allocation
+    return checked(kind, lambda v: lo <= v <= hi, f"in {lo}..{hi}")
 
 def parse_size(s):
     """'64' or 64 -> (64, 64); '64x48' or (64, 48) -> (64, 48), always (H, W)."""

@@ -420,8 +420,9 @@ def save_checkpoint(state, path):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write the checkpoint {path} ({e.strerror or e}); "
+        cause = e if isinstance(e, OSError) else e.__context__  # torch's zip writer wraps an OSError in a RuntimeError
+        if isinstance(cause, OSError):
+            raise OSError(f"could not write the checkpoint {path} ({cause.strerror or cause}); "
                           f"the previous one is unchanged") from e
         raise
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # make the rename itself durable
@@ -436,7 +437,9 @@ def load_checkpoint(path, map_location="cpu"):
     run = os.path.isdir(path)
     path = os.path.join(path, "last.pt") if run else str(path)
     if not os.path.isfile(path):
-        why = ": the run stopped before its first checkpoint (start it again without --resume)" if run else ""
+        started = run and os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))
+        why = (": the run stopped before its first checkpoint; start it again (the same command, without --resume)"
+               if started else ": not a run folder (train.py writes last.pt into its --out)" if run else "")
         raise data.UsageError(f"no checkpoint at {path}{why}")
     damaged = f"cannot read the checkpoint {path}: damaged, truncated or not a PyTorch checkpoint"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive

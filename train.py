@@ -67,7 +67,7 @@ SEED_DEFAULTS = {
 # --seed; batches are cut, scaled to [-1, 1] and augmented on the device. Labels for conditional runs.
 
 def load_data(cfg, device, rank=0, world=1):
-    """-> (train Batches, test Batches). The test images never train."""
+    """-> (train Batches, test Batches or None: a GAN needs no held-out images). The test images never train."""
     train_y = test_y = None
     if cfg["conditional"]:
         train_y, test_y, info = data.run_labels(cfg)
@@ -75,14 +75,14 @@ def load_data(cfg, device, rank=0, world=1):
             raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
     train_x, test_x = data.run_data(cfg, verbose=rank == 0)
     data.check_enough(len(train_x), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
-    if not len(test_x):
-        raise UsageError(f"the test split is empty ({len(train_x)} image(s) in all): its images give the "
-                         f"test loss and the pictures; use more images")
+    if not len(test_x) and cfg["family"] in ("autoencoder", "vaegan"):
+        raise UsageError(f"the test split is empty ({len(train_x)} image(s) in all): an autoencoder's test loss, "
+                         f"best.pt and reconstructions need held-out images; use more images")
     weights = data.balance_weights(train_y) if cfg["balance_labels"] else None
     return (data.Batches(train_x, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"], jitter=cfg["jitter"],
                          device=device, rank=rank, world_size=world, labels=train_y, weights=weights),
             data.Batches(test_x, min(cfg["batch_size"], len(test_x)), seed=cfg["seed"], device=device,
-                         drop_last=False, labels=test_y))
+                         drop_last=False, labels=test_y) if len(test_x) else None)
 
 def pair(batch):
     """A batch as (x, y): Batches yields x alone for a run without labels (y is then None)."""
@@ -108,9 +108,10 @@ def update(opt, loss):
 # --- Autoencoders (ae, vae, vae-vgg, vae-in, vae-lrelu): maximise the ELBO.
 
 def elbo(cfg, x, x_hat, mu, logvar):
-    """-> (loss, recon, kl) with loss = recon_scale * recon + beta * KL, the negative ELBO
+    """-> (loss, recon, kl, mse_px) with loss = recon_scale * recon + beta * KL, the negative ELBO
     (ae: KL = 0). recon: Gaussian NLL in nats (gnll), squared error per image (mse) or per pixel
-    (mse-mean, report 001)."""
+    (mse-mean, report 001). mse_px, only logged: the mean squared error per pixel of images in
+    [0, 1], the figure report 003 compares its models by."""
     x_hat = x_hat.float()
     if cfg["recon"] == "gnll":
         recon = losses.gaussian_nll(x, x_hat, cfg["obs_std"])      # -log p(x | z)
@@ -122,16 +123,17 @@ def elbo(cfg, x, x_hat, mu, logvar):
         kl = torch.zeros((), device=x.device)
     else:
         kl = losses.kl_divergence(mu.float(), logvar.float())     # KL(q(z|x) ‖ N(0, I))
-    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl
+    mse_px = (x_hat.detach() - x).pow(2).mean() / 4                # [-1, 1] -> [0, 1]: squared errors / 4
+    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl, mse_px
 
 def vae_step(nets, opts, batches, cfg, noise):
     """One ELBO update of the VAE on a batch x (a CVAE: q(z|x, y), p(x|z, y))."""
     ((x, y),) = batches
     eps = noise(len(x))                                        # ε ~ N(0, I)
     x_hat, mu, logvar = nets["vae"](x, eps, y)                 # x̂ = Dec(μ + σ·ε [, y])
-    loss, recon, kl = elbo(cfg, x, x_hat, mu, logvar)          # −ELBO = recon + β·KL
+    loss, recon, kl, mse_px = elbo(cfg, x, x_hat, mu, logvar)  # −ELBO = recon + β·KL
     update(opts["vae"], loss)
-    return dict(loss=loss, recon=recon, kl=kl)
+    return dict(loss=loss, recon=recon, kl=kl, mse_px=mse_px)
 
 # --- GANs (dcgan, wgan, wgan-gp, sngan): Algorithm 1 of Arjovsky et al. 2017 / Gulrajani et al.
 # 2017. DCGAN (bce), LSGAN (ls), WGAN, WGAN-GP and SN-GAN (hinge; the spectral norm lives in its D)
@@ -213,11 +215,11 @@ def vaegan_step(nets, opts, batches, cfg, noise):
     loss_d = losses.d_loss(d_real, d_fake)          # −E[log σ(D(x))] − E[log(1 − σ(D(x̂ ∪ x_p)))]
     update(opts["D"], loss_d)
     adv = losses.g_loss(D(fakes, y_fake).float())                  # −E[log σ(D(x̂ ∪ x_p))]: fool D
-    loss_vae, recon, kl = elbo(cfg, x, x_hat, mu, logvar)
+    loss_vae, recon, kl, mse_px = elbo(cfg, x, x_hat, mu, logvar)
     loss = cfg["adv_weight"] * adv + loss_vae                      # w·L_adv − ELBO
     update(opts["vae"], loss)
     stats = score_stats(cfg, d_real, d_fake[:len(x)])             # "D(G(z))" here: D(x̂), the reconstructions
-    return dict(loss_d=loss_d, **stats, loss=loss, adv=adv, recon=recon, kl=kl)
+    return dict(loss_d=loss_d, **stats, loss=loss, adv=adv, recon=recon, kl=kl, mse_px=mse_px)
 
 STEPS = {"autoencoder": vae_step, "adversarial": gan_step, "wasserstein": gan_step, "vaegan": vaegan_step}
 
@@ -296,7 +298,7 @@ def test_losses(run):
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(run.cfg["seed"])
         for x, y in map(pair, run.test_batches.epoch(0)):
-            for k, v in zip(("test_loss", "test_recon", "test_kl"), elbo(run.cfg, x, *vae(x, None, y))):
+            for k, v in zip(("test_loss", "test_recon", "test_kl", "test_mse_px"), elbo(run.cfg, x, *vae(x, None, y))):
                 totals[k] = totals.get(k, 0.0) + float(v) * len(x)
     vae.train()
     return {k: v / len(run.test_batches.images) for k, v in totals.items()}
@@ -396,11 +398,12 @@ class Run:
         # the pictures: a fixed z, 8 test images; conditional: the first 64 test images' labels
         z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
         self.fixed_z = torch.randn(64, self.latent_dim, generator=z_gen).to(self.device)
-        x, y = pair(next(iter(self.test_batches.epoch(0))))
-        self.fixed_x, self.fixed_y, labels = x[:8], None if y is None else y[:8], self.test_batches.labels
+        held = self.test_batches or self.batches  # a GAN may hold out nothing (--test-fraction 0)
+        x, y = pair(next(iter(held.epoch(0))))
+        self.fixed_x, self.fixed_y, labels = x[:8], None if y is None else y[:8], held.labels
         self.sample_y = None if labels is None else labels[torch.arange(64, device=labels.device) % len(labels)]
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
-        self.meter, self.meter_n, self.first_bad, self.stop = {}, 0, {}, []  # stop: the signals received
+        self.meter, self.meter_n, self.first_bad, self.stop, self.saving = {}, 0, {}, [], False  # stop: signals
         if state is not None:
             self.load_state(state)
 
@@ -460,7 +463,11 @@ class Run:
                  "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
                  "meter": {k: v.detach().cpu() for k, v in self.meter.items()}, "meter_n": self.meter_n}
         if self.main:
-            models.save_checkpoint(state, os.path.join(self.out, name))
+            self.saving = True  # a second Ctrl-C waits for the write to end (main's on_signal)
+            try:
+                models.save_checkpoint(state, os.path.join(self.out, name))
+            finally:
+                self.saving = False
 
     def load_state(self, st):
         """Restore a checkpoint; one that does not fit this run is a UsageError naming what failed."""
@@ -522,6 +529,8 @@ def settle_speed(cfg, device, say=True):
 def claim_folder(out, fresh):
     """Create the run folder and hold a flock on OUT/.lock while the process lives (none is left
     stale); refuse a busy folder, or for a fresh run one that holds a run. Rank 0 only."""
+    if not out.isprintable():
+        raise UsageError(f"--out {out!r}: a folder name with a newline or other control character is refused")
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     try:
@@ -530,12 +539,13 @@ def claim_folder(out, fresh):
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")
-    held = [f for f in ("last.pt", "config.json") if os.path.isfile(os.path.join(out, f))]
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if fresh and held:
-            raise UsageError(f"{out} already holds a run ({held[0]}): continue it with --resume {out}, "
+        if fresh and os.path.isfile(os.path.join(out, "last.pt")):
+            raise UsageError(f"{out} already holds a run (last.pt): continue it with --resume {out}, "
                              f"or train into another --out")
+        if fresh and os.path.isfile(os.path.join(out, "config.json")):  # a run that died before its first checkpoint
+            print(f"note: {out} holds a run that stopped before its first checkpoint; starting it again")
     except (BlockingIOError, UsageError) as e:
         os.close(fd)
         raise e if isinstance(e, UsageError) else UsageError(
@@ -555,19 +565,19 @@ NARGS = {"--betas": dict(nargs=2, metavar=("B1", "B2"))}
 FLAGS = [  # (group, flag, type | choices | action, help)
     ("run", "--model", sorted(SEED_DEFAULTS), "what to train (required unless --resume)"),
     ("run", "--data", str, "folder or .zip of face images (default: the built-in synthetic faces)"),
-    ("run", "--n-synthetic", data.positive_int, "how many synthetic faces to draw (default: 10000)"),
+    ("run", "--n-synthetic", data.between(int, 1, 10 ** 6), "how many synthetic faces to draw (default: 10000)"),
     ("run", "--image-size", str, f"int or HxW, e.g. 64 or 64x48 {M}"),
-    ("run", "--epochs", data.positive_int, f"passes over the training set {M}"),
-    ("run", "--max-steps", data.positive_int, "stop after N steps (a GAN step ends with one G update)"),
-    ("run", "--batch-size", data.positive_int, f"global batch size {M}"),
+    ("run", "--epochs", data.between(int, 1, 10 ** 6), f"passes over the training set {M}"),
+    ("run", "--max-steps", data.between(int, 1, 10 ** 9), "stop after N steps (a GAN step ends with one G update)"),
+    ("run", "--batch-size", data.between(int, 1, 65536), f"global batch size {M}"),
     ("run", "--lr", data.positive_float, f"learning rate of every net {M}"),
-    ("run", "--latent-dim", data.positive_int, "size of z (default: vae, vae-in 64; dcgan, wgan, wgan-gp 100; "
+    ("run", "--latent-dim", data.between(int, 1, 8192), "size of z (default: vae, vae-in 64; dcgan, wgan, wgan-gp 100; "
                                                 "vae-vgg 512; others 128)"),
     ("run", "--seed", data.seed_int, "seeds weights, data split, order and augmentation (default: 0)"),
-    ("run", "--test-fraction", data.checked(float, lambda v: 0 < v < 1, "between 0 and 1"),
-     "held-out share of the images, never trained on (default: 0.2)"),
+    ("run", "--test-fraction", data.unit_interval, "held-out share of the images, never trained on; 0 for GANs: "
+                                                   "all train, and facegen.py evaluate cannot run (default: 0.2)"),
     ("run", "--device", ["auto", "cpu", "cuda"], "auto: CUDA when present (default: auto)"),
-    ("run", "--out", str, "run folder (default: runs/MODEL)"),
+    ("run", "--out", str, "run folder (default: runs/MODEL, or the next free runs/MODEL-2, -3, ...)"),
     ("run", "--resume", str, "run folder or checkpoint to continue exactly"),
     ("autoencoders", "--recon", ["gnll", "mse", "mse-mean"], f"Gaussian NLL, summed or per-pixel squared error {M}"),
     ("autoencoders", "--obs-std", data.positive_float, f"observation sigma of the Gaussian NLL {M}"),
@@ -577,7 +587,7 @@ FLAGS = [  # (group, flag, type | choices | action, help)
     ("GANs", "--arch", list(models.ARCHS), f"classic: 5 convT 4x4; seed002: linear + 4 convT 5x5 {M}"),
     ("GANs", "--critic-norm", list(models.CRITIC_NORMS), "wgan-gp critic normalisation (default: none)"),
     ("GANs", "--gan-loss", list(losses.GAN_LOSSES), f"bce (non-saturating), ls, wasserstein, hinge {M}"),
-    ("GANs", "--n-critic", data.positive_int, f"critic updates per G update, each on its own batch {M}"),
+    ("GANs", "--n-critic", data.between(int, 1, 100), f"critic updates per G update, each on its own batch {M}"),
     ("GANs", "--clip", data.non_negative, f"WGAN weight clipping: critic weights kept in [-c, c] {M}"),
     ("GANs", "--gp-weight", data.non_negative, f"WGAN-GP lambda {M}"),
     ("GANs", "--ema", data.unit_interval, "sample from G_ema, a moving average of G with this decay (e.g. 0.999)"),
@@ -591,8 +601,8 @@ FLAGS = [  # (group, flag, type | choices | action, help)
     ("labels", "--balance-labels", SWITCH, "draw images so that each label value is equally frequent"),
     ("augmentation", "--flip", ON_OFF, f"random horizontal flip, p = 0.5 {M}"),
     ("augmentation", "--jitter", data.non_negative, f"colour jitter strength {M}"),
-    ("logging and speed", "--checkpoint-every", data.positive_int, "also write last.pt every N steps"),
-    ("logging and speed", "--log-every", data.positive_int, "steps between progress lines and NaN checks (default: 20)"),
+    ("logging and speed", "--checkpoint-every", data.between(int, 1, 10 ** 9), "also write last.pt every N steps"),
+    ("logging and speed", "--log-every", data.between(int, 1, 10 ** 9), "steps between progress lines and NaN checks (default: 20)"),
     ("logging and speed", "--quiet", SWITCH, "only the per-epoch summary"),
     ("logging and speed", "--amp", SWITCH, "bf16 autocast where bf16 is native (else fp32)"),
     ("logging and speed", "--channels-last", ON_OFF, "NHWC memory format (default: on for CPU)"),
@@ -621,7 +631,12 @@ def resolve(args):
                     latent_dim=models.DEFAULT_LATENT[args.model], **SEED_DEFAULTS[args.model])
     given = {k for k, v in vars(args).items() if v is not None}
     cfg = {**vars(args), **defaults, **{k: v for k, v in vars(args).items() if v is not None}}
-    cfg["out"] = cfg["out"] or os.path.join("runs", args.model)
+    if not cfg["out"]:  # a fresh run never stops on an earlier run's default folder: runs/vae, runs/vae-2, ...
+        base = os.path.join("runs", args.model)
+        cfg["out"] = next(o for i in itertools.count(1) if not any(os.path.exists(os.path.join(
+            o := base + (f"-{i}" if i > 1 else ""), f)) for f in ("last.pt", "config.json")))
+    for k in ("data", "attr_file"):  # as absolute paths: a resume from another folder finds them
+        cfg[k] = cfg[k] if cfg[k] in (None, "synthetic") else os.path.abspath(os.path.expanduser(cfg[k]))
     cfg["image_size"] = list(data.parse_size(cfg["image_size"]))
     if tuple(cfg["image_size"]) not in models.supported_sizes(args.model):
         raise UsageError(f"--model {args.model} supports image sizes " + ", ".join(f"{h}x{w}" for h, w in
@@ -631,6 +646,9 @@ def resolve(args):
               if flag[2:].replace("-", "_") in given and cfg["family"] not in FAMILIES.get(group, [cfg["family"]])]
     if unused:
         raise UsageError(f"--model {args.model} does not use " + ", ".join(unused))
+    if cfg["test_fraction"] == 0 and cfg["family"] in FAMILIES["autoencoders"]:
+        raise UsageError(f"--model {args.model} needs held-out images (its test loss, best.pt, the reconstructions): "
+                         f"--test-fraction 0 is for GANs")
     adam, cond = ("--optimizer adam", cfg["optimizer"] == "adam"), ("--conditional", cfg["conditional"])
     for flag, (needs, ok) in dict(betas=adam, fused_adam=adam, obs_std=("--recon gnll", cfg["recon"] == "gnll"),
                                   attr_file=cond, balance_labels=cond, attrs=("--attr-file", cfg["attr_file"]),
@@ -645,7 +663,10 @@ def config_from(args):
     if not args.resume:
         if not args.model:
             raise UsageError("--model is required (or --resume a run)")
-        return resolve(args), None
+        cfg = resolve(args)
+        if not args.out and cfg["out"] != os.path.join("runs", args.model):
+            print(f"note: runs/{args.model} holds a run; this one trains into {cfg['out']}")
+        return cfg, None
     state = models.load_checkpoint(args.resume)
     saved = state["config"]
     fresh = resolve(argparse.Namespace(**{**vars(args), "model": args.model or saved["model"]}))
@@ -674,9 +695,9 @@ def main(argv=None):
         run = Run(cfg, state)  # builds and loads everything
         if run.main:
             data.write_json(os.path.join(out, "config.json"), cfg)
-        def on_signal(signum, frame):  # the first stops the loop after the step in flight, a second at once
-            run.stop.append(signum)
-            if len(run.stop) > 1:
+        def on_signal(signum, frame):  # the first stops the loop after the step in flight, a second at
+            run.stop.append(signum)     # once, unless a checkpoint is being written: that one ends first
+            if len(run.stop) > 1 and not run.saving:
                 raise KeyboardInterrupt
         handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
                     if threading.current_thread() is threading.main_thread()}
@@ -686,7 +707,9 @@ def main(argv=None):
                 torch.distributed.barrier()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
             if len(run.stop) > 1:  # a second signal cut the step short: keep the last checkpoint
-                print(f"\ninterrupted twice; {out}/last.pt holds the last checkpoint", file=sys.stderr)
+                kept = os.path.isfile(os.path.join(out, "last.pt"))
+                print(f"\ninterrupted twice; {f'{out}/last.pt holds the last checkpoint' if kept else 'no checkpoint was written yet'}",
+                      file=sys.stderr)
                 return 130
             run.checkpoint()
             print(f"\ninterrupted at step {run.step}; saved {out}/last.pt (resume with --resume {out})")

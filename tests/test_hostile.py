@@ -75,13 +75,16 @@ def test_resume_into_a_new_folder_continues_there(run_a, tmp_path):
     assert [r["step"] for r in rows] == ["2"]  # the resumed epoch's row, completed once
 
 
-def test_a_fresh_run_refuses_a_folder_that_holds_a_run_without_checkpoint(tmp_path, capsys):
+def test_a_run_that_died_before_its_first_checkpoint_is_no_dead_end(tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
     (out / "config.json").write_text("{}")  # a run that died before its first checkpoint
-    assert tiny(out) == 2
-    assert "already holds a run (config.json)" in one_error(capsys)
-    assert (out / "config.json").read_text() == "{}"
+    assert train.main(["--resume", str(out)]) == 2
+    assert "stopped before its first checkpoint; start it again" in one_error(capsys)
+    assert tiny(out) == 0  # the same command again starts it over, and says so
+    assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
+    assert (out / "last.pt").is_file() and json.loads((out / "config.json").read_text())["model"] == "dcgan"
+    assert tiny(out) == 2 and "already holds a run (last.pt)" in one_error(capsys)
 
 
 def hold_lock(folder):

@@ -601,5 +601,8 @@ def test_bad_checkpoint_files_say_what_they_are(tmp_path):
     with pytest.raises(data.UsageError, match="^no checkpoint at .*missing.pt$"):
         M.load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "run").mkdir()
-    with pytest.raises(data.UsageError, match="stopped before its first checkpoint"):
+    with pytest.raises(data.UsageError, match="not a run folder"):
+        M.load_checkpoint(str(tmp_path / "run"))
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(data.UsageError, match="stopped before its first checkpoint; start it again"):
         M.load_checkpoint(str(tmp_path / "run"))

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -579,7 +580,7 @@ def test_refusals_exit_2_with_one_line(tmp_path, capsys, run_folder):
         (["--model", "vae", "--data", few, "--out", o], "only 2 training images"),
         (["--image-size", "32"], "--model is required"),
         (["--resume", tmp_path / "missing"], "no checkpoint at"),
-        (["--resume", empty], "stopped before its first checkpoint"),
+        (["--resume", empty], "not a run folder"),
         (["--resume", damaged], "damaged, truncated or not a PyTorch checkpoint"),
         (["--resume", foreign], "not a facegen checkpoint"),
         (["--resume", run_folder, "--lr", "0.5", "--latent-dim", "7"], "latent_dim 7 (the run has 64); lr 0.5 (the run has 0.0001)"),
@@ -624,3 +625,78 @@ def test_bad_files_are_skipped_and_counted(tmp_path):
     assert "skipped 4 of 21 image files" in err
     assert "corrupt.jpg" in err  # the first few are named
     assert torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
+
+
+# -----------------------------------------------------------------------------
+# 9. An environment that fails part-way, and first runs that must not dead-end
+
+def test_a_disk_that_fills_inside_torch_save_is_one_line_and_leaves_no_temp_file(tmp_path):
+    """A real file-size limit: torch's zip writer turns the OSError into a RuntimeError mid-write."""
+    def limit():  # 1 MiB: the pictures and logs fit, a checkpoint does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    out = tmp_path / "full"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--model", "dcgan", "--max-steps", "1",
+                        "--out", str(out)], cwd=ROOT, env=env, preexec_fn=limit, capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    assert the_error(p.stderr).startswith(f"error: could not write the checkpoint {out}/last.pt (File too large)")
+    assert temp_files(out) == [] and not (out / "last.pt").exists()
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, capsys):
+    out, real = tmp_path / "twice", models.save_checkpoint
+
+    def save(state, path):
+        os.kill(os.getpid(), signal.SIGINT)  # the second signal arrives in the middle of the write
+        return real(state, path)
+    signals_inside_step(monkeypatch, 2, 1, signal.SIGINT)
+    monkeypatch.setattr(models, "save_checkpoint", save)
+    assert run_train(out, *AE) == 130
+    monkeypatch.undo()
+    captured = capsys.readouterr()
+    assert "interrupted at step 2" in captured.out and "Traceback" not in captured.err
+    assert models.load_checkpoint(str(out))["step"] == 2 and temp_files(out) == []
+
+
+def test_runs_without_out_take_the_next_free_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("dcgan", "dcgan-2"):
+        assert train.main([*TINY, "--model", "dcgan", "--max-steps", "1"]) == 0
+        assert (tmp_path / "runs" / name / "last.pt").is_file()
+    assert "runs/dcgan holds a run; this one trains into runs/dcgan-2" in capsys.readouterr().out
+    assert run_train(tmp_path / "runs" / "dcgan", "--model", "dcgan") == 2  # an explicit --out stays exact
+
+
+def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
+    (tmp_path / "faces").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((40, 40, 3), 10 * i, np.uint8)).save(tmp_path / "faces" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert run_train("run", "--model", "dcgan", "--data", "faces", "--max-steps", "1") == 0
+    assert models.load_checkpoint(str(tmp_path / "run"))["config"]["data"] == str(tmp_path / "faces")
+    monkeypatch.chdir(ROOT)  # a resume from another folder finds the data
+    assert train.main(["--resume", str(tmp_path / "run"), "--max-steps", "2", "--quiet"]) == 0
+
+
+def test_gans_may_hold_out_nothing_and_autoencoders_may_not(tmp_path, capsys):
+    assert run_train(tmp_path / "gan", "--model", "sngan", "--test-fraction", "0", "--conditional", "--max-steps", "1") == 0
+    assert run_train(tmp_path / "ae", "--model", "ae", "--test-fraction", "0") == 2
+    assert "--test-fraction 0 is for GANs" in the_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [["--out", "a\nb"], ["--batch-size", "100000"], ["--latent-dim", "10000000"],
+                                  ["--n-synthetic", "10000000000"], ["--n-critic", "1000"]])
+def test_sizes_and_names_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = train.main([*TINY, "--model", "wgan", *argv])
+    except SystemExit as e:  # argparse: usage line + one error line
+        rc = e.code
+    assert rc == 2 and "error:" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+def test_autoencoders_log_the_mean_squared_error_per_pixel(tmp_path):
+    assert run_train(tmp_path / "ae", *AE) == 0
+    row = data.read_csv(str(tmp_path / "ae" / "metrics.csv"))[-1]
+    assert 0 < float(row["mse_px"]) < 0.25 and 0 < float(row["test_mse_px"]) < 0.25

@@ -570,7 +570,7 @@ def test_loss_points_every_log_every_steps_survive_a_resume_bitwise(tmp_path):
     assert train.main([*argv, "--out", str(tmp_path / "straight")]) == 0
     straight = data.read_csv(tmp_path / "straight" / "steps.csv")
     assert [int(p["step"]) for p in straight] == [2, 4, 6] and [int(p["epoch"]) for p in straight] == [1, 2, 2]
-    assert set(straight[0]) == {"epoch", "step", "loss", "recon", "kl", "grad_norm_vae"}
+    assert set(straight[0]) == {"epoch", "step", "loss", "recon", "kl", "mse_px", "grad_norm_vae"}
     rows = data.read_csv(tmp_path / "straight" / "metrics.csv")              # epoch 1 = steps 1-3
     assert float(rows[0]["recon"]) != pytest.approx(float(straight[0]["recon"]), rel=1e-6)  # a window, not the epoch
     cut = tmp_path / "cut"
