@@ -33,29 +33,46 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     (CPU), cached. Unreadable files are skipped with one warning that counts them."""
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
-def _load(source, size, n_synthetic, seed, cache_dir, verbose):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None)."""
-    H, W = size = parse_size(size)
+def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None). A process reads a
+    data set once: load_labels keeps the images it read for load_images, and a repeat warns and says nothing new.
+    images=False (load_labels): images may be None."""
+    size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
-    npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen") / f"{kind}-{H}x{W}-{key[:20]}.npy"
-    x, meta = _read_cache(npy, size)
-    if miss := x is None:
-        if kind == "synthetic":
-            x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
-            meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
-        else:
-            x, bad = _decode_files(kind, path, names, size)
-            if not len(x):
-                raise UsageError(f"none of the {len(bad)} image files in {src} could be read "
-                                 f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
-            meta = {"n": len(x), "skipped": sorted(skipped + bad)}
-        _write_cache(npy, x.numpy(), meta)
-    _warn_skipped(meta["skipped"], len(x) + len(meta["skipped"]), src)
+    x, meta, hit = _loaded.pop(key, (None, None, False))
+    _loaded.clear()                                                 # one data set at a time: bounded memory
+    if meta is None or (x is None and images):
+        npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
+        x, first, hit_now = _fetch(kind, path, names, skipped, size, n_synthetic, seed,
+                                   npy / f"{kind}-{size[0]}x{size[1]}-{key[:20]}.npy")
+        if meta is None:
+            meta, hit = first, hit_now
+            _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
+    _loaded[key] = (None if images else x, meta, hit)
     if verbose:
-        print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
+        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{' [cache hit]' if hit else ''}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone]
+
+_loaded = {}   # this process's last load: key -> (images until load_images takes them, meta, from the cache)
+
+def _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy):
+    """-> (images, meta, cache hit): the cache entry npy, else the images decoded (or drawn) and cached."""
+    x, meta = _read_cache(npy, size)
+    if x is not None:
+        return x, meta, True
+    if kind == "synthetic":
+        x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
+        meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
+    else:
+        x, bad = _decode_files(kind, path, names, size)
+        if not len(x):
+            raise UsageError(f"none of the {len(bad)} image files in {_show(path)} could be read "
+                             f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
+        meta = {"n": len(x), "skipped": sorted(skipped + bad)}
+    _write_cache(npy, x.numpy(), meta)
+    return x, meta, False
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
     """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
@@ -167,11 +184,11 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
     attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (or a zip's top one)."""
-    x, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False)
+    _, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False, images=False)
     if names is None:
         if attr_file is not None or attrs:
             raise UsageError("--attr-file/--attrs are for real data: the synthetic faces carry their own labels")
-        return torch.tensor(meta["factors"], dtype=torch.long).view(len(x), 3), dict(SYNTHETIC_LABELS)
+        return torch.tensor(meta["factors"], dtype=torch.long).view(meta["n"], 3), dict(SYNTHETIC_LABELS)
     if attr_file is not None or attrs:
         return _attr_labels(attr_file, names, attrs)
     parts = [n.split("/") for n in names]
@@ -180,18 +197,30 @@ def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attr
     if loose := next(("/".join(p) for p in parts if len(p) < 2), None):
         raise UsageError(f"labels from subfolders: {_show(loose)} is in no class folder below the root (or give --attr-file)")
     classes = sorted({p[0] for p in parts})
+    if odd := next((c for c in classes if "," in c), None):   # facegen --label class=a,b would read two labels
+        raise UsageError(f"the class folder {_show(odd)} has a ',' in its name, so --label cannot pick it: rename the folder")
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
-    """list_attr_celeba.txt: line 2 the attribute names, then 'FILE v1 v2 ...', v = 1 yes / -1 no."""
+    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...', v = 1 yes
+    / -1 no."""
     if path is None:
         raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
         with _open_regular(Path(path).expanduser()) as f:
-            lines = f.read().decode("utf-8").splitlines()
-        header, rows = lines[1].split(), {c[0]: c[1:] for c in map(str.split, lines[2:]) if c}
-    except (OSError, UnicodeDecodeError, IndexError, UsageError) as e:
+            lines = [c for c in map(str.split, f.read().decode("utf-8").splitlines()) if c]
+    except (OSError, UnicodeDecodeError, UsageError) as e:
         raise UsageError(f"cannot read the attribute file {_show(path)} ({_why(e)})") from None
+    if lines and len(lines[0]) == 1 and lines[0][0].isdigit():
+        lines = lines[1:]                 # the row count, unused: a file may as well start with the names
+    if not lines:
+        raise UsageError(f"the attribute file {_show(path)} has no line of attribute names (CelebA's line 2)")
+    header, rows = lines[0], {}
+    if twice := next((a for i, a in enumerate(header) if a in header[:i]), None):
+        raise UsageError(f"the attribute {_show(twice)} is named twice in the header of {_show(path)}")
+    for name, *values in lines[1:]:
+        if rows.setdefault(name, values) != values:
+            raise UsageError(f"{_show(name)} has two different rows in the attribute file {_show(path)}")
     if missing := [a for a in attrs or header if a not in header]:
         raise UsageError(f"attribute(s) {', '.join(missing)} not in {_show(path)}; it has {', '.join(header)}")
     cols, rows = [header.index(a) for a in attrs or header], [rows.get(n.rsplit("/", 1)[-1], []) for n in names]
@@ -200,10 +229,14 @@ def _attr_labels(path, names, attrs):
     y = torch.tensor([[int(r[c] == "1") for c in cols] for r in rows], dtype=torch.long).view(len(names), len(cols))
     return y, {a: ["no", "yes"] for a in attrs or header}
 
-def run_labels(cfg):
-    """A run's labels split as run_data splits its images -> (train, test, info)."""
+def run_labels(cfg, verbose=False):
+    """A run's labels split as run_data splits its images -> (train, test, info); verbose: print their counts."""
     y, info = load_labels(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
                           seed=cfg["seed"], attr_file=cfg.get("attr_file"), attrs=cfg.get("attrs"))
+    if verbose:   # labels: hair = dark 2034, brown 2511, ...; glasses = no 8512, yes 1488
+        counts = [torch.bincount(y[:, k], minlength=len(v)).tolist() for k, v in enumerate(info.values())]
+        print("labels: " + "; ".join(f"{_show(a)[1:-1]} = " + ", ".join(f"{_show(v)[1:-1]} {c}" for v, c in zip(vs, cs))
+                                     for (a, vs), cs in zip(info.items(), counts)), flush=True)
     train_idx, test_idx = split_indices(len(y), cfg["test_fraction"], cfg["seed"])
     return y[train_idx], y[test_idx], info
 
@@ -257,8 +290,9 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
     the metrics.csv rows, whichever has more of it; log y axis when a positive term spans over 30x."""
     terms = {}
     for k in dict.fromkeys(k for r in [*rows, *points] for k in r if k not in ("epoch", "step", "images_per_s", "seconds")):
-        per = [[(float(r["step"]), float(r[k])) for r in rs if r.get(k) not in ("", None)] for rs in (points, rows)]
-        if s := [(x, v) for x, v in max(per, key=len) if math.isfinite(v)]:
+        per = [[(x, v) for r in rs if math.isfinite(x := _num(r.get("step"))) and math.isfinite(v := _num(r.get(k)))]
+               for rs in (points, rows)]
+        if s := max(per, key=len):
             terms[k] = s
     x1, left, right, f = max([x for s in terms.values() for x, _ in s] + [1.0]), 64, width - 12, ImageFont.load_default(11)
     img = Image.new("RGB", (width, max(1, len(terms)) * panel_h + 30), "white")
@@ -275,6 +309,12 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
         d.line(pts + pts[-1:], fill="#1f77b4", width=3)
     d.text((left, img.height - 4), f"optimizer step 0 .. {x1:.0f}", fill="black", font=f, anchor="ld")
     img.save(path)
+
+def _num(v):   # a logged value as a float; nan if it is empty or no number
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
 
 def epoch_frames(folder):
     """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order; [] if it is missing."""
@@ -335,20 +375,33 @@ def run_folder(path):   # a run folder itself, or the folder of a checkpoint fil
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings); [] if missing; damaged: UsageError."""
+    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Logs never stop a run: damaged lines (cut
+    short by a full disk, epoch/step not integers, values not numbers) are skipped, an unreadable file is [], with
+    one warning."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            int(r["epoch"])   # a damaged row (cut short, or not ours) raises here
-        return rows
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        rows = list(csv.DictReader(io.StringIO(text)))
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({_why(e)}); move it aside to continue (the checkpoint holds the run)") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        warnings.warn(f"could not read {_show(path)} ({_why(e)}); going on without it", stacklevel=2)
+        return []
+    whole = rows if text.endswith("\n") else rows[:-1]      # a last line with no line end was cut short
+    good = [r for r in whole if _log_row(r)]
+    if len(good) < len(rows):
+        warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {_show(path)}", stacklevel=2)
+    return good
+
+def _log_row(r):
+    try:
+        int(r["epoch"]), int(r["step"]), [float(v) for v in r.values() if v != ""]   # None: a missing field
+        return True
+    except (KeyError, TypeError, ValueError):
+        return False
 
 def write_csv(path, rows, append=False):   # the header: the union of the rows' keys; append: one log line, no rewrite
-    with open(path, "a", newline="") if append else _atomic(path) as f:
+    with _atomic(path, append=append) as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         if not append:
             w.writeheader()
@@ -359,10 +412,30 @@ def write_json(path, obj):   # atomically (config.json, evaluate.json...)
         json.dump(obj, f, indent=2)
 
 @contextlib.contextmanager
-def _atomic(path, mode="w"):   # a temp file, then renamed: a crash or a concurrent rank never leaves half a file
-    with open(tmp := f"{path}.{os.getpid()}.tmp", mode, **({} if "b" in mode else {"newline": ""})) as f:
-        yield f
-    os.replace(tmp, path)
+def _atomic(path, mode="w", append=False):
+    """A file written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves
+    half a file), or appended to and cut back on failure. A failed write (disk full...) leaves no temp file and path
+    as it was, and raises _WriteError."""
+    tmp, end = path if append else f"{path}.{os.getpid()}.tmp", None
+    try:
+        with open(tmp, "a" if append else mode, **({} if "b" in mode else {"newline": ""})) as f:
+            end = f.tell()
+            yield f
+        if not append:
+            os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            if not append:
+                os.unlink(tmp)
+            elif end is not None:
+                os.truncate(path, end)
+        if isinstance(e, OSError):
+            raise _WriteError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+class _WriteError(OSError):
+    def __str__(self):   # one line: could not write 'runs/x/metrics.csv' (No space left on device)
+        return f"could not write {_show(self.filename)} ({self.strerror})"
 
 # --- Machinery: list a source's files, read them safely, decode them, cache the result --------
 
@@ -417,11 +490,12 @@ def _signature(path):   # what the cache key knows of a file: size and mtime, or
     except OSError as e:
         return _why(e)
 
-def _open_regular(path):
+def _open_regular(path, follow=True):
     """open(path, 'rb') for a regular file only (a FIFO would block, a device never end): checked before opening
-    and on the open file (O_NONBLOCK: a FIFO swapped in cannot block)."""
-    if stat.S_ISREG(os.stat(path).st_mode):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    and on the open file (O_NONBLOCK: a FIFO swapped in cannot block). follow=False: a symlink is refused too."""
+    if stat.S_ISREG((os.stat if follow else os.lstat)(path).st_mode):
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
         if stat.S_ISREG(os.fstat(fd).st_mode):
             return os.fdopen(fd, "rb")
         os.close(fd)
@@ -505,9 +579,10 @@ def _fit(img, size):
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
 
 def _read_cache(npy, size):
-    """-> (uint8 tensor, meta), or (None, None) when the entry is missing, stale or damaged."""
+    """-> (uint8 tensor, meta), or (None, None) when the entry is missing, stale, damaged or a symlink (to another
+    data set's entry?). Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
     try:
-        with _open_regular(npy.with_suffix(".json")) as f, _open_regular(npy) as g:
+        with _open_regular(npy.with_suffix(".json"), follow=False) as f, _open_regular(npy, follow=False) as g:
             meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
         meta["skipped"] = [[str(n), str(why)] for n, why in meta["skipped"]]    # raises unless pairs
         if "factors" in meta:
@@ -525,7 +600,7 @@ def _write_cache(npy, arr, meta):
             np.save(f, arr)
         write_json(npy.with_suffix(".json"), meta)
     except OSError as e:
-        warnings.warn(f"could not write the image cache {_show(npy)} ({_why(e)}); continuing without it")
+        warnings.warn(f"could not write the image cache {_show(npy)} ({e.strerror or e}); continuing without it")
 
 def _warn_skipped(bad, total, src):
     if bad:
@@ -533,9 +608,9 @@ def _warn_skipped(bad, total, src):
         warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: {few}"
                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stacklevel=3)
 
-_is_image = lambda name: name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # noqa: E731 (._x: macOS)
-_show = lambda name: repr(str(name))   # noqa: E731 -- quoted: a newline or terminal escape in a name cannot forge output
-_why = lambda e: str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"  # noqa: E731
+def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # ._x: macOS
+def _show(name): return repr(str(name))   # quoted: a newline or terminal escape in a name cannot forge output
+def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
 
 # =============================================================================================
 # Synthetic faces: an offline stand-in for real photos, so every command runs with no download.
@@ -719,8 +794,8 @@ _HAIR_STYLES = ("bald", "buzz", "short", "side", "bangs", "long", "spiky", "curl
 HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")   # labels: _HAIR's 9 colours in 4 groups, _FUN_HAIR
 _HAIR_GROUP = {c: g for g, cs in enumerate([_HAIR[0:2], _HAIR[2:5], _HAIR[5:7], _HAIR[7:9]]) for c in cs}
 SYNTHETIC_LABELS = {"hair": list(HAIR_GROUPS), "glasses": ["no", "yes"], "beard": ["no", "yes"]}
-_mix = lambda c1, c2, t: tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))     # noqa: E731
-_hsv = lambda h, s, v: tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))  # noqa: E731
+def _mix(c1, c2, t): return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))
+def _hsv(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 def _head_pts(cx, cy, a, bt, bb, nt, nb, t0=0.0, t1=2 * math.pi, m=48):
     """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves of half width a,
