@@ -35,19 +35,17 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
 
 def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
     """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None). A process reads a
-    data set once: load_labels keeps the images it read for load_images, and a repeat warns and says nothing new.
-    images=False (load_labels): images may be None."""
-    size = parse_size(size)
+    data set once: load_labels (images=False: it needs none) leaves them to load_images; a repeat warns no more."""
+    H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
     x, meta, hit = _loaded.pop(key, (None, None, False))
     _loaded.clear()                                                 # one data set at a time: bounded memory
     if meta is None or (x is None and images):
-        npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
-        x, first, hit_now = _fetch(kind, path, names, skipped, size, n_synthetic, seed,
-                                   npy / f"{kind}-{size[0]}x{size[1]}-{key[:20]}.npy")
+        cache = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
+        x, first, first_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, cache / f"{kind}-{H}x{W}-{key[:20]}.npy")
         if meta is None:
-            meta, hit = first, hit_now
+            meta, hit = first, first_hit
             _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
     _loaded[key] = (None if images else x, meta, hit)
     if verbose:
@@ -59,9 +57,8 @@ _loaded = {}   # this process's last load: key -> (images until load_images take
 
 def _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy):
     """-> (images, meta, cache hit): the cache entry npy, else the images decoded (or drawn) and cached."""
-    x, meta = _read_cache(npy, size)
-    if x is not None:
-        return x, meta, True
+    if (cached := _read_cache(npy, size))[0] is not None:
+        return *cached, True
     if kind == "synthetic":
         x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
         meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
@@ -202,8 +199,7 @@ def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attr
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
-    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...', v = 1 yes
-    / -1 no."""
+    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
     if path is None:
         raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
@@ -270,7 +266,6 @@ def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=Non
     """A make_grid picture of (h, w) cells with row labels on the left, column labels above ("" none), a title on top."""
     (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
     kw = dict(font, fill="black")
-
     def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
         return ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, **font)[2:] if t else (-6, -4)
     left = max(max([box(t)[0] + 6 for t in row_labels] + [0]), box(title)[0] + 4 - grid.shape[1] if title else 0)
@@ -323,8 +318,7 @@ def epoch_frames(folder):
     return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
 
 def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written. An
-    unreadable frame is skipped with one warning."""
+    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
     imgs, bad = {}, []
     for i, f in enumerate(frames):
         try:
@@ -375,9 +369,8 @@ def run_folder(path):   # a run folder itself, or the folder of a checkpoint fil
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Logs never stop a run: damaged lines (cut
-    short by a full disk, epoch/step not integers, values not numbers) are skipped, an unreadable file is [], with
-    one warning."""
+    """metrics.csv / steps.csv rows (dicts of strings), [] if missing. Logs never stop a run: damaged lines (cut short,
+    epoch/step not integers, values not numbers) are skipped and an unreadable file is [], with one warning."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
@@ -413,22 +406,18 @@ def write_json(path, obj):   # atomically (config.json, evaluate.json...)
 
 @contextlib.contextmanager
 def _atomic(path, mode="w", append=False):
-    """A file written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves
-    half a file), or appended to and cut back on failure. A failed write (disk full...) leaves no temp file and path
-    as it was, and raises _WriteError."""
-    tmp, end = path if append else f"{path}.{os.getpid()}.tmp", None
+    """Written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves half a
+    file), or appended to and cut back. A failed write (disk full...) leaves path as it was and no temp file."""
+    tmp = path if append else f"{path}.{os.getpid()}.tmp"
+    end = os.path.getsize(path) if append and os.path.exists(path) else 0       # where a failed append is cut
     try:
         with open(tmp, "a" if append else mode, **({} if "b" in mode else {"newline": ""})) as f:
-            end = f.tell()
             yield f
         if not append:
             os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            if not append:
-                os.unlink(tmp)
-            elif end is not None:
-                os.truncate(path, end)
+            os.truncate(path, end) if append else os.unlink(tmp)
         if isinstance(e, OSError):
             raise _WriteError(e.errno, e.strerror or str(e), str(path)) from None
         raise
@@ -557,10 +546,9 @@ def decode_image(f, size):
 
 def _to_rgb(img):
     """Any mode -> RGB: 16-bit rescaled (convert clips it at 255: white), transparency onto white."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):       # no listed format decodes to 'F'
         a = np.asarray(img, dtype=np.float64)
-        # mode 'I' holds 16-bit PNGs on some pillow versions: a max above 255 tells them apart
-        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0 if img.mode == "F" and a.max() <= 1 else 255.0
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0   # 'I': 16-bit PNG on some pillows
         return Image.fromarray(np.repeat(np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)[..., None], 3, -1))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
@@ -579,8 +567,8 @@ def _fit(img, size):
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
 
 def _read_cache(npy, size):
-    """-> (uint8 tensor, meta), or (None, None) when the entry is missing, stale, damaged or a symlink (to another
-    data set's entry?). Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
+    """-> (uint8 tensor, meta), or (None, None) for an entry missing, stale, damaged or a symlink (another data set's?).
+    Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
     try:
         with _open_regular(npy.with_suffix(".json"), follow=False) as f, _open_regular(npy, follow=False) as g:
             meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
