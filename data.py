@@ -33,29 +33,43 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     (CPU), cached. Unreadable files are skipped with one warning that counts them."""
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
-def _load(source, size, n_synthetic, seed, cache_dir, verbose):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None)."""
+def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None). A process reads a
+    data set once: load_labels (images=False: it needs none) leaves them to load_images; a repeat warns no more."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
-    npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen") / f"{kind}-{H}x{W}-{key[:20]}.npy"
-    x, meta = _read_cache(npy, size)
-    if miss := x is None:
-        if kind == "synthetic":
-            x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
-            meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
-        else:
-            x, bad = _decode_files(kind, path, names, size)
-            if not len(x):
-                raise UsageError(f"none of the {len(bad)} image files in {src} could be read "
-                                 f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
-            meta = {"n": len(x), "skipped": sorted(skipped + bad)}
-        _write_cache(npy, x.numpy(), meta)
-    _warn_skipped(meta["skipped"], len(x) + len(meta["skipped"]), src)
+    x, meta, hit = _loaded.pop(key, (None, None, False))
+    _loaded.clear()                                                 # one data set at a time: bounded memory
+    if meta is None or (x is None and images):
+        cache = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
+        x, first, first_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, cache / f"{kind}-{H}x{W}-{key[:20]}.npy")
+        if meta is None:
+            meta, hit = first, first_hit
+            _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
+    _loaded[key] = (None if images else x, meta, hit)
     if verbose:
-        print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
+        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{' [cache hit]' if hit else ''}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone]
+
+_loaded = {}   # this process's last load: key -> (images until load_images takes them, meta, from the cache)
+
+def _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy):
+    """-> (images, meta, cache hit): the cache entry npy, else the images decoded (or drawn) and cached."""
+    if (cached := _read_cache(npy, size))[0] is not None:
+        return *cached, True
+    if kind == "synthetic":
+        x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
+        meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
+    else:
+        x, bad = _decode_files(kind, path, names, size)
+        if not len(x):
+            raise UsageError(f"none of the {len(bad)} image files in {_show(path)} could be read "
+                             f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
+        meta = {"n": len(x), "skipped": sorted(skipped + bad)}
+    _write_cache(npy, x.numpy(), meta)
+    return x, meta, False
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
     """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
@@ -167,11 +181,11 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
     attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (or a zip's top one)."""
-    x, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False)
+    _, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False, images=False)
     if names is None:
         if attr_file is not None or attrs:
             raise UsageError("--attr-file/--attrs are for real data: the synthetic faces carry their own labels")
-        return torch.tensor(meta["factors"], dtype=torch.long).view(len(x), 3), dict(SYNTHETIC_LABELS)
+        return torch.tensor(meta["factors"], dtype=torch.long).view(meta["n"], 3), dict(SYNTHETIC_LABELS)
     if attr_file is not None or attrs:
         return _attr_labels(attr_file, names, attrs)
     parts = [n.split("/") for n in names]
@@ -180,18 +194,29 @@ def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attr
     if loose := next(("/".join(p) for p in parts if len(p) < 2), None):
         raise UsageError(f"labels from subfolders: {_show(loose)} is in no class folder below the root (or give --attr-file)")
     classes = sorted({p[0] for p in parts})
+    if odd := next((c for c in classes if "," in c), None):   # facegen --label class=a,b would read two labels
+        raise UsageError(f"the class folder {_show(odd)} has a ',' in its name, so --label cannot pick it: rename the folder")
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
-    """list_attr_celeba.txt: line 2 the attribute names, then 'FILE v1 v2 ...', v = 1 yes / -1 no."""
+    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
     if path is None:
         raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
         with _open_regular(Path(path).expanduser()) as f:
-            lines = f.read().decode("utf-8").splitlines()
-        header, rows = lines[1].split(), {c[0]: c[1:] for c in map(str.split, lines[2:]) if c}
-    except (OSError, UnicodeDecodeError, IndexError, UsageError) as e:
+            lines = [c for c in map(str.split, f.read().decode("utf-8").splitlines()) if c]
+    except (OSError, UnicodeDecodeError, UsageError) as e:
         raise UsageError(f"cannot read the attribute file {_show(path)} ({_why(e)})") from None
+    if lines and len(lines[0]) == 1 and lines[0][0].isdigit():
+        lines = lines[1:]                 # the row count, unused: a file may as well start with the names
+    if not lines:
+        raise UsageError(f"the attribute file {_show(path)} has no line of attribute names (CelebA's line 2)")
+    header, rows = lines[0], {}
+    if twice := next((a for i, a in enumerate(header) if a in header[:i]), None):
+        raise UsageError(f"the attribute {_show(twice)} is named twice in the header of {_show(path)}")
+    for name, *values in lines[1:]:
+        if rows.setdefault(name, values) != values:
+            raise UsageError(f"{_show(name)} has two different rows in the attribute file {_show(path)}")
     if missing := [a for a in attrs or header if a not in header]:
         raise UsageError(f"attribute(s) {', '.join(missing)} not in {_show(path)}; it has {', '.join(header)}")
     cols, rows = [header.index(a) for a in attrs or header], [rows.get(n.rsplit("/", 1)[-1], []) for n in names]
@@ -200,10 +225,14 @@ def _attr_labels(path, names, attrs):
     y = torch.tensor([[int(r[c] == "1") for c in cols] for r in rows], dtype=torch.long).view(len(names), len(cols))
     return y, {a: ["no", "yes"] for a in attrs or header}
 
-def run_labels(cfg):
-    """A run's labels split as run_data splits its images -> (train, test, info)."""
+def run_labels(cfg, verbose=False):
+    """A run's labels split as run_data splits its images -> (train, test, info); verbose: print their counts."""
     y, info = load_labels(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
                           seed=cfg["seed"], attr_file=cfg.get("attr_file"), attrs=cfg.get("attrs"))
+    if verbose:   # labels: hair = dark 2034, brown 2511, ...; glasses = no 8512, yes 1488
+        counts = [torch.bincount(y[:, k], minlength=len(v)).tolist() for k, v in enumerate(info.values())]
+        print("labels: " + "; ".join(f"{_show(a)[1:-1]} = " + ", ".join(f"{_show(v)[1:-1]} {c}" for v, c in zip(vs, cs))
+                                     for (a, vs), cs in zip(info.items(), counts)), flush=True)
     train_idx, test_idx = split_indices(len(y), cfg["test_fraction"], cfg["seed"])
     return y[train_idx], y[test_idx], info
 
@@ -237,7 +266,6 @@ def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=Non
     """A make_grid picture of (h, w) cells with row labels on the left, column labels above ("" none), a title on top."""
     (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
     kw = dict(font, fill="black")
-
     def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
         return ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, **font)[2:] if t else (-6, -4)
     left = max(max([box(t)[0] + 6 for t in row_labels] + [0]), box(title)[0] + 4 - grid.shape[1] if title else 0)
@@ -257,8 +285,9 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
     the metrics.csv rows, whichever has more of it; log y axis when a positive term spans over 30x."""
     terms = {}
     for k in dict.fromkeys(k for r in [*rows, *points] for k in r if k not in ("epoch", "step", "images_per_s", "seconds")):
-        per = [[(float(r["step"]), float(r[k])) for r in rs if r.get(k) not in ("", None)] for rs in (points, rows)]
-        if s := [(x, v) for x, v in max(per, key=len) if math.isfinite(v)]:
+        per = [[(x, v) for r in rs if math.isfinite(x := _num(r.get("step"))) and math.isfinite(v := _num(r.get(k)))]
+               for rs in (points, rows)]
+        if s := max(per, key=len):
             terms[k] = s
     x1, left, right, f = max([x for s in terms.values() for x, _ in s] + [1.0]), 64, width - 12, ImageFont.load_default(11)
     img = Image.new("RGB", (width, max(1, len(terms)) * panel_h + 30), "white")
@@ -276,6 +305,12 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
     d.text((left, img.height - 4), f"optimizer step 0 .. {x1:.0f}", fill="black", font=f, anchor="ld")
     img.save(path)
 
+def _num(v):   # a logged value as a float; nan if it is empty or no number
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
 def epoch_frames(folder):
     """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order; [] if it is missing."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
@@ -283,8 +318,7 @@ def epoch_frames(folder):
     return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
 
 def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written. An
-    unreadable frame is skipped with one warning."""
+    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
     imgs, bad = {}, []
     for i, f in enumerate(frames):
         try:
@@ -338,20 +372,32 @@ def run_folder(path):   # a run folder itself, or the folder of a checkpoint fil
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings); [] if missing; damaged: UsageError."""
+    """metrics.csv / steps.csv rows (dicts of strings), [] if missing. Logs never stop a run: damaged lines (cut short,
+    epoch/step not integers, values not numbers) are skipped and an unreadable file is [], with one warning."""
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            int(r["epoch"])   # a damaged row (cut short, or not ours) raises here
-        return rows
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        rows = list(csv.DictReader(io.StringIO(text)))
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({_why(e)}); move it aside to continue (the checkpoint holds the run)") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        warnings.warn(f"could not read {_show(path)} ({_why(e)}); going on without it", stacklevel=2)
+        return []
+    whole = rows if text.endswith("\n") else rows[:-1]      # a last line with no line end was cut short
+    good = [r for r in whole if _log_row(r)]
+    if len(good) < len(rows):
+        warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {_show(path)}", stacklevel=2)
+    return good
+
+def _log_row(r):
+    try:
+        int(r["epoch"]), int(r["step"]), [float(v) for v in r.values() if v != ""]   # None: a missing field
+        return True
+    except (KeyError, TypeError, ValueError):
+        return False
 
 def write_csv(path, rows, append=False):   # the header: the union of the rows' keys; append: one log line, no rewrite
-    with open(path, "a", newline="") if append else _atomic(path) as f:
+    with _atomic(path, append=append) as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         if not append:
             w.writeheader()
@@ -362,10 +408,26 @@ def write_json(path, obj):   # atomically (config.json, evaluate.json...)
         json.dump(obj, f, indent=2)
 
 @contextlib.contextmanager
-def _atomic(path, mode="w"):   # a temp file, then renamed: a crash or a concurrent rank never leaves half a file
-    with open(tmp := f"{path}.{os.getpid()}.tmp", mode, **({} if "b" in mode else {"newline": ""})) as f:
-        yield f
-    os.replace(tmp, path)
+def _atomic(path, mode="w", append=False):
+    """Written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves half a
+    file), or appended to and cut back. A failed write (disk full...) leaves path as it was and no temp file."""
+    tmp = path if append else f"{path}.{os.getpid()}.tmp"
+    end = os.path.getsize(path) if append and os.path.exists(path) else 0       # where a failed append is cut
+    try:
+        with open(tmp, "a" if append else mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
+        if not append:
+            os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, end) if append else os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _WriteError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+class _WriteError(OSError):
+    def __str__(self):   # one line: could not write 'runs/x/metrics.csv' (No space left on device)
+        return f"could not write {_show(self.filename)} ({self.strerror})"
 
 # --- Machinery: list a source's files, read them safely, decode them, cache the result --------
 
@@ -420,11 +482,12 @@ def _signature(path):   # what the cache key knows of a file: size and mtime, or
     except OSError as e:
         return _why(e)
 
-def _open_regular(path):
+def _open_regular(path, follow=True):
     """open(path, 'rb') for a regular file only (a FIFO would block, a device never end): checked before opening
-    and on the open file (O_NONBLOCK: a FIFO swapped in cannot block)."""
-    if stat.S_ISREG(os.stat(path).st_mode):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    and on the open file (O_NONBLOCK: a FIFO swapped in cannot block). follow=False: a symlink is refused too."""
+    if stat.S_ISREG((os.stat if follow else os.lstat)(path).st_mode):
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        fd = os.open(path, flags | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
         if stat.S_ISREG(os.fstat(fd).st_mode):
             return os.fdopen(fd, "rb")
         os.close(fd)
@@ -486,10 +549,9 @@ def decode_image(f, size):
 
 def _to_rgb(img):
     """Any mode -> RGB: 16-bit rescaled (convert clips it at 255: white), transparency onto white."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):       # no listed format decodes to 'F'
         a = np.asarray(img, dtype=np.float64)
-        # mode 'I' holds 16-bit PNGs on some pillow versions: a max above 255 tells them apart
-        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0 if img.mode == "F" and a.max() <= 1 else 255.0
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0   # 'I': 16-bit PNG on some pillows
         return Image.fromarray(np.repeat(np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)[..., None], 3, -1))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
@@ -508,9 +570,10 @@ def _fit(img, size):
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
 
 def _read_cache(npy, size):
-    """-> (uint8 tensor, meta), or (None, None) when the entry is missing, stale or damaged."""
+    """-> (uint8 tensor, meta), or (None, None) for an entry missing, stale, damaged or a symlink (another data set's?).
+    Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
     try:
-        with _open_regular(npy.with_suffix(".json")) as f, _open_regular(npy) as g:
+        with _open_regular(npy.with_suffix(".json"), follow=False) as f, _open_regular(npy, follow=False) as g:
             meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
         meta["skipped"] = [[str(n), str(why)] for n, why in meta["skipped"]]    # raises unless pairs
         if "factors" in meta:
@@ -528,7 +591,7 @@ def _write_cache(npy, arr, meta):
             np.save(f, arr)
         write_json(npy.with_suffix(".json"), meta)
     except OSError as e:
-        warnings.warn(f"could not write the image cache {_show(npy)} ({_why(e)}); continuing without it")
+        warnings.warn(f"could not write the image cache {_show(npy)} ({e.strerror or e}); continuing without it")
 
 def _warn_skipped(bad, total, src):
     if bad:
@@ -536,9 +599,9 @@ def _warn_skipped(bad, total, src):
         warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: {few}"
                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stacklevel=3)
 
-_is_image = lambda name: name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # noqa: E731 (._x: macOS)
-_show = lambda name: repr(str(name))   # noqa: E731 -- quoted: a newline or terminal escape in a name cannot forge output
-_why = lambda e: str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"  # noqa: E731
+def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # ._x: macOS
+def _show(name): return repr(str(name))   # quoted: a newline or terminal escape in a name cannot forge output
+def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
 
 # =============================================================================================
 # Synthetic faces: an offline stand-in for real photos, so every command runs with no download.
@@ -722,8 +785,8 @@ _HAIR_STYLES = ("bald", "buzz", "short", "side", "bangs", "long", "spiky", "curl
 HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")   # labels: _HAIR's 9 colours in 4 groups, _FUN_HAIR
 _HAIR_GROUP = {c: g for g, cs in enumerate([_HAIR[0:2], _HAIR[2:5], _HAIR[5:7], _HAIR[7:9]]) for c in cs}
 SYNTHETIC_LABELS = {"hair": list(HAIR_GROUPS), "glasses": ["no", "yes"], "beard": ["no", "yes"]}
-_mix = lambda c1, c2, t: tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))     # noqa: E731
-_hsv = lambda h, s, v: tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))  # noqa: E731
+def _mix(c1, c2, t): return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))
+def _hsv(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 def _head_pts(cx, cy, a, bt, bb, nt, nb, t0=0.0, t1=2 * math.pi, m=48):
     """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves of half width a,

@@ -2,9 +2,13 @@
 hostile input (FIFOs, unlisted formats, slivers, zip bombs, unreadable entries, odd names),
 and the helpers epoch_frames, save_gif and fingerprint."""
 import contextlib
+import errno
 import io
+import json
 import os
 import re
+import resource
+import signal
 import struct
 import subprocess
 import sys
@@ -26,8 +30,9 @@ SIZE = (8, 8)
 
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
-    """Never touch ~/.cache: every test gets its own cache folder."""
+    """Never touch ~/.cache: every test gets its own cache folder, and starts as a new process would."""
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_loaded", {})
 
 
 def _solid(mode, size, value):
@@ -163,6 +168,7 @@ def test_cache_hit_returns_identical_data_without_decoding(folder, monkeypatch, 
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
     monkeypatch.setattr(data, "_decode_files", boom)
+    data._loaded.clear()                                   # as another process would
     with pytest.warns(UserWarning, match="skipped 2"):     # still reported on a hit
         x2 = data.load_images(root, SIZE)
     assert "loaded 13 images (2 skipped)" in capsys.readouterr().out.split("\n")[0]
@@ -624,7 +630,7 @@ def test_a_damaged_cache_is_a_cache_miss(tmp_path):
     for bad in ('{"n": 1, "skipped": [1, 2], "total": 1}', '{"n": 1}', "[" * 100000, "\xff"):
         meta.write_text(bad)
         assert torch.equal(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
-    (arr,) = (tmp_path / "c").glob("*.npy")                   # the array is mapped, not read:
+    (arr,) = (tmp_path / "c").glob("*.npy")                   # the array is read whole, never mapped:
     whole = arr.read_bytes()
     huge = whole.replace(b"(1, 3,", b"(9999999, 3,")
     assert huge != whole
@@ -741,18 +747,136 @@ def test_pick_device_and_run_folder(tmp_path, monkeypatch):
     assert data.run_folder("last.pt") == "."
 
 
-def test_csv_round_trip_is_atomic_and_damage_is_a_usage_error(tmp_path):
+def test_csv_round_trip_is_atomic(tmp_path):
     path = str(tmp_path / "metrics.csv")
     assert data.read_csv(path) == []
     rows = [{"epoch": 1, "step": 10, "loss": 0.5}, {"epoch": 2, "step": 20, "loss": 0.25, "test_loss": 0.3}]
     data.write_csv(path, rows)
     back = data.read_csv(path)
     assert [list(r) for r in back] == [["epoch", "step", "loss", "test_loss"]] * 2
-    assert back[1]["test_loss"] == "0.3" and back[0]["test_loss"] == "" and not os.path.exists(path + ".tmp")
-    for bad in ("step,loss\n1,2\n", "epoch,loss\nx,1\n", b"\xff\xfe"):
-        (tmp_path / "metrics.csv").write_bytes(bad if isinstance(bad, bytes) else bad.encode())
-        with pytest.raises(data.UsageError, match="is damaged"):
-            data.read_csv(path)
+    assert back[1]["test_loss"] == "0.3" and back[0]["test_loss"] == "" and os.listdir(tmp_path) == ["metrics.csv"]
+    data.write_csv(path, [{"epoch": 3, "step": 30, "loss": 0.125, "test_loss": "nan"}], append=True)
+    assert [r["loss"] for r in data.read_csv(path)] == ["0.5", "0.25", "0.125"]
+
+
+def test_damaged_log_lines_are_skipped_with_one_warning(tmp_path):
+    """A log never stops a run: the good rows come back, the damaged lines are counted once."""
+    path = tmp_path / "metrics.csv"
+    good = "epoch,step,loss,test_loss\r\n1,10,0.5,0.6\r\n2,20,0.25,\r\n"
+    for tail, n in (("3,30,0.1", 1),                           # the last line, half written by a full disk
+                    ("3,30,0.125,0.3", 1),                     # complete fields, but no line end
+                    ("x,30,0.1,0.2\r\n3,3.5,1,1\r\n", 2),       # epoch, step not integers
+                    ("3,30,oops,0.2\r\n3,30,1,2,3\r\n", 2)):    # not a number; a field too many
+        path.write_text(good + tail)
+        with pytest.warns(UserWarning) as rec:
+            rows = data.read_csv(path)
+        assert [str(w.message) for w in rec] == [f"skipped {n} damaged line(s) in {str(path)!r}"]
+        assert [(r["epoch"], r["test_loss"]) for r in rows] == [("1", "0.6"), ("2", "")]
+    path.write_text("step,loss\n1,2\n")                          # no epoch column
+    with pytest.warns(UserWarning, match="skipped 1 damaged"):
+        assert data.read_csv(path) == []
+    for bad in (b"epoch,step\n\xff\xfe,oops\n", None):           # not UTF-8; a folder
+        path.unlink(missing_ok=True)
+        path.write_bytes(bad) if bad else path.mkdir()
+        with pytest.warns(UserWarning, match="could not read") as rec:
+            assert data.read_csv(path) == []
+        assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.read_csv(tmp_path / "missing.csv") == []     # silently
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    data.write_json(path, {"a": 1})
+    for patched in ((json, "dump"), (os, "replace")):          # the write fails; the rename fails
+        with monkeypatch.context() as m:
+            m.setattr(*patched, _no_space)
+            with pytest.raises(OSError) as e:
+                data.write_json(path, {"a": 2})
+        assert str(e.value) == f"could not write {str(path)!r} (No space left on device)"
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+        assert os.listdir(tmp_path) == ["config.json"] and json.loads(path.read_text()) == {"a": 1}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_a_file_size_limit_cuts_no_log_in_half(tmp_path):
+    """A real short write (the file size limit: EFBIG, as a full disk would stop it): an append leaves the log
+    as it was, a rewrite leaves no temp file."""
+    path = tmp_path / "steps.csv"
+    data.write_csv(path, [{"epoch": 1, "step": 2, "loss": 0.5}])
+    before = path.read_bytes()
+    old_handler, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 10, limits[1]))
+        row = {"epoch": 1, "step": 4, "loss": 0.123456789012345}
+        for append in (True, False):
+            with pytest.raises(OSError, match="could not write .*steps.csv.* \\(File too large\\)"):
+                data.write_csv(path, [row] * (1 if append else 2), append=append)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["steps.csv"]
+
+
+def test_a_failed_cache_write_warns_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    root = tmp_path / "faces"
+    _good(root / "a.png")
+
+    def half(f, arr):
+        f.write(b"\x93NUMPY half an array")
+        _no_space()
+    monkeypatch.setattr(np, "save", half)
+    for _ in range(2):
+        data._loaded.clear()
+        with pytest.warns(UserWarning, match="could not write the image cache .*No space left on device") as rec:
+            assert len(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c")) == 1
+        assert len(rec) == 1 and os.listdir(tmp_path / "c") == []
+
+
+def test_a_symlinked_cache_entry_is_a_miss_and_is_replaced(tmp_path):
+    """Two data sets of the same shape: b's entry linked to a's would give a's images for b."""
+    cache = tmp_path / "c"
+    _good(tmp_path / "a" / "x.png", (250, 0, 0))
+    x_a = data.load_images(tmp_path / "a", SIZE, verbose=False, cache_dir=cache)
+    a_files = {p: p.read_bytes() for p in cache.iterdir()}
+    _good(tmp_path / "b" / "x.png", (0, 0, 250))
+    x_b = data.load_images(tmp_path / "b", SIZE, verbose=False, cache_dir=cache)
+    for ext in (".npy", ".json"):
+        (b_entry,) = [p for p in cache.glob("*" + ext) if p not in a_files]
+        b_entry.unlink()
+        b_entry.symlink_to(next(p for p in a_files if p.suffix == ext))
+        data._loaded.clear()
+        assert torch.equal(data.load_images(tmp_path / "b", SIZE, verbose=False, cache_dir=cache), x_b)
+        assert not b_entry.is_symlink()                          # rewritten: the link replaced, not written through
+    assert not torch.equal(x_a, x_b) and {p: p.read_bytes() for p in a_files} == a_files
+
+
+def test_a_cache_file_cut_short_while_read_is_a_miss(tmp_path, monkeypatch):
+    _good(tmp_path / "a" / "x.png")
+    x = data.load_images(tmp_path / "a", SIZE, verbose=False, cache_dir=tmp_path / "c")
+    (npy,) = (tmp_path / "c").glob("*.npy")
+    real_load = np.load
+
+    def cut_then_load(f, **kw):                                   # another process truncates it meanwhile
+        os.truncate(npy, 100)
+        return real_load(f, **kw)
+    monkeypatch.setattr(np, "load", cut_then_load)
+    data._loaded.clear()
+    assert torch.equal(data.load_images(tmp_path / "a", SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
+
+
+def test_loss_plot_takes_rows_with_other_keys_and_empty_values(tmp_path):
+    rows = [{"epoch": "1", "step": "10", "loss": "1.0"}, {"epoch": "2", "step": "", "loss": "0.5"},
+            {"epoch": "3", "loss": "0.4"}, {"epoch": "4", "step": "40", "loss": "oops", "kl": ""},
+            {"epoch": "5", "step": "50", "loss": "0.2", "kl": "3"}]
+    data.plot_losses(rows, tmp_path / "loss.png")
+    with Image.open(tmp_path / "loss.png") as im:
+        assert im.size == (720, 2 * 140 + 30)                     # loss and kl
 
 
 def test_loss_plot_has_one_panel_per_term_and_draws_the_curves(tmp_path):

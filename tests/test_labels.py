@@ -15,6 +15,7 @@ SIZE = (8, 8)
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_loaded", {})              # each test starts as a new process would
 
 
 def _put(path, value):
@@ -78,6 +79,68 @@ def test_celeba_attribute_file_picks_columns_by_name(tmp_path):
     attr.write_text("3\nSmiling\n000001.jpg 1\n000002.jpg -1\n")
     with pytest.raises(data.UsageError, match="no valid row"):
         data.load_labels(root, SIZE, attr_file=attr)
+
+
+def _celeba(tmp_path, text):
+    for i, v in enumerate([10, 20], 1):
+        _put(tmp_path / "img" / f"00000{i}.jpg", v)
+    (tmp_path / "attr.txt").write_text(text)
+    return tmp_path / "img", tmp_path / "attr.txt"
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "has no line of attribute names"),
+    ("2\n", "has no line of attribute names"),
+    ("2\nSmiling Male Smiling\n000001.jpg 1 1 1\n000002.jpg 1 1 1\n", "the attribute 'Smiling' is named twice"),
+    ("2\nSmiling\n000001.jpg 1\n000002.jpg 1\n000001.jpg -1\n", "'000001.jpg' has two different rows")])
+def test_a_damaged_attribute_file_is_one_usage_error(tmp_path, text, says):
+    root, attr = _celeba(tmp_path, text)
+    with pytest.raises(data.UsageError) as e:
+        data.load_labels(root, SIZE, attr_file=attr)
+    assert says in str(e.value) and str(attr) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_attribute_file_may_start_with_its_header_and_repeat_a_row(tmp_path):
+    root, attr = _celeba(tmp_path, "Smiling Male\n000001.jpg 1 -1\n000002.jpg -1 1\n000001.jpg 1 -1\n")
+    y, info = data.load_labels(root, SIZE, attr_file=attr)
+    assert y.tolist() == [[1, 0], [0, 1]] and list(info) == ["Smiling", "Male"]
+
+
+def test_a_class_folder_with_a_comma_is_refused(tmp_path):
+    _put(tmp_path / "faces" / "a,b" / "x.png", 10)
+    _put(tmp_path / "faces" / "c" / "y.png", 20)
+    with pytest.raises(data.UsageError, match="the class folder 'a,b' has a ',' in its name.*rename"):
+        data.load_labels(tmp_path / "faces", SIZE)
+
+
+def test_a_conditional_run_reads_its_images_once_and_says_what_it_found(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "faces"
+    for name, v in (("dark/a.png", 10), ("dark/b.png", 20), ("fair/c.png", 200)):
+        _put(root / name, v)
+    (root / "fair" / "broken.png").write_bytes(b"not a png")
+    decoded, real, reads, real_read = [], data.decode_image, [], data._read_cache
+    monkeypatch.setattr(data, "decode_image", lambda f, size: decoded.append(f) or real(f, size))
+    monkeypatch.setattr(data, "_read_cache", lambda *a: reads.append(a) or real_read(*a))
+    cfg = dict(data=str(root), image_size=[8, 8], n_synthetic=1, seed=0, test_fraction=0.34)
+    with pytest.warns(UserWarning) as rec:                        # train.py's order
+        train_y, test_y, info = data.run_labels(cfg, verbose=True)
+        train_x, test_x = data.run_data(cfg, verbose=True)
+    assert len(decoded) == 4 and len(reads) == 1 and [str(w.message)[:17] for w in rec] == ["skipped 1 of 4 im"]
+    assert capsys.readouterr().out.splitlines() == ["labels: class = dark 2, fair 1",
+                                                    f"loaded 3 images (1 skipped) from {str(root)!r}"]
+    assert torch.equal(torch.cat([train_x, test_x])[:, 0, 0, 0], torch.tensor([10, 20, 200], dtype=torch.uint8)[
+        torch.cat(data.split_indices(3, 0.34, 0))])
+    assert torch.equal(torch.cat([train_y, test_y])[:, 0], torch.tensor([0, 0, 1])[torch.cat(data.split_indices(3, 0.34, 0))])
+    data.run_labels(cfg)                                          # facegen's order: nothing read again
+    assert len(decoded) == 4 and len(reads) == 1 and "loaded" not in capsys.readouterr().out
+
+
+def test_synthetic_label_counts_are_printed(capsys):
+    cfg = dict(data=None, image_size=[8, 8], n_synthetic=20, seed=1, test_fraction=0.2)
+    data.run_labels(cfg, verbose=True)
+    y = data.synthetic_faces(20, (8, 8), seed=1, factors=True)[1]
+    hair = ", ".join(f"{g} {int((y[:, 0] == i).sum())}" for i, g in enumerate(data.HAIR_GROUPS))
+    assert capsys.readouterr().out.startswith(f"labels: hair = {hair}; glasses = no {int((y[:, 1] == 0).sum())}, ")
 
 
 def test_run_labels_split_like_run_data():
