@@ -8,18 +8,7 @@ Read it top to bottom: the models' hyperparameters -> the data -> one update -> 
 family (VAE, GAN, VAE-GAN) -> the loop, which wraps each step (autocast, the weight average, meters,
 the NaN watch, signals) -> setup (data parallelism, the update hooks) -> the command line.
 """
-import argparse
-import csv
-import fcntl
-import itertools
-import json
-import math
-import os
-import signal
-import sys
-import threading
-import time
-import warnings
+import argparse, fcntl, itertools, json, math, os, signal, sys, threading, time, warnings
 
 import torch
 import torch.nn as nn
@@ -37,25 +26,27 @@ COMMON_DEFAULTS = dict(image_size="64", batch_size=64, optimizer="adam", betas=(
                        flip=False, jitter=0.0, critic_norm="none", seed=0, n_synthetic=10000, test_fraction=0.2,
                        log_every=20, quiet=False, amp=False, compile=False, adv_weight=1.0, conditional=False,
                        balance_labels=False, ema=0.0, reuse_fakes=False)  # every other flag's default is None
-LFW = dict(lr=1e-3, epochs=50, recon="mse", flip=True, jitter=0.1)
+LFW = dict(lr=1e-3, epochs=50, recon="mse", flip=True, jitter=0.1)  # report 003 states no lr or epochs: ours
 SEED_DEFAULTS = {
     # Wuga VAE (report 000): GNLL with observation sigma 0.01 + KL, lr 1e-4 (Adam: ours), 500 epochs;
     # its VGG16 variant: sigma 0.1, lr 1e-5, z 512
     "vae": dict(lr=1e-4, epochs=500, recon="gnll", obs_std=0.01),
     "vae-vgg": dict(lr=1e-5, epochs=500, recon="gnll", obs_std=0.1),
     # instance-norm VAE (report 001): lambda 1e-5, Adam 1e-3, h-flip, 64x48. Its lambdas (1e-3..1e-6)
-    # only make sense against a per-pixel *mean* squared error: we use that.
+    # only make sense against a per-pixel *mean* squared error: we use that. Its "z closer to the centre"
+    # by "adding 1" to the KL term: we read it as weight lambda + 1 (README: --kl-weight 1.00001)
     "vae-in": dict(image_size="64x48", lr=1e-3, epochs=30, recon="mse-mean", kl_weight=1e-5, flip=True),
     # LFW report (003): autoencoder and VAE against a summed MSE, KLD weight 0.2 / 0.1 / 0.01 (0.1
     # generated best), h-flip p=0.5 + colour jitter; its VAE-GAN: that VAE + a 5-layer D, KLD 0.01
     "ae": dict(LFW, kl_weight=0.0),
     "vae-lrelu": dict(LFW, kl_weight=0.1),
     "vaegan": dict(LFW, lr=2e-4, betas=(0.5, 0.999), kl_weight=0.01),
-    # reports 002-004: DCGAN, Adam 2e-4 betas (0.5, 0.999) (the DCGAN paper's), batch 128, BCE; report
-    # 004's G step scores "the constructed fake batch in previous step": --reuse-fakes
+    # reports 002-004: DCGAN, batch 128, BCE; Adam (report 004 names it) at 2e-4, betas (0.5, 0.999): ours,
+    # the DCGAN paper's. Report 004's G step scores "the constructed fake batch in previous step": --reuse-fakes
     "dcgan": dict(batch_size=128, lr=2e-4, betas=(0.5, 0.999), epochs=25, reuse_fakes=True),
     # report 002: WGAN, weight clipping 0.01, RMSProp 1e-4 (paper: 5e-5), n_critic 5, batch 128;
-    # WGAN-GP as Gulrajani et al. run it: lambda 10, n_critic 5, Adam 1e-4 betas (0, 0.9)
+    # WGAN-GP as Gulrajani et al. run it: lambda 10, n_critic 5, Adam 1e-4 betas (0, 0.9); the report's
+    # final setting, "lambda = 5, train D twice": --gp-weight 5 --n-critic 2 (README)
     "wgan": dict(batch_size=128, lr=1e-4, epochs=50, optimizer="rmsprop", gan_loss="wasserstein", n_critic=5, clip=0.01),
     "wgan-gp": dict(batch_size=128, lr=1e-4, betas=(0.0, 0.9), epochs=50, gan_loss="wasserstein", n_critic=5, gp_weight=10.0),
     # report 002's future work, SN-GAN (Miyato et al. 2018): hinge loss, its Adam setting C, batch 64, z 128
@@ -70,7 +61,7 @@ def load_data(cfg, device, rank=0, world=1):
     """-> (train Batches, test Batches or None: a GAN needs no held-out images). The test images never train."""
     train_y = test_y = None
     if cfg["conditional"]:
-        train_y, test_y, info = data.run_labels(cfg)
+        train_y, test_y, info = data.run_labels(cfg, verbose=rank == 0)
         if cfg.setdefault("labels", info) != info:
             raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
     train_x, test_x = data.run_data(cfg, verbose=rank == 0)
@@ -201,7 +192,9 @@ def score_stats(cfg, d_real, d_fake):
 
 def vaegan_step(nets, opts, batches, cfg, noise):
     """D learns real x (half of its batch) against reconstructions x̂ and decoded noise x_p (a
-    quarter each); then the VAE minimises w·L_adv on the same x̂ and x_p plus its own −ELBO.
+    quarter each: the report scores three equal batches, which one BCE over all would weigh a third
+    each; we keep the GAN loss's real/fake halves); then the VAE minimises w·L_adv on the same x̂
+    and x_p plus its own −ELBO.
     Scales: L_adv is of order 1 (log 2 when D is undecided), a summed MSE of order 10²-10³ per
     image: at w = 1 (the report's) the VAE barely hears D; w ~ 10²-10³ gives both equal say."""
     ((x, y),) = batches
@@ -342,11 +335,10 @@ class Progress:
                                 **{k: (v * n - prev.get(k, 0.0) * prev_n) / (n - prev_n) for k, v in means.items()}})
             if run.main:
                 data.write_csv(self.path, self.points[-1:], append=len(self.points) > 1)
-        total = run.total
-        eta = (total - run.step) * steps_per_update(run.cfg) * run.cfg["batch_size"] / max(rate, 1e-9)
+        eta = (run.total - run.step) * steps_per_update(run.cfg) * run.cfg["batch_size"] / max(rate, 1e-9)
         if not self.quiet and (sys.stdout.isatty() or time.time() - self.last >= 30):
             self.last = time.time()
-            print(f"epoch {run.epoch + 1} step {run.step}/{total} {fmt(means)} | {rate:.0f} img/s | eta {eta:.0f}s",
+            print(f"epoch {run.epoch + 1} step {run.step}/{run.total} {fmt(means)} | {rate:.0f} img/s | eta {eta:.0f}s",
                   flush=True)
 
 # -----------------------------------------------------------------------------
@@ -438,19 +430,15 @@ class Run:
 
     def check_finite(self):
         """Stop at the first NaN/Inf in a loss, gradient norm or weight, before anything is saved."""
-        kept = os.path.join(self.out, "last.pt")
-        kept = f"{kept} holds the last good checkpoint" if os.path.exists(kept) else "no checkpoint was written yet"
-        bad = {k: int(s) for k, s in self.first_bad.items() if s < NEVER}
+        bad = {k: int(s) for k, s in self.first_bad.items() if s < NEVER} or {  # else the weights: an update with
+            f"the weights of {k}": self.step for k, m in self.nets.items()      # a finite gradient can still overflow
+            if not torch.stack([torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()]).all()}
         if bad:
-            step = min(bad.values())
+            step, kept = min(bad.values()), os.path.join(self.out, "last.pt")
+            kept = f"{kept} holds the last good checkpoint" if os.path.exists(kept) else "no checkpoint was written yet"
             raise FloatingPointError(f"NaN/Inf in {', '.join(k for k, s in bad.items() if s == step)} at step "
                                      f"{step} (epoch {self.epoch + 1}); training stopped and nothing non-finite was "
                                      f"saved: {kept}. Try a lower --lr or --grad-clip (e.g. --grad-clip 1)")
-        for name, m in self.nets.items():  # an update with a finite gradient can still overflow (a huge --lr)
-            finite = [torch.isfinite(t).all() for t in m.state_dict().values() if t.is_floating_point()]
-            if not torch.stack(finite).all():  # one host read per net
-                raise FloatingPointError(f"NaN/Inf in the weights of {name} at step {self.step}; "
-                                         f"nothing non-finite was saved: {kept}")
 
     def checkpoint(self, name="last.pt"):
         self.check_finite()
@@ -508,10 +496,9 @@ def add_update_hooks(run):
     return norms
 
 def settle_speed(cfg, device, say=True):
-    """Speed switches, recorded in config.json: unset, NHWC on CPU (1.13x faster on a 2-core AMD EPYC
-    with AVX-512, docs/results.md) and fused Adam (as fast there; one kernel on CUDA). --amp needs
-    native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86): on a 2-core AVX2-only AMD EPYC bf16
-    convolutions ran ~25x slower than fp32, so there the run says so and trains in fp32."""
+    """Speed switches, recorded in config.json: unset, NHWC on CPU (1.13x faster, 2-core AMD EPYC, AVX-512) and fused
+    Adam (as fast there; one kernel on CUDA). --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86):
+    bf16 convolutions ran ~25x slower than fp32 on a 2-core AVX2-only AMD EPYC, so there it trains in fp32."""
     cpu = device.type == "cpu"
     native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
               ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)

@@ -202,12 +202,24 @@ def test_tampered_checkpoints_and_metrics_give_one_line(run_a, tmp_path, capsys)
     missing = tmp_path / "missing"
     shutil.copytree(run_a, missing)
     torch.save({k: v for k, v in state.items() if k != "optimizers"}, missing / "last.pt")
-    csv_bad = tmp_path / "csv"
-    shutil.copytree(run_a, csv_bad)
-    (csv_bad / "metrics.csv").write_bytes(b"epoch,step\n\xff\xfe,oops\n")
-    for folder, says in ((shapes, "does not fit"), (missing, "does not fit"), (csv_bad, "metrics.csv is damaged")):
+    for folder, says in ((shapes, "does not fit"), (missing, "does not fit")):
         assert train.main(["--resume", str(folder), "--max-steps", "2", "--quiet"]) == 2, folder
         assert says in one_error(capsys)
+
+
+@pytest.mark.parametrize("metrics, steps", [(None, b"epoch,step,loss_d\n1,1,0.5\n1,"),      # cut short by a full disk
+                                            (b"epoch,step\n\xff\xfe,oops\n", None),       # not even text
+                                            (b"epoch,step,loss_d\n1,1,0.5\n1,", b"")])
+def test_damaged_logs_are_skipped_never_a_reason_to_stop(run_a, tmp_path, capsys, metrics, steps):
+    out = tmp_path / "logs"
+    shutil.copytree(run_a, out)
+    for name, text in (("metrics.csv", metrics), ("steps.csv", steps)):
+        if text is not None:
+            (out / name).write_bytes(text)
+    with pytest.warns(UserWarning, match="damaged line|could not read"):
+        assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
+    assert (out / "loss.png").is_file() and data.read_csv(out / "metrics.csv")[-1]["step"] == "2"
 
 
 # --- held-out numbers stay held out -------------------------------------------------------
