@@ -68,11 +68,11 @@ def random_labels(nets, n, generator):
 
 @torch.no_grad()
 def decode(nets, z, y=None, batch=256):
-    """z (N, latent_dim) [, labels y (N, K), else uniform ones, seed 0] -> images (N, 3, H, W) on the CPU."""
+    """z (N, latent_dim) [, labels y (N, K), or one row (1, K) for every face] -> images (N, 3, H, W) on the CPU.
+    A conditional model given no y decodes every face with one uniform row (seed 0): faces differ only in z."""
     G, dev = models.generator(nets), next(nets.parameters()).device
-    if y is None:
-        y = random_labels(nets, len(z), torch.Generator().manual_seed(0))
-    part = lambda t, i: None if t is None else t[i:i + batch].to(dev)  # noqa: E731
+    y = random_labels(nets, 1, torch.Generator().manual_seed(0)) if y is None else y
+    part = lambda t, i: None if t is None else t.expand(len(z), -1)[i:i + batch].to(dev)  # noqa: E731
     return torch.cat([G(part(z, i), part(y, i)).float().cpu() for i in range(0, len(z), batch)])
 
 OUT_KINDS = {".png": (".png", ".jpg", ".jpeg", ".webp", ".bmp"), ".gif": (".gif",), ".json": (".json",)}
@@ -81,6 +81,8 @@ def out_path(args, name):
     """--out, or `name` in the run folder; a --out that cannot be that kind of file is a UsageError."""
     path = args.out or os.path.join(data.run_folder(args.run), name)
     kinds, folder = OUT_KINDS[os.path.splitext(name)[1]], os.path.dirname(os.path.abspath(path))
+    if re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", path):  # "wrote PATH" must stay one honest line
+        raise UsageError(f"--out {path!r}: a file name with a control character (newline, tab, ...) is refused")
     if os.path.isdir(path):
         raise UsageError(f"--out {path} is a folder: name a {kinds[0]} file in it")
     if os.path.splitext(path)[1].lower() not in kinds:
@@ -133,6 +135,8 @@ def cmd_attributes(args):
     if args.attr not in info:
         raise UsageError(f"--attr must be one of {', '.join(info)}; got {args.attr!r}")
     k, values = list(info).index(args.attr), info[args.attr]
+    if len(values) * args.n > 4096:
+        raise UsageError(f"--attr {args.attr} has {len(values)} values: --n {args.n} per row makes too many faces")
     z = noise(nets, args.n, torch.Generator().manual_seed(args.seed))
     y = torch.zeros(len(values), args.n, len(info), dtype=torch.long)
     for j, v in parse_labels(args.label, info).items():
@@ -147,33 +151,49 @@ def cmd_std_sweep(args):
     small std gives 'prototypical' faces, large std unusual ones (the LFW report, figs 12-13)."""
     nets, _ = open_run(args)
     print("rows: std " + ", ".join(f"{s:g}" for s in args.stds))
-    eps = noise(nets, args.n, torch.Generator().manual_seed(args.seed))
-    return save(decode(nets, torch.cat([s * eps for s in args.stds])), args, "std_sweep.png", args.n,
+    g = torch.Generator().manual_seed(args.seed)
+    eps, y = noise(nets, args.n, g), random_labels(nets, args.n, g)      # conditional: one label row per column
+    y = None if y is None else y.repeat(len(args.stds), 1)
+    return save(decode(nets, torch.cat([s * eps for s in args.stds]), y), args, "std_sweep.png", args.n,
                 row_labels=[f"std {s:g}" for s in args.stds])
 
 def encoder(nets, command):
-    """The run's autoencoder; conditional ones are refused (q(z|x, y) needs labels these commands do not load)."""
+    """The run's autoencoder (a conditional one, q(z|x, y), is given the images' labels: run_split)."""
     if "vae" not in nets:
         raise UsageError(f"{command} needs an encoder (autoencoders, vaegan) and this run is a GAN; "
                          "use sample, interpolate, std-sweep or evaluate")
-    if nets["vae"].classes:
-        raise UsageError(f"{command} does not handle conditional autoencoders; use sample, attributes or control")
     return nets["vae"]
 
+def run_split(cfg, command):
+    """A run's images and labels split as it trained -> (train_x, test_x, train_y, test_y), the labels None for
+    an unconditional run. `command` needs held-out images: a run that kept none (test_fraction 0) is refused."""
+    train_x, test_x = data.run_data(cfg)
+    train_y, test_y, _ = data.run_labels(cfg) if cfg.get("labels") else (None, None, None)
+    if not len(test_x):
+        raise UsageError(f"{command} needs held-out test images and this run kept none (its test_fraction is 0)")
+    return train_x, test_x, train_y, test_y
+
 @torch.no_grad()
-def encode_dataset(vae, images, batch=256):
-    """uint8 images -> the means mu of q(z|x), (N, latent_dim), on the CPU."""
+def encode_dataset(vae, images, labels=None, batch=256):
+    """uint8 images [, their labels (conditional)] -> the means mu of q(z|x[, y]), (N, latent_dim), on the CPU."""
     dev = next(vae.parameters()).device
-    return torch.cat([vae.encode(to_float(images[i:i + batch], dev))[0].float().cpu()
+    y = lambda i: None if labels is None else labels[i:i + batch].to(dev)  # noqa: E731
+    return torch.cat([vae.encode(to_float(images[i:i + batch], dev), y(i))[0].float().cpu()
                       for i in range(0, len(images), batch)])
 
 def cmd_reconstruct(args):
     """Rows of --nrow test images (the run's test split, or --data), each over its reconstructions decode(mu)."""
     nets, cfg = open_run(args)
     vae = encoder(nets, "reconstruct")
-    images = (data.load_images(args.data, tuple(cfg["image_size"]), verbose=False) if args.data
-              else data.run_data(cfg)[1])[:args.n]
-    x, x_hat, ncol = to_float(images), decode(nets, encode_dataset(vae, images)), min(args.nrow, len(images))
+    if args.data and vae.classes:
+        raise UsageError("reconstruct --data: this conditional autoencoder needs each image's labels and those "
+                         "images carry none; leave out --data to use the run's labelled test images")
+    if args.data:
+        images, y = data.load_images(args.data, tuple(cfg["image_size"]), verbose=False)[:args.n], None
+    else:
+        _, test, _, test_y = run_split(cfg, "reconstruct")
+        images, y = test[:args.n], None if test_y is None else test_y[:args.n]
+    x, x_hat, ncol = to_float(images), decode(nets, encode_dataset(vae, images, y), y), min(args.nrow, len(images))
     pad = -torch.ones(-len(x) % ncol, *x.shape[1:])                 # black, to fill the last row
     grid = torch.stack([torch.cat([t, pad]).view(-1, ncol, *x.shape[1:]) for t in (x, x_hat)], 1).flatten(0, 2)
     return save(grid, args, "reconstruct.png", ncol, row_labels=["input", "reconstruction"] * (len(grid) // (2 * ncol)))
@@ -202,15 +222,18 @@ def cmd_interpolate(args):
     nets, cfg = open_run(args)
     g, encode = torch.Generator().manual_seed(args.seed), "vae" in nets and not args.noise
     if encode:
-        vae, test = encoder(nets, "interpolate"), data.run_data(cfg)[1]
+        vae, (_, test, _, test_y) = encoder(nets, "interpolate"), run_split(cfg, "interpolate")
         if len(test) < 2:
             raise UsageError("interpolate needs at least 2 test images")
         ia = torch.randint(len(test), (args.rows,), generator=g)
         ib = (ia + torch.randint(1, len(test), (args.rows,), generator=g)) % len(test)   # never ia
-        za, zb = encode_dataset(vae, test[ia]), encode_dataset(vae, test[ib])
+        ya, yb = (None, None) if test_y is None else (test_y[ia], test_y[ib])
+        za, zb, y = encode_dataset(vae, test[ia], ya), encode_dataset(vae, test[ib], yb), ya
     else:
         za, zb = (noise(nets, args.rows, g, args.std) for _ in "ab")
-    x = decode(nets, interpolation_path(za, zb, args.steps, args.slerp).flatten(0, 1)).unflatten(0, (args.rows, -1))
+        y = random_labels(nets, args.rows, g)
+    y = None if y is None else y.repeat_interleave(args.steps, 0)  # a conditional row keeps A's labels: only z moves
+    x = decode(nets, interpolation_path(za, zb, args.steps, args.slerp).flatten(0, 1), y).unflatten(0, (args.rows, -1))
     ends = ["t=0" if encode else "z_A\nt=0", *[""] * (args.steps - 2), "t=1" if encode else "z_B\nt=1"]
     if encode:
         x = torch.cat([to_float(test[ia])[:, None], x, to_float(test[ib])[:, None]], 1)
@@ -233,39 +256,55 @@ def cmd_gif(args):
 # --- Latent PCA (the LFW report): order the latent directions by how much the data's codes vary along them ---
 
 def latent_pca(codes):
-    """PCA of codes (N, d) -> (mean (d,), components (k, d), sigma (k,)), k = min(N, d):
+    """PCA of codes (N, d), N >= 2 -> (mean (d,), components (k, d), sigma (k,)), k = min(N − 1, d) (the rank):
 
         codes − mean = U S Vᵀ (torch.linalg.svd),  component j = row j of Vᵀ,  sigma_j = S_j / √(N − 1)
 
     sigma_j is the std of the codes along component j, descending. Every component is kept: "the gain lies in
     the ordering of these dimensions by variance". Each is signed so that its largest entry is positive."""
-    mean = codes.mean(0)
+    if len(codes) < 2:
+        raise UsageError(f"a PCA needs at least 2 codes (training images); got {len(codes)}")
+    mean, k = codes.mean(0), min(len(codes) - 1, codes.shape[1])
     _, S, Vh = torch.linalg.svd(codes - mean, full_matrices=False)
+    S, Vh = S[:k], Vh[:k]
     sign = torch.sign(Vh.gather(1, Vh.abs().argmax(1, keepdim=True)))
-    return mean, Vh * sign, S / math.sqrt(max(len(codes) - 1, 1))
+    return mean, Vh * sign, S / math.sqrt(len(codes) - 1)
 
 def from_pca(mean, components, sigma, coeffs):
     """Coefficients (B, K) in std units -> codes z = mean + Σ_j c_j sigma_j v_j."""
     return mean + (coeffs * sigma[:coeffs.shape[1]]) @ components[:coeffs.shape[1]]
 
-def fit_pca(nets, train_images=None, n_noise=4096, seed=0):
-    """The PCA of the training images' codes μ; for a GAN (no encoder), of n_noise draws z ~ N(0, I)."""
+def fit_pca(nets, train_images=None, n_noise=4096, seed=0, labels=None):
+    """The PCA of the training images' codes μ (a CVAE's: given labels); a GAN's: of n_noise draws z ~ N(0, I)."""
     if "vae" in nets:
-        return latent_pca(encode_dataset(encoder(nets, "pca"), train_images))
+        return latent_pca(encode_dataset(encoder(nets, "pca"), train_images, labels))
     return latent_pca(noise(nets, n_noise, torch.Generator().manual_seed(seed)))
 
-def variance_share(sigma):  # of each principal component
-    return sigma ** 2 / (sigma ** 2).sum()
+def variance_share(sigma):  # of each principal component (all 0 if the codes do not vary)
+    return sigma ** 2 / (sigma ** 2).sum().clamp_min(1e-30)
 
-def pca_traversal(nets, basis, K, steps, span):
-    """Row j walks component j over ±span of its std, the others at the mean code -> (images, row, column labels)."""
+def start_code(nets, f, mean, faces=None, labels=None):
+    """Start face f -> (z (d,), labels (1, K) or None): 'mean' the mean code (decode's default labels); else held-out
+    image f's μ with its labels (autoencoders: faces, labels) or z ~ N(0, I) and uniform labels seeded by f (GANs)."""
+    if f == "mean":
+        return mean, None
+    if faces is None:
+        g = torch.Generator().manual_seed(int(f))
+        return noise(nets, 1, g)[0], random_labels(nets, 1, g)
+    y = None if labels is None else labels[int(f)][None]
+    return encode_dataset(nets["vae"], faces[int(f)][None], y)[0], y
+
+def pca_traversal(nets, basis, K, steps, span, start=None, y=None):
+    """Row j walks component j over ±span of its std around the code `start` (default: the mean code), the others
+    fixed, every face decoded with the labels y -> (images, row labels, column labels)."""
     mean, components, sigma = basis
     K, c = min(K, len(sigma)), torch.linspace(-span, span, steps)
     coeffs = torch.zeros(K, steps, K)
     coeffs[torch.arange(K), :, torch.arange(K)] = c
     rows = [f"PC{j + 1}\n{100 * s:.1f}% var" for j, s in enumerate(variance_share(sigma)[:K].tolist())]
-    cols = [f"{v:+.3g}\nsd" if v else "mean" for v in c.tolist()]
-    return decode(nets, from_pca(mean, components, sigma, coeffs.flatten(0, 1))), rows, cols
+    cols = [f"{v:+.3g}\nsd" if v else "mean" if start is None else "start" for v in c.tolist()]
+    z0 = mean if start is None else start
+    return decode(nets, from_pca(z0, components, sigma, coeffs.flatten(0, 1)), y), rows, cols
 
 def explorer_about(run, cfg, n_train, latent_size):
     """The explorer page's text about a run (n_train: training images the PCA saw; None for a GAN)."""
@@ -285,19 +324,24 @@ def explorer_about(run, cfg, n_train, latent_size):
                       ["latent size", str(latent_size)], ["image", f"{H}×{W}"]]}
 
 def cmd_pca(args):
-    """Row j walks principal component j of the codes from −range to +range of its std, the others at the mean
-    code (the LFW report's latent PCA). --serve then opens the slider explorer on 127.0.0.1."""
+    """Row j walks principal component j of the codes over ±range of its std around a face, not the mean code (a
+    blob; a GAN's z = 0, black): held-out test image #(--seed mod N)'s code, or a GAN's z ~ N(0, I) seeded by --seed
+    (the LFW report's latent PCA). --serve then opens the slider explorer on 127.0.0.1."""
     nets, cfg = open_run(args)
-    train_images, test_images = data.run_data(cfg) if "vae" in nets else (None, None)
-    basis = fit_pca(nets, train_images, seed=args.seed)
-    images, rows, cols = pca_traversal(nets, basis, args.components, args.steps, args.range)
-    path = save(images, args, "pca.png", args.steps, row_labels=rows, col_labels=cols)
+    train_images, test_images, train_y, test_y = run_split(cfg, "pca") if "vae" in nets else (None,) * 4
+    basis = fit_pca(nets, train_images, seed=args.seed, labels=train_y)
+    f = str(args.seed % (2 ** 31 if test_images is None else len(test_images)))
+    z0, y0 = start_code(nets, f, basis[0], test_images, test_y)
+    images, rows, cols = pca_traversal(nets, basis, args.components, args.steps, args.range, z0, y0)
+    title = f"around {'z ~ N(0, I), seed ' if test_images is None else 'held-out test image #'}{f}"
+    path = save(images, args, "pca.png", args.steps, row_labels=rows, col_labels=cols, title=title)
     about = explorer_about(args.run, cfg, None if train_images is None else len(train_images), len(basis[0]))
     if train_images is None:
         print(about["basis"])
     print("variance explained: " + ", ".join(r.replace("\n", " ").replace(" var", "") for r in rows))
     if args.serve:
-        server = make_server(Explorer(nets, basis, about, test_images, args.components, args.range), port=args.port)
+        explorer = Explorer(nets, basis, about, test_images, args.components, args.range, labels=test_y, start=f)
+        server = make_server(explorer, port=args.port)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C may come as soon as the address is printed
             print(f"explorer at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops it)", flush=True)
             server.serve_forever()
@@ -403,11 +447,12 @@ def png_bytes(x):
     return buf.getvalue()
 
 class Explorer:
-    """The explorer's pictures, a method per route. faces: the held-out test images (uint8), None for a GAN. The
-    server's threads share it; the nets run under a lock (torch modules are not promised to be thread-safe)."""
-    def __init__(self, nets, pca, about, faces=None, k=8, span=3.0, n_ticks=7, n_starts=12):
-        self.nets, self.pca, self.faces, self.lock = nets, pca, faces, threading.Lock()
-        self.k, self.span = min(k, len(pca[2])), span
+    """The explorer's pictures, a method per route. faces: the held-out test images (uint8), None for a GAN; labels:
+    theirs (a CVAE); start: the face a query without f shows. The server's threads share it; the nets run under a
+    lock (torch modules are not promised to be thread-safe)."""
+    def __init__(self, nets, pca, about, faces=None, k=8, span=3.0, n_ticks=7, n_starts=12, labels=None, start="0"):
+        self.nets, self.pca, self.faces, self.labels, self.start = nets, pca, faces, labels, str(start)
+        self.k, self.span, self.lock = min(k, len(pca[2])), span, threading.Lock()
         self.n_faces = 2 ** 31 if faces is None else len(faces)
         self.ticks = torch.linspace(-span, span, n_ticks)
         h, w = decode(nets, pca[0][None]).shape[2:]
@@ -425,7 +470,7 @@ class Explorer:
         if pairs is None or len(dict(pairs)) < len(pairs) or not {k for k, _ in pairs} <= set(names):
             raise ValueError(f"the query takes name=value pairs, each of {', '.join(names)} at most once")
         q = dict(pairs)
-        f, c = q.get("f", "mean"), q.get("c", "")
+        f, c = q.get("f", self.start), q.get("c", "")
         if f != "mean" and not (re.fullmatch(r"\d{1,10}", f, re.ASCII) and int(f) < self.n_faces):
             raise ValueError(f"f is 'mean' or a whole number below {self.n_faces}")
         c = c.split(",") if c else []
@@ -438,9 +483,8 @@ class Explorer:
         """Coefficient rows (B, K) -> faces decode(z_f + Σ_j c_j σ_j v_j), (B, 3, H, W)."""
         mean, components, sigma = self.pca
         with self.lock:
-            z_f = (mean if f == "mean" else noise(self.nets, 1, torch.Generator().manual_seed(int(f)))[0]
-                   if self.faces is None else encode_dataset(self.nets["vae"], self.faces[int(f)][None])[0])
-            return decode(self.nets, from_pca(z_f, components, sigma, coeffs))
+            z_f, y = start_code(self.nets, f, mean, self.faces, self.labels)
+            return decode(self.nets, from_pca(z_f, components, sigma, coeffs), y)
 
     def face_png(self, query):
         f, c, _ = self.state(query)
@@ -507,7 +551,7 @@ def make_server(explorer, port=0):
 
 # --- Metrics 1: likelihood bounds for the VAEs, nats per image ----------------------------------------------
 
-def log_weights(vae, x, obs_std, k, generator, batch=256):
+def log_weights(vae, x, obs_std, k, generator, batch=256, y=None):
     """Log importance weights (B, k) of k posterior samples per image (Burda et al. 2016):
 
         z_i = mu + sigma ⊙ eps_i,   eps = randn(k, B, d, generator)   (models.reparameterize)
@@ -515,13 +559,14 @@ def log_weights(vae, x, obs_std, k, generator, batch=256):
         log p(x|z) = −losses.gaussian_nll(x, x_hat, σ) per image
         log p(z) = −½ Σ (z² + log 2π),   log q(z|x) = −½ Σ (eps² + logvar + log 2π)
 
-    Each log w_i is an unbiased one-sample estimate of the ELBO; σ = obs_std. `batch`: samples per decoder call."""
-    mu, logvar = vae.encode(x)
+    Each log w_i is an unbiased one-sample estimate of the ELBO; σ = obs_std. `batch`: samples per decoder call.
+    A CVAE (labels y): q(z|x, y), p(x|z, y), the same p(z), so the bound is on log p(x|y)."""
+    mu, logvar = vae.encode(x, y)
     eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     c, out = 0.5 * math.log(2 * math.pi), []
     for e in eps.split(max(1, batch // len(x))):                       # (j, B, d)
         z = models.reparameterize(mu, logvar, e)                       # (j, B, d)
-        x_hat = vae.decode(z.flatten(0, 1)).to(x.dtype)                # (j·B, C, H, W)
+        x_hat = vae.decode(z.flatten(0, 1), None if y is None else y.repeat(len(e), 1)).to(x.dtype)  # (j·B, C, H, W)
         x_rep = x.expand(len(e), *x.shape).flatten(0, 1)
         log_px_z = -losses.gaussian_nll(x_rep, x_hat, obs_std, reduction="none").view(len(e), len(x))
         out.append(log_px_z - (0.5 * z ** 2 + c).sum(2) + (0.5 * e ** 2 + 0.5 * logvar + c).sum(2))
@@ -543,11 +588,12 @@ def likelihood_std(cfg):
     return cfg["obs_std"] if cfg["recon"] == "gnll" else math.sqrt(0.5)
 
 @torch.no_grad()
-def likelihood_bounds(vae, images, obs_std, k, seed, batch=64):
-    """Test images (uint8) -> (−ELBO, −L_k) in nats per image, both from the same k draws per image."""
+def likelihood_bounds(vae, images, obs_std, k, seed, batch=64, labels=None):
+    """Test images (uint8) [, a CVAE's labels] -> (−ELBO, −L_k) in nats per image, both from the same k draws."""
     dev = next(vae.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
-    lw = torch.cat([log_weights(vae, to_float(images[i:i + batch], dev), obs_std, k, g).double()
+    y = lambda i: None if labels is None else labels[i:i + batch].to(dev)  # noqa: E731
+    lw = torch.cat([log_weights(vae, to_float(images[i:i + batch], dev), obs_std, k, g, y=y(i)).double()
                     for i in range(0, len(images), batch)])
     return -lw.mean().item(), -iw_bound(lw).mean().item()
 
@@ -634,16 +680,17 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
     images, beside the floor (a training subset against them), averaged over `draws` draws (seeds seed, seed + 1,
     ...; one draw swings by a third). nearest_train_rms: samples' and test images' distance to the nearest training
     image; a ratio well below 1 means copying (or blur toward the mean face). likelihood (VAEs): test −ELBO, −L_k in
-    bits/dim = nats / (D ln 2), D = 3 H W, x in [-1, 1]^D, N(x_hat, σ² I), σ: likelihood_std (8-bit: + log2 127.5)."""
-    train_x, test_x = data.run_data(cfg)
+    bits/dim = nats / (D ln 2), D = 3 H W, x in [-1, 1]^D, N(x_hat, σ² I), σ: likelihood_std (8-bit: + log2 127.5).
+    Conditional runs: the samples get the n test images' labels, the bounds are on log p(x|y) of the test images."""
+    train_x, test_x, _, test_y = run_split(cfg, "evaluate")
     n, dev, mean = min(n, len(test_x), len(train_x)), next(nets.parameters()).device, lambda v: sum(v) / len(v)
     if n < 2:
         raise UsageError("evaluate needs at least 2 test and 2 training images")
-    real, each = to_float(test_x[:n], dev), []
+    real, y, each = to_float(test_x[:n], dev), None if test_y is None else test_y[:n], []
     for d in range(draws):
         g = torch.Generator().manual_seed(seed + d)
         floor = to_float(train_x[torch.randperm(len(train_x), generator=g)[:n]], dev)
-        fake = decode(nets, noise(nets, n, g)).to(dev)
+        fake = decode(nets, noise(nets, n, g), y).to(dev)
         each.append([swd_pyramid(x, real, torch.Generator().manual_seed(seed + d), patches, projections)
                      for x in (fake, floor)])                                 # [model, floor] per level
         if d == 0:                                                               # the first draw's samples
@@ -651,16 +698,17 @@ def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws
     model, floor = ([mean(levels) for levels in zip(*(e[i] for e in each))] for i in (0, 1))
     H, W = cfg["image_size"]
     report = {"run": cfg["checkpoint"], "model": cfg["model"], "trained_steps": cfg["trained_steps"], "n": n,
-              "seed": seed, "swd_x1e3": {"level_px": [H >> i for i in range(len(model))], "draws": draws,
-                                         "samples_vs_test": model, "train_vs_test": floor,
-                                         "samples_vs_test_mean": mean(model), "train_vs_test_mean": mean(floor),
-                                         "ratio_each": [sum(m) / sum(f) for m, f in each]},
+              "n_test": len(test_x), "seed": seed,
+              "swd_x1e3": {"level_px": [H >> i for i in range(len(model))], "draws": draws,
+                           "samples_vs_test": model, "train_vs_test": floor,
+                           "samples_vs_test_mean": mean(model), "train_vs_test_mean": mean(floor),
+                           "ratio": mean(model) / mean(floor), "ratio_each": [sum(m) / sum(f) for m, f in each]},
               "nearest_train_rms": {f"{who}_{stat}": getattr(t, stat)().item()
                                     for who, t in zip(("samples", "test"), near) for stat in ("median", "mean")}}
     report["nearest_train_rms"]["ratio_median"] = (near[0].median() / near[1].median()).item()
-    if "vae" in nets and nets["vae"].variational and not nets["vae"].classes:  # q(z|x, y) needs labels: no bound
+    if "vae" in nets and nets["vae"].variational:
         sigma, bpd = likelihood_std(cfg), lambda nats: nats / (3 * H * W * math.log(2))
-        elbo, iw = likelihood_bounds(nets["vae"], test_x[:n], sigma, k, seed)
+        elbo, iw = likelihood_bounds(nets["vae"], test_x[:n], sigma, k, seed, labels=y)
         report["likelihood"] = {"obs_std": sigma, "k": k, "neg_elbo_nats": elbo, "neg_iw_nats": iw,
                                 "neg_elbo_bpd": bpd(elbo), "neg_iw_bpd": bpd(iw)}
     return report
@@ -677,13 +725,17 @@ def cmd_evaluate(args):
             ("nearest-train RMS, mean", nn["samples_mean"], nn["test_mean"])] + ([
              ("test -ELBO, bits/dim", lik["neg_elbo_bpd"], None),
              (f"test -IW bound k={args.k}, bits/dim", lik["neg_iw_bpd"], None)] if lik else [])
-    head = f"{r['model']}: {r['n']} samples / test / training images, SWD over {s['draws']} draws"
+    head, n = f"{r['model']}: {r['n']} samples / test / training images, SWD over {s['draws']} draws", r["n"]
     print(f"  {head:44s} {'model':>10s} {'real floor':>10s}")
     for name, v, floor in rows:
         print(f"  {name:44s} {v:10.4g} {'' if floor is None else format(floor, '10.4g'):>10s}")
-    print(f"  SWD ratio model/floor per draw: {', '.join(f'{x:.2f}' for x in s['ratio_each'])}\n"
-          f"  nearest-train ratio samples/test {nn['ratio_median']:.3f} (< 1: closer to training faces than "
-          f"held-out faces are)\nwrote {path}")
+    print(f"  nearest-train ratio samples/test {nn['ratio_median']:.3f} (< 1: closer to training faces than held-out "
+          f"faces are)\nSWD {s['ratio']:.2f}x the real-vs-real floor (1x = as close to the test faces as training faces"
+          f" are; lower is better), from {n} samples; per draw {', '.join(f'{x:.2f}' for x in s['ratio_each'])}")
+    if n < max(args.n, 128):  # fewer than asked (a small test split), or too few to trust
+        print(f"warning: SWD from {n} samples (--n {args.n}, {r['n_test']} test images)"
+              + ("; under 128 samples it is too noisy to trust" if n < 128 else ""), file=sys.stderr)
+    print(f"wrote {path}")
     return path
 
 # --- Metrics 3: control of a conditional model, the classification accuracy score (CAS) per label -----------
@@ -751,13 +803,14 @@ def cmd_control(args):
     print(f"wrote {path}")
     return path
 
-# --- Command line: every size and count is bounded, so a typo fails at once, not after loading the run ---
+# --- Command line: every size and count is bounded, so a typo fails at once, not after loading the run; a picture
+# holds at most ~4096 faces (std-sweep 256 x 16, interpolate 64 x 66, pca 64 x 64), evaluate 4096 x 128 patches a set
 
 def between(kind, lo, hi):
     return data.checked(kind, lambda v: lo <= v <= hi, f"in {lo}..{hi}")
 
-std_list = data.checked(lambda s: [data.non_negative(x) for x in s.split(",")], lambda v: len(v) <= 64,
-                        "1 to 64 comma-separated stds")
+std_list = data.checked(lambda s: [data.non_negative(x) for x in s.split(",")], lambda v: len(v) <= 16,
+                        "1 to 16 comma-separated stds")
 std_list.__name__ = "comma-separated std"  # argparse: "invalid comma-separated std value: '1,x'"
 FACES, ROW = between(int, 1, 4096), between(int, 1, 256)   # faces in one grid; faces in a grid row
 RUN = [("run", dict(metavar="RUN", help="run folder (its last.pt) or a checkpoint file")),
@@ -777,7 +830,7 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--nrow", dict(type=ROW, default=8, help="images per row")),
         ("--data", dict(help="folder or .zip of images instead of the run's test split"))]),
     "interpolate": (cmd_interpolate, "interpolations between encoded test images or noise", [
-        ("--rows", dict(type=ROW, default=4, help="number of interpolations")),
+        ("--rows", dict(type=between(int, 1, 64), default=4, help="number of interpolations")),
         ("--steps", dict(type=between(int, 2, 64), default=8, help="decoded faces per row, t = 0 ... 1")),
         ("--slerp", dict(action="store_true", help="spherical instead of linear interpolation")),
         ("--noise", dict(action="store_true", help="autoencoders: between noise, not test images")),
@@ -797,7 +850,7 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
     "evaluate": (cmd_evaluate, "SWD, nearest-training-image distance, bits/dim -> evaluate.json", [
         ("--n", dict(type=between(int, 2, 4096), default=512, help="samples and test images compared")),
         ("--k", dict(type=between(int, 1, 1024), default=16, help="importance samples per test image (VAEs)")),
-        ("--patches", dict(type=between(int, 1, 512), default=128, help="7x7 patches per image and level")),
+        ("--patches", dict(type=between(int, 1, 128), default=128, help="7x7 patches per image and level")),
         ("--projections", dict(type=between(int, 1, 8192), default=512, help="SWD random directions")),
         ("--draws", dict(type=between(int, 1, 64), default=4, help="SWD averaged over draws of all its samples"))]),
     "attributes": (cmd_attributes, "conditional runs: rows = the values of one attribute, columns = the same z", [
@@ -831,8 +884,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a write that failed after the checks (disk full, ...)
-        print(f"error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+    except OSError as e:  # a write that failed after the checks (disk full, ...): the cause and the file, one line
+        why = (f"{e.strerror}: {e.filename}" if e.filename else e.strerror) if e.strerror else str(e)
+        print(f"error: {why}".replace("\n", " "), file=sys.stderr)
         return 1
     return 0
 

@@ -135,6 +135,21 @@ def test_face_strip_and_start_thumbnail_follow_the_components_from_a_test_face(v
     np.testing.assert_array_equal(pixels(mean_face), as_pixels(facegen.decode(nets, mean[None])))
 
 
+def test_a_query_without_f_opens_on_a_face_not_the_mean_code(vae, runs):
+    """Autoencoders: the start test face's code (0 unless given); GANs: z ~ N(0, I) seeded by it. The mean code
+    decodes to a blob (a GAN's z = 0 to black) and stays one of the start choices."""
+    explorer, nets, test_images, _, url = vae
+    mu0 = facegen.encode_dataset(nets["vae"], test_images[:1])
+    assert page_info(get(f"{url}/?c=1")[2])["f"] == "0"
+    np.testing.assert_array_equal(pixels(get(f"{url}/face.png")[2]), as_pixels(facegen.decode(nets, mu0)))
+    np.testing.assert_array_equal(pixels(get(f"{url}/face.png?f=mean")[2]),
+                                  as_pixels(facegen.decode(nets, explorer.pca[0][None])))
+    gan, g_nets, _ = make_explorer(runs / "dcgan", k=2, start=5)
+    z5 = torch.randn(1, 100, generator=torch.Generator().manual_seed(5))
+    assert page_info(gan.page(""))["f"] == "5"
+    np.testing.assert_array_equal(pixels(gan.face_png("")), as_pixels(facegen.decode(g_nets, z5)))
+
+
 def test_page_explains_the_run_and_carries_the_permalinks_state(vae, runs):
     explorer, _, test_images, _, url = vae
     status, headers, body = get(f"{url}/?f=3&c=1.5,-1")
@@ -195,9 +210,11 @@ def test_port_outside_0_65535_is_refused_before_loading_the_run(runs, port, caps
 
 
 def test_serve_from_the_shell_on_port_0_then_ctrl_c(runs):
+    # SIGINT made deliverable in the child: a non-interactive shell starts a background job (pytest &) with
+    # SIGINT ignored, and a child inherits that.
     p = subprocess.Popen([sys.executable, "facegen.py", "pca", str(runs / "vae-lrelu"), "--serve", "--port", "0",
                           "--out", str(runs / "serve-pca.png")], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         out, deadline = b"", time.monotonic() + 300
         while b"(Ctrl-C" not in out:

@@ -1,6 +1,7 @@
 """facegen.py: every command writes the picture it promises, refusals are one clear line, and the
 metrics agree with closed forms (a linear-Gaussian VAE, shifted image sets, exact copies).
 One tiny VAE and one tiny DCGAN run are trained once for the whole module (32x32, CPU)."""
+import io
 import json
 import math
 
@@ -94,6 +95,8 @@ def test_every_command_has_help():
                                   ["pca", "--steps", "65"], ["pca", "--port", "70000"],
                                   ["pca", "--port", "-1"], ["pca", "--range", "inf"], ["interpolate", "--steps", "1"],
                                   ["std-sweep", "--stds", ",".join(["1"] * 65)], ["evaluate", "--k", "0"],
+                                  ["std-sweep", "--stds", ",".join(["1"] * 17)], ["interpolate", "--rows", "65"],
+                                  ["evaluate", "--patches", "129"],
                                   ["sample", "--seed", "-1"], ["gif", "--hold-last-ms", "100000000"]])
 def test_sizes_and_counts_are_bounded_at_parse_time(argv, capsys):
     """Refused by argparse (exit 2, naming the flag) before any run is loaded: RUN need not exist."""
@@ -179,13 +182,20 @@ def test_std_sweep_rows_differ_only_by_scale(runs, tmp_path):
     assert np.array_equal(t[1], t[2]) and not np.array_equal(t[1, 0], t[1, 1])  # same eps per column
 
 
-def test_pca_grid_walks_components_around_the_mean(runs):
-    assert run_cli("pca", runs["vae"], "--components", 4, "--steps", 5) == 0
-    path = runs["vae"] / "pca.png"
+@pytest.mark.parametrize("model", ["vae", "dcgan"])
+def test_pca_grid_walks_components_around_a_face_not_the_mean_code(runs, model):
+    """The centre column is a held-out test face's code (autoencoders: image --seed mod N) or z ~ N(0, I) with
+    seed --seed (GANs): the mean code decodes to a blob, and a GAN's z = 0 to a black face."""
+    assert run_cli("pca", runs[model], "--components", 4, "--steps", 5, "--seed", 1) == 0
+    path = runs[model] / "pca.png"
     assert has_grid(path, 20, 5) and Image.open(path).size != grid_size(20, 5)  # labelled: PC k, -3 sd ...
     t = tiles(path, 4, 5)
-    assert all(np.array_equal(t[0, 2], t[r, 2]) for r in range(4))  # centre column: the mean code
+    assert all(np.array_equal(t[0, 2], t[r, 2]) for r in range(4))  # centre column: the start face
     assert not np.array_equal(t[0, 0], t[0, 4])
+    nets, cfg = facegen.load_run(str(runs[model]))
+    z = (facegen.encode_dataset(nets["vae"], data.run_data(cfg)[1][1:2]) if model == "vae"
+         else torch.randn(1, 100, generator=torch.Generator().manual_seed(1)))
+    assert np.abs(t[0, 2].astype(int) - uint8_hwc(facegen.decode(nets, z)[0]).astype(int)).max() <= 1
 
 
 def test_pca_traversal_labels_rows_by_variance_and_columns_by_sd(runs):
@@ -335,12 +345,12 @@ class LinearGaussian(torch.nn.Module):
         self.shift, self.scale = shift, scale
         self.register_buffer("dummy", torch.zeros(1, dtype=torch.float64))
 
-    def encode(self, x):
+    def encode(self, x, y=None):
         prec = 1 + (self.W ** 2).sum(0) / self.s ** 2                 # diagonal of I + WᵀW / s²
         mu = (x - self.b) @ self.W / self.s ** 2 / prec
         return mu + self.shift, torch.log(self.scale ** 2 / prec).expand_as(mu)
 
-    def decode(self, z):
+    def decode(self, z, y=None):
         return z @ self.W.T + self.b
 
     def log_px(self, x):
@@ -433,7 +443,7 @@ def test_evaluate_averages_its_swd_over_draws_of_consecutive_seeds(runs):
 
 
 @pytest.mark.parametrize("model", ["vae", "dcgan"])
-def test_evaluate_writes_a_finite_report(runs, model, capsys):
+def test_evaluate_writes_a_finite_report_and_one_readable_verdict(runs, model, capsys):
     argv = ["evaluate", runs[model], "--n", 8, "--k", 3, "--patches", 16, "--projections", 64]
     assert run_cli(*argv) == 0
     r = json.loads((runs[model] / "evaluate.json").read_text())
@@ -444,9 +454,16 @@ def test_evaluate_writes_a_finite_report(runs, model, capsys):
                *nn.values()]
     assert all(math.isfinite(v) and v > 0 for v in numbers)
     assert s["samples_vs_test_mean"] > s["train_vs_test_mean"]        # untrained samples are far from faces
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "SWD x1e3, mean" in out and "nearest-train RMS, median" in out
     assert s["draws"] == 4 and len(s["ratio_each"]) == 4 and "per draw" in out
+    assert s["ratio"] == pytest.approx(s["samples_vs_test_mean"] / s["train_vs_test_mean"])
+    assert f"SWD {s['ratio']:.2f}x the real-vs-real floor" in out and "lower is better" in out and "from 8 samples" in out
+    assert err.count("warning: ") == 1 and "too noisy" in err and err.count("\n") == 1  # 8 samples: too few
+    argv[argv.index("--n") + 1] = 200                                 # more than the run's 13 test images
+    assert run_cli(*argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: SWD from 13 samples (--n 200, 13 test images)" in err and err.count("\n") == 1
     if model == "vae":
         lik = r["likelihood"]
         assert lik["k"] == 3 and lik["obs_std"] == 0.01
@@ -502,3 +519,90 @@ def test_control_reports_real_and_generated_accuracy_per_value(cond_run, tmp_pat
     gen = [v["generated"] for v in hair["values"].values()]
     assert all(0 <= g <= 1 and g * 4 == round(g * 4) for g in gen)       # shares of 4 faces
     assert hair["generated_balanced"] == pytest.approx(sum(gen) / 5)
+
+
+def test_pca_of_one_code_is_refused_and_of_few_keeps_their_rank():
+    with pytest.raises(data.UsageError, match="at least 2 codes"):
+        facegen.latent_pca(torch.randn(1, 8))
+    codes = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mean, V, sigma = facegen.latent_pca(codes)                       # 3 points span a plane: 2 components
+    assert V.shape == (2, 8) and (sigma > 0).all()
+    torch.testing.assert_close(((codes - mean) @ V.T) @ V, codes - mean)  # the plane holds every code
+    share = facegen.variance_share(sigma)
+    assert torch.isfinite(share).all() and share.sum().item() == pytest.approx(1)
+    assert facegen.variance_share(torch.zeros(2)).tolist() == [0, 0]  # codes that never vary: no nan
+
+
+def test_conditional_autoencoder_encodes_and_decodes_with_each_faces_labels(cond_run, tmp_path, capsys):
+    nets, cfg = facegen.load_run(str(cond_run))
+    _, test = data.run_data(cfg)
+    _, test_y, _ = data.run_labels(cfg)
+    vae = nets["vae"]
+
+    def own(i):                                                     # test face i's reconstruction, its labels
+        return facegen.decode(nets, facegen.encode_dataset(vae, test[i:i + 1], test_y[i:i + 1]), test_y[i:i + 1])[0]
+
+    def near(tile, x):
+        return np.abs(tile.astype(int) - uint8_hwc(x).astype(int)).max() <= 1
+    assert run_cli("reconstruct", cond_run, "--n", 3, "--nrow", 3, "--out", tmp_path / "r.png") == 0
+    t = tiles(tmp_path / "r.png", 2, 3)
+    assert all(near(t[1, i], own(i)) for i in range(3))            # decode(mu(x, y), y), y the face's own labels
+    assert run_cli("interpolate", cond_run, "--rows", 2, "--steps", 3, "--out", tmp_path / "i.png") == 0
+    t = tiles(tmp_path / "i.png", 2, 5)
+    for row in t:                                                   # A, t=0 ... t=1, B
+        a, b = (next(i for i in range(len(test)) if np.array_equal(row[c], test[i].permute(1, 2, 0).numpy()))
+                for c in (0, 4))
+        mu_b = facegen.encode_dataset(vae, test[b:b + 1], test_y[b:b + 1])
+        assert near(row[1], own(a)) and near(row[3], facegen.decode(nets, mu_b, test_y[a:a + 1])[0])  # A's labels
+    assert run_cli("pca", cond_run, "--components", 3, "--steps", 3, "--seed", 2, "--out", tmp_path / "p.png") == 0
+    t = tiles(tmp_path / "p.png", 3, 3)
+    assert all(near(t[r, 1], own(2)) for r in range(3))             # around test face 2, with its labels
+    explorer = facegen.Explorer(nets, facegen.fit_pca(nets, data.run_data(cfg)[0], labels=data.run_labels(cfg)[0]),
+                                {}, test, k=3, labels=test_y)
+    assert near(pixels(explorer.face_png("f=2&c=0")), own(2))
+    assert run_cli("std-sweep", cond_run, "--n", 3, "--stds", "1,1", "--out", tmp_path / "s.png") == 0
+    t = tiles(tmp_path / "s.png", 2, 3)
+    assert np.array_equal(t[0], t[1])                               # the same labels down each column
+    assert run_cli("evaluate", cond_run, "--n", 4, "--k", 2, "--patches", 8, "--projections", 16, "--draws", 1,
+                   "--out", tmp_path / "e.json") == 0
+    lik = json.loads((tmp_path / "e.json").read_text())["likelihood"]  # the bound on log p(x|y), test labels
+    assert math.isfinite(lik["neg_elbo_nats"]) and lik["neg_iw_nats"] <= lik["neg_elbo_nats"]
+    capsys.readouterr()
+    assert run_cli("reconstruct", cond_run, "--data", tmp_path, "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err                                   # images without labels
+    assert err.startswith("error: reconstruct --data") and err.count("\n") == 1 and not (tmp_path / "x.png").exists()
+
+
+def pixels(png_bytes):
+    return np.asarray(Image.open(io.BytesIO(png_bytes)).convert("RGB"))
+
+
+def test_a_run_without_held_out_images_says_so_in_one_line(runs, tmp_path, capsys):
+    state = torch.load(runs["vae"] / "last.pt", map_location="cpu", weights_only=True)
+    state["config"]["test_fraction"] = 0.0
+    torch.save(state, tmp_path / "last.pt")
+    for argv in (["evaluate"], ["reconstruct"], ["interpolate"], ["pca"]):
+        assert run_cli(*argv, tmp_path, "--out", tmp_path / ("x.json" if argv == ["evaluate"] else "x.png")) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {argv[0]} needs held-out test images and this run kept none (its test_fraction is 0)\n"
+    assert run_cli("interpolate", tmp_path, "--noise", "--out", tmp_path / "n.png") == 0  # noise needs none
+
+
+def test_out_with_a_control_character_is_refused(runs, tmp_path, capsys):
+    for name in ("a\nwrote b.png", "a\rb.png", "a\x1b[31mb.png"):
+        assert run_cli("sample", runs["dcgan"], "--n", 1, "--out", tmp_path / name) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out ") and "control character" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error,says", [(OSError(28, "No space left on device", "/d/p.gif"),
+                                         "No space left on device: /d/p.gif"),
+                                        (OSError(28, "No space left on device"), "No space left on device"),
+                                        (OSError("cannot write /d/p.gif: disk full"), "cannot write /d/p.gif: disk full")])
+def test_a_failed_write_is_one_line_with_the_cause_and_the_file(runs, tmp_path, monkeypatch, capsys, error, says):
+    def full(*args, **kw):
+        raise error
+    monkeypatch.setattr(data, "save_gif", full)
+    assert run_cli("gif", runs["dcgan"], "--out", tmp_path / "p.gif") == 1
+    assert capsys.readouterr().err == f"error: {says}\n"
