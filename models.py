@@ -156,7 +156,8 @@ def _vae(z, classes, enc, head, start, dec, out, norm="batch", act="relu", varia
 # ---- autoencoders ---------------------------------------------------------------------------
 def _vae_wuga(size, z, classes=()):
     """Wuga VAE: conv 5x5 s2 p2 -> BN -> ReLU x4; FC.1 Linear -> 2z with BN, identity activation;
-    decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh."""
+    decoder Linear -> 256 x H/8 x W/8 -> BN -> ReLU -> convT 5x5 s2 x3 -> convT s1 -> tanh. The report calls
+    the decoder "a mirror image of the encoder" but translated Wuga's code line by line: this is that code's."""
     enc, (c, h, w) = conv_stack((3, *size), [(c, 5, 2, 2) for c in (64, 128, 256, 512)],
                                 "batch", "relu")     # 64 x 32 x 32, 128 x 16 x 16, 256 x 8 x 8, 512 x 4 x 4
     head = nn.Sequential(nn.Linear(c * h * w + sum(classes), 2 * z), nn.BatchNorm1d(2 * z))  # 8192 -> [mu, logvar]
