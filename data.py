@@ -40,13 +40,15 @@ def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
     _loaded.clear()                                                 # one data set at a time: bounded memory
     if meta is None or (x is None and images):
         cache = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
-        x, first, first_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, cache / f"{kind}-{H}x{W}-{key[:20]}.npy")
-        if meta is None:
-            meta, hit = first, first_hit
+        npy = cache / f"{kind}-{H}x{W}-{key[:20]}.npy"
+        x, new, new_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy)
+        if meta is None:                                            # the first load's hit and warning stand
+            meta, hit = new, new_hit
             _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
     _loaded[key] = (None if images else x, meta, hit)
     if verbose:
-        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{' [cache hit]' if hit else ''}", flush=True)
+        tag = " [cache hit]" if hit else ""
+        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{tag}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone]
 
@@ -95,8 +97,7 @@ def check_enough(n, batch_size):   # a batch needs batch_size training images
         raise UsageError(f"only {n} training images for a batch size of {batch_size}: lower --batch-size or add images")
 
 class Batches:
-    """Shuffled, augmented batches of uint8 images moved once to `device`; each rank keeps its rows of one global
-    batch. weights (balance_weights): rows drawn with replacement by them."""
+    """Shuffled, augmented batches of images held on `device`; each rank keeps its rows of one global batch."""
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
                  device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
@@ -251,7 +252,7 @@ def save_grid(images, path, nrow=8, padding=2, **labels):
     (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
 
 def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None):
-    """A make_grid picture of (h, w) cells with row labels on the left, column labels above ("" none), a title on top."""
+    """A make_grid picture of (h, w) cells with labels left of its rows, above its columns ("" none) and a title."""
     (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
     kw = dict(font, fill="black")
     def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
@@ -269,8 +270,7 @@ def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=Non
     return out
 
 def plot_losses(rows, path, points=(), width=720, panel_h=140):
-    """loss.png: one panel per logged term against the optimizer step, from the steps.csv points or
-    the metrics.csv rows, whichever has more of it; log y axis when a positive term spans over 30x."""
+    """loss.png: a panel per logged term vs step, from points or rows (whichever has more); log y if it spans > 30x."""
     terms = {}
     for k in dict.fromkeys(k for r in [*rows, *points] for k in r if k not in ("epoch", "step", "images_per_s", "seconds")):
         per = [[(x, v) for r in rs if math.isfinite(x := _num(r.get("step"))) and math.isfinite(v := _num(r.get(k)))]
@@ -306,7 +306,7 @@ def epoch_frames(folder):
     return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
 
 def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image files (duration_ms: one, or one per frame) -> frames written; unreadable ones skipped."""
+    """An animated GIF of image files (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
     imgs, bad = {}, []
     for i, f in enumerate(frames):
         try:
@@ -359,8 +359,7 @@ def run_folder(path):   # a run folder itself, or the folder of a checkpoint fil
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings), [] if missing. Logs never stop a run: damaged lines (cut short,
-    epoch/step not integers, values not numbers) are skipped and an unreadable file is [], with one warning."""
+    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Damaged lines are skipped, with one warning."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
@@ -370,8 +369,7 @@ def read_csv(path):
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         warnings.warn(f"could not read {_show(path)} ({_why(e)}); going on without it", stacklevel=2)
         return []
-    whole = rows if text.endswith("\n") else rows[:-1]      # a last line with no line end was cut short
-    good = [r for r in whole if _log_row(r)]
+    good = [r for r in (rows if text.endswith("\n") else rows[:-1]) if _log_row(r)]   # no line end: cut short
     if len(good) < len(rows):
         warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {_show(path)}", stacklevel=2)
     return good
@@ -396,8 +394,7 @@ def write_json(path, obj):   # atomically (config.json, evaluate.json...)
 
 @contextlib.contextmanager
 def _atomic(path, mode="w", append=False):
-    """Written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves half a
-    file), or appended to and cut back. A failed write (disk full...) leaves path as it was and no temp file."""
+    """Written whole or not at all: a temp file renamed over path, or an append cut back; no temp file left behind."""
     tmp = path if append else f"{path}.{os.getpid()}.tmp"
     end = os.path.getsize(path) if append and os.path.exists(path) else 0       # where a failed append is cut
     try:
@@ -447,8 +444,7 @@ def _identify(source, size, n_synthetic, seed):
     return kind, path, names, skipped, key.hexdigest()
 
 def _list_folder(root):
-    """-> (sorted image names below root, [[folder, why]] of folders we may not list); links followed, each folder
-    once (a link back up is no loop). Dangling links and non-regular files are listed: decoding counts them."""
+    """-> (sorted image names below root, [[folder, why]] unlisted); links followed, each folder once (no loops)."""
     names, skipped, seen = [], [], set()
 
     def refused(e):                                   # os.walk could not list a folder
@@ -500,8 +496,7 @@ def _open_zip(path):
         yield zf
 
 def _read_member(zf, name):
-    """A zip member's bytes, refused if it declares over _MAX_FILE_BYTES. Reading only the declared size, the inflater
-    makes no more than that (a zip bomb costs no memory), and a header that understates its member fails the CRC check."""
+    """A zip member's bytes, only its declared size <= _MAX_FILE_BYTES: a bomb costs no memory, a lie fails the CRC."""
     if (size := zf.getinfo(name).file_size) > _MAX_FILE_BYTES:
         raise ValueError(f"declares {size} bytes, over the {_MAX_FILE_BYTES} limit")
     with zf.open(name) as f:
@@ -539,16 +534,14 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 def _fit(img, size):
-    """Centre crop to the aspect of size = (H, W) (first: resize(box=...) would let the filter read outside the box;
-    a 1 x 5000 sliver keeps a pixel), then resize (antialiased) to it."""
+    """Centre crop to the aspect of size = (H, W) (a sliver keeps a pixel), then resize, antialiased, to it."""
     (H, W), (w, h) = size, img.size
     cw, ch = (h * W / H, h) if w * H > h * W else (w, w * H / W)   # trim the sides or top/bottom
     left, top, right, bottom = (round(v) for v in ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
 
 def _read_cache(npy, size):
-    """-> (uint8 tensor, meta), or (None, None) for an entry missing, stale, damaged or a symlink (another data set's?).
-    Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
+    """-> (uint8 tensor, meta), or (None, None) if missing, stale, damaged or a symlink; read whole, never mapped."""
     try:
         with _open_regular(npy.with_suffix(".json"), follow=False) as f, _open_regular(npy, follow=False) as g:
             meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
@@ -583,8 +576,7 @@ def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__
 # --- Synthetic faces, an offline stand-in for photos. Face i draws from its own RNG, seeded by (seed, i), in a fixed
 # order: changing that order (or any drawing call) changes every face. ------------------------------------------
 def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
-    """n cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i). factors=True:
-    (images, int64 n x 3 SYNTHETIC_LABELS), recorded from the draws that shaped each face."""
+    """n cartoon faces -> uint8 n x 3 x H x W; factors=True: also their int64 n x 3 SYNTHETIC_LABELS."""
     size, labels = parse_size(size), np.empty((n, 3), np.int64)
     S, out = max(128, 2 * max(size)), np.empty((n, 3, *size), np.uint8)   # supersample, then an antialiased resize
     for i in range(n):
@@ -598,8 +590,7 @@ class _Face:   # a face being drawn: canvas d, colours, head geometry (unit u); 
         self.d.ellipse((x - rx, y - ry, x + rx, y + ry), **kw)
 
 def _draw_face(rng, S):
-    """One face, drawn back to front on a canvas of S plus a margin (so the tilt leaves no corners) -> a _Face:
-    .picture (S x S) and the labels .hair_group, .glasses, .beard."""
+    """One face drawn back to front, then tilted -> _Face: .picture (S x S), labels .hair_group, .glasses, .beard."""
     f, pad, C, u = _Face(), S // 6, S + 2 * (S // 6), S * rng.uniform(1.08, 1.25)   # u: head size, the unit of length
     f.rng, f.cx, f.cy = rng, C / 2 + S * rng.uniform(-0.05, 0.05), C / 2 + S * rng.uniform(-0.03, 0.04)
     f.lw, f.bg = max(1, round(S / 90)), _hsv(rng.random(), rng.uniform(0.12, 0.5), rng.uniform(0.62, 0.95))
@@ -655,9 +646,8 @@ def _eyes(f):
     for _ in range(rng.randint(6, 12) if rng.random() < 0.15 else 0):                # freckles
         f.oval(cx + rng.choice((-1, 1)) * ex * rng.uniform(0.6, 1.4), ey + u * rng.uniform(0.05, 0.09),
                lw, lw, fill=_mix(skin, (90, 45, 20), 0.35))
-    eh = ew * rng.uniform(0.6, 0.95)
-    iris, kind = rng.choice(_IRIS), rng.choices(("open", "dot", "happy"), (0.8, 0.12, 0.08))[0]
-    r = min(eh * rng.uniform(0.75, 0.95), ew * 0.8)
+    eh, iris = ew * rng.uniform(0.6, 0.95), rng.choice(_IRIS)
+    kind, r = rng.choices(("open", "dot", "happy"), (0.8, 0.12, 0.08))[0], min(eh * rng.uniform(0.75, 0.95), ew * 0.8)
     gx, gy = rng.uniform(-1, 1) * (ew - r) * 0.7, rng.uniform(-0.15, 0.15) * eh   # gaze
     for x0 in (cx - ex, cx + ex):
         box = (x0 - ew, ey - eh, x0 + ew, ey + eh)
@@ -763,8 +753,7 @@ def _mix(c1, c2, t): return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1
 def _hsv(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 def _head_pts(cx, cy, a, bt, bb, nt, nb, t0=0.0, t1=2 * math.pi, m=48):
-    """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves of half width a,
-    forehead (half height bt, exponent nt) and jaw (bb, nb; small nb = pointed chin)."""
+    """Head outline points, angle t0 to t1 (y down): superellipses, half width a, forehead (bt, nt), jaw (bb, nb)."""
     cs = [(math.cos(t), math.sin(t)) for t in (t0 + (t1 - t0) * i / m for i in range(m + 1))]
     return [(cx + a * math.copysign(abs(c) ** (2 / n), c), cy + b * math.copysign(abs(s) ** (2 / n), s))
             for c, s in cs for b, n in [(bb, nb) if s > 0 else (bt, nt)]]
