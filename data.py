@@ -170,7 +170,7 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 # --- Labels for conditional models: one int64 row per image, split as the images are ----------
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
-    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (or a zip's top one)."""
+    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
     _, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False, images=False)
     if names is None:
         if attr_file is not None or attrs:
@@ -189,7 +189,7 @@ def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attr
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
-    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
+    """list_attr_celeba.txt: line 1 the row count, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
     if path is None:
         raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
@@ -569,7 +569,7 @@ def _warn_skipped(bad, total, src):
         warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: {few}"
                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stacklevel=3)
 
-def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # ._x: macOS
+def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # macOS
 def _show(name): return repr(str(name))   # quoted: a newline or terminal escape in a name cannot forge output
 def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
 
