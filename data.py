@@ -4,9 +4,8 @@
         --split_indices--> train / test --Batches--> float [-1, 1] on the device, augmented
     (conditional models: load_labels gives each image's attributes, int64 N x K, split alike)
 
-Each image is converted to RGB, centre-cropped to the target aspect and resized (antialiased) once
-per (source, file list, size). Batch order and augmentation (seed report 001: h-flip; 003: h-flip +
-ColorJitter) depend only on (seed, epoch, batch index), so a resumed run sees the same batches.
+Batch order and augmentation (seed report 001: h-flip; 003: h-flip + ColorJitter) depend only on
+(seed, epoch, batch index), so a resumed run sees the same batches.
 """
 import argparse, colorsys, contextlib, csv, hashlib, io, json, math, numbers, os, random, re, stat, sys
 import warnings, zipfile
@@ -18,24 +17,22 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL import BmpImagePlugin, GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin  # noqa: F401 -- _FORMATS
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-# Pillow picks a decoder by content, not by name, so it is told which ones it may try: an EPS
-# file named face.png would otherwise start Ghostscript. No data file may start a program.
-_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")   # Pillow decodes by content: an EPS named x.png would run Ghostscript
 _MAX_FILE_BYTES = 64 << 20   # one zip member, decompressed: no face photo needs more
 _CACHE_VERSION = 2     # bump when decoding or the synthetic faces change: old caches go stale
 _RESAMPLE = Image.Resampling.BILINEAR   # on downscaling pillow widens the filter: antialiased
+_loaded = {}   # this process's last load: key -> (images until load_images takes them, meta, from the cache)
 
 class UsageError(Exception):
     """A problem the user must fix: printed as one line `error: ...`, exit code 2."""
 
 def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verbose=True):
-    """None | 'synthetic' (n_synthetic faces) | a folder (recursive) | a .zip -> uint8 N x 3 x H x W
-    (CPU), cached. Unreadable files are skipped with one warning that counts them."""
+    """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped."""
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
 def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None). A process reads a
-    data set once: load_labels (images=False: it needs none) leaves them to load_images; a repeat warns no more."""
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, names by row or None), read once a process:
+    load_labels (images=False) leaves the images in _loaded for load_images to take; a repeat warns no more."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
@@ -43,17 +40,17 @@ def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
     _loaded.clear()                                                 # one data set at a time: bounded memory
     if meta is None or (x is None and images):
         cache = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
-        x, first, first_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, cache / f"{kind}-{H}x{W}-{key[:20]}.npy")
-        if meta is None:
-            meta, hit = first, first_hit
+        npy = cache / f"{kind}-{H}x{W}-{key[:20]}.npy"
+        x, new, new_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy)
+        if meta is None:                                            # the first load's hit and warning stand
+            meta, hit = new, new_hit
             _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
     _loaded[key] = (None if images else x, meta, hit)
     if verbose:
-        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{' [cache hit]' if hit else ''}", flush=True)
+        tag = " [cache hit]" if hit else ""
+        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{tag}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone]
-
-_loaded = {}   # this process's last load: key -> (images until load_images takes them, meta, from the cache)
 
 def _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy):
     """-> (images, meta, cache hit): the cache entry npy, else the images decoded (or drawn) and cached."""
@@ -95,13 +92,12 @@ def run_data(cfg, verbose=False):
     train_idx, test_idx = split_indices(len(images), cfg["test_fraction"], seed)
     return images[train_idx], images[test_idx]
 
-def check_enough(n, batch_size):
+def check_enough(n, batch_size):   # a batch needs batch_size training images
     if n < batch_size:
         raise UsageError(f"only {n} training images for a batch size of {batch_size}: lower --batch-size or add images")
 
 class Batches:
-    """Shuffled, augmented mini-batches of uint8 images (moved once to `device`). Every rank draws the
-    same global batch and keeps its rows; weights (balance_weights): drawn with replacement by them."""
+    """Shuffled, augmented batches of images held on `device`; each rank keeps its rows of one global batch."""
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
                  device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
@@ -117,8 +113,7 @@ class Batches:
         return len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
 
     def epoch(self, epoch, start=0):
-        """Batches start, start+1, ... of pass `epoch` (resume is exact): float [-1, 1], (batch_size //
-        world_size) x 3 x H x W; with labels, (x, y) pairs."""
+        """Batches start, start+1, ... of pass `epoch` (exact resume): float [-1, 1] rows of this rank; or (x, y)."""
         rng = _rng(self.seed, "order", epoch)
         perm = (torch.randperm(len(self.images), generator=rng) if self.weights is None else
                 torch.multinomial(self.weights, len(self.images), replacement=True, generator=rng))
@@ -132,20 +127,17 @@ class Batches:
             yield x if self.labels is None else (x, self.labels.index_select(0, idx[lo:hi]))
 
 def to_device(t, device):
-    """A host tensor to `device`; to a GPU through pinned memory, non-blocking (a plain copy from
-    pageable memory waits for the GPU's queue to drain: a host sync every augmented batch)."""
+    """A host tensor to `device`; to a GPU pinned and non-blocking (a pageable copy syncs with the GPU each batch)."""
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
-    """Per-sample h-flip (p = 0.5) and colour jitter (seed report 003: torchvision's ColorJitter):
-    brightness, contrast and saturation factors f ~ U[max(0, 1-jitter), 1+jitter], applied in a
-    random order per image, each followed by a clamp to [0, 1] (no hue: the report names three):
+    """Per-sample h-flip (p = 0.5) and colour jitter (seed report 003: torchvision's ColorJitter, no hue): brightness,
+    contrast and saturation factors f ~ U[max(0, 1-jitter), 1+jitter], in a random order per image, each clamped:
         brightness  y <- f * y
         contrast    y <- f * y + (1-f) * mean(gray(y))      gray = 0.2989 R + 0.587 G + 0.114 B
         saturation  y <- f * y + (1-f) * gray(y)
-    x: float in [-1, 1], N x 3 x H x W, left unmodified; rows=(lo, n): x holds rows lo, lo+1, ...
-    of a batch of n (one rank's share). The whole batch's draws are made on the generator's
-    device (CPU), so any device and any number of ranks augment alike."""
+    x: float [-1, 1], N x 3 x H x W, not modified; rows=(lo, n): x is rows lo.. of a batch of n (a rank's share),
+    whose draws are all made on the generator's device (CPU): any device and number of ranks augment alike."""
     lo, n = rows or (0, len(x))
     dev, mine = generator.device, slice(lo, lo + len(x))
     if flip:
@@ -159,8 +151,7 @@ def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
     return x.clamp_(-1, 1)
 
 def _color_jitter_(x, factors, order):
-    """In place. Each op is the blend y <- clamp(f*y + (1-f)*m, 0, 1) toward its own m (brightness:
-    m = 0), so a per-image choice of op is arithmetic on N x 1 x 1 x 1 weights: no loop, no sync."""
+    """In place: each op is y <- clamp(f*y + (1-f)*m, 0, 1) toward its own m (brightness m = 0): no per-image loop."""
     factors, order = to_device(factors, x.device).to(x.dtype), to_device(order, x.device)
     y, gray = x.add_(1).mul_(0.5), torch.empty_like(x[:, :1])     # [0, 1] as torchvision; N x 1 x H x W
     for k in range(3):
@@ -177,10 +168,9 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 # --- Labels for conditional models: one int64 row per image, split as the images are ----------
-
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
-    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (or a zip's top one)."""
+    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
     _, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False, images=False)
     if names is None:
         if attr_file is not None or attrs:
@@ -199,7 +189,7 @@ def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attr
     return torch.tensor([[classes.index(p[0])] for p in parts], dtype=torch.long), {"class": classes}
 
 def _attr_labels(path, names, attrs):
-    """list_attr_celeba.txt: line 1 the number of rows, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
+    """list_attr_celeba.txt: line 1 the row count, line 2 the attribute names, then 'FILE v1 v2 ...' (1 yes, -1 no)."""
     if path is None:
         raise UsageError("--attrs picks columns of an attribute file: give --attr-file too")
     try:
@@ -244,7 +234,6 @@ def balance_weights(labels):
     return w / w.sum()
 
 # --- Pictures out: one grid writer, the loss plot and one GIF writer for the whole project ----
-
 def make_grid(images, nrow=8, padding=2, pad_value=0):
     """Float N x C x H x W in [-1, 1] (or uint8) -> uint8 grid (rows*(H+p)+p) x (nrow*(W+p)+p) x 3."""
     x = images.detach().cpu().reshape(-1, *images.shape[-3:])
@@ -263,7 +252,7 @@ def save_grid(images, path, nrow=8, padding=2, **labels):
     (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
 
 def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None):
-    """A make_grid picture of (h, w) cells with row labels on the left, column labels above ("" none), a title on top."""
+    """A make_grid picture of (h, w) cells with labels left of its rows, above its columns ("" none) and a title."""
     (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
     kw = dict(font, fill="black")
     def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
@@ -281,8 +270,7 @@ def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=Non
     return out
 
 def plot_losses(rows, path, points=(), width=720, panel_h=140):
-    """loss.png: one panel per logged term against the optimizer step, from the steps.csv points or
-    the metrics.csv rows, whichever has more of it; log y axis when a positive term spans over 30x."""
+    """loss.png: a panel per logged term vs step, from points or rows (whichever has more); log y if it spans > 30x."""
     terms = {}
     for k in dict.fromkeys(k for r in [*rows, *points] for k in r if k not in ("epoch", "step", "images_per_s", "seconds")):
         per = [[(x, v) for r in rs if math.isfinite(x := _num(r.get("step"))) and math.isfinite(v := _num(r.get(k)))]
@@ -318,11 +306,11 @@ def epoch_frames(folder):
     return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
 
 def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image paths or PIL images (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
+    """An animated GIF of image files (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
     imgs, bad = {}, []
     for i, f in enumerate(frames):
         try:
-            with contextlib.nullcontext(f) if isinstance(f, Image.Image) else _open_image(f) as im:
+            with _open_image(f) as im:
                 imgs[i] = im.convert("RGB")
         except Exception as e:  # noqa: BLE001 -- a bad frame costs one frame, never the GIF
             bad.append((str(f), _why(e)))
@@ -336,7 +324,6 @@ def save_gif(frames, path, duration_ms=200, loop=0):
     return len(imgs)
 
 # --- Command-line helpers shared by train.py and facegen.py ---------------------------------
-
 def checked(kind, ok, what):
     """An argparse type= function: kind(s), refused unless ok(value) ("must be {what}")."""
     def parse(s):
@@ -372,8 +359,7 @@ def run_folder(path):   # a run folder itself, or the folder of a checkpoint fil
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings), [] if missing. Logs never stop a run: damaged lines (cut short,
-    epoch/step not integers, values not numbers) are skipped and an unreadable file is [], with one warning."""
+    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Damaged lines are skipped, with one warning."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             text = f.read()
@@ -383,8 +369,7 @@ def read_csv(path):
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         warnings.warn(f"could not read {_show(path)} ({_why(e)}); going on without it", stacklevel=2)
         return []
-    whole = rows if text.endswith("\n") else rows[:-1]      # a last line with no line end was cut short
-    good = [r for r in whole if _log_row(r)]
+    good = [r for r in (rows if text.endswith("\n") else rows[:-1]) if _log_row(r)]   # no line end: cut short
     if len(good) < len(rows):
         warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {_show(path)}", stacklevel=2)
     return good
@@ -409,8 +394,7 @@ def write_json(path, obj):   # atomically (config.json, evaluate.json...)
 
 @contextlib.contextmanager
 def _atomic(path, mode="w", append=False):
-    """Written whole or not at all: a temp file renamed over path (a crash or a concurrent rank never leaves half a
-    file), or appended to and cut back. A failed write (disk full...) leaves path as it was and no temp file."""
+    """Written whole or not at all: a temp file renamed over path, or an append cut back; no temp file left behind."""
     tmp = path if append else f"{path}.{os.getpid()}.tmp"
     end = os.path.getsize(path) if append and os.path.exists(path) else 0       # where a failed append is cut
     try:
@@ -430,7 +414,6 @@ class _WriteError(OSError):
         return f"could not write {_show(self.filename)} ({self.strerror})"
 
 # --- Machinery: list a source's files, read them safely, decode them, cache the result --------
-
 def _identify(source, size, n_synthetic, seed):
     """-> (kind, path, names, skipped, key), decoding nothing. key (sha256) covers all the images depend on: size,
     _CACHE_VERSION, the path and each file's name, size and mtime (CRC in a zip), or the faces' number and seed."""
@@ -461,8 +444,7 @@ def _identify(source, size, n_synthetic, seed):
     return kind, path, names, skipped, key.hexdigest()
 
 def _list_folder(root):
-    """-> (sorted image names below root, [[folder, why]] of folders we may not list); links followed, each folder
-    once (a link back up is no loop). Dangling links and non-regular files are listed: decoding counts them."""
+    """-> (sorted image names below root, [[folder, why]] unlisted); links followed, each folder once (no loops)."""
     names, skipped, seen = [], [], set()
 
     def refused(e):                                   # os.walk could not list a folder
@@ -514,8 +496,7 @@ def _open_zip(path):
         yield zf
 
 def _read_member(zf, name):
-    """A zip member's bytes, refused if it declares over _MAX_FILE_BYTES. Reading only the declared size, the inflater
-    makes no more than that (a zip bomb costs no memory), and a header that understates its member fails the CRC check."""
+    """A zip member's bytes, only its declared size <= _MAX_FILE_BYTES: a bomb costs no memory, a lie fails the CRC."""
     if (size := zf.getinfo(name).file_size) > _MAX_FILE_BYTES:
         raise ValueError(f"declares {size} bytes, over the {_MAX_FILE_BYTES} limit")
     with zf.open(name) as f:
@@ -538,11 +519,6 @@ def _decode_files(kind, root, names, size):
 def decode_image(f, size):
     """Path or file object -> uint8 H x W x 3: RGB, centre-cropped, resized; raises on any bad or unlisted file."""
     with _open_image(f) as img:
-        H, W = size
-        cw = _crop_box(*img.size, size)
-        k = max(2 * W / (cw[2] - cw[0]), 2 * H / (cw[3] - cw[1]))
-        if k < 1 and img.format == "JPEG":  # JPEG decodes at 1/2 .. 1/8 scale almost for free
-            img.draft(None, (math.ceil(img.size[0] * k), math.ceil(img.size[1] * k)))   # >= 2x target
         img.load()        # decode now: a truncated file raises here, not half-grey later
         ImageOps.exif_transpose(img, in_place=True)   # phone photos store rotation in EXIF
         return np.asarray(_fit(_to_rgb(img), size), dtype=np.uint8)
@@ -557,21 +533,15 @@ def _to_rgb(img):
         return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
     return img.convert("RGB")
 
-def _crop_box(w, h, size):
-    """Largest centred box of aspect W/H inside a w x h image, (left, top, right, bottom)."""
-    H, W = size
-    cw, ch = (h * W / H, h) if w * H > h * W else (w, w * H / W)   # trim the sides or top/bottom
-    return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
-
 def _fit(img, size):
-    """Centre crop to the aspect of size = (H, W) (first: resize(box=...) would let the filter read outside the box;
-    a 1 x 5000 sliver keeps a pixel), then resize (antialiased) to it."""
-    left, top, right, bottom = (round(v) for v in _crop_box(*img.size, size))
+    """Centre crop to the aspect of size = (H, W) (a sliver keeps a pixel), then resize, antialiased, to it."""
+    (H, W), (w, h) = size, img.size
+    cw, ch = (h * W / H, h) if w * H > h * W else (w, w * H / W)   # trim the sides or top/bottom
+    left, top, right, bottom = (round(v) for v in ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
     return img.crop((left, top, max(right, left + 1), max(bottom, top + 1))).resize(size[::-1], _RESAMPLE)
 
 def _read_cache(npy, size):
-    """-> (uint8 tensor, meta), or (None, None) for an entry missing, stale, damaged or a symlink (another data set's?).
-    Read whole, never mapped: a file cut short meanwhile fails to load, a cache miss."""
+    """-> (uint8 tensor, meta), or (None, None) if missing, stale, damaged or a symlink; read whole, never mapped."""
     try:
         with _open_regular(npy.with_suffix(".json"), follow=False) as f, _open_regular(npy, follow=False) as g:
             meta, arr = json.loads(f.read()), np.load(g, allow_pickle=False)
@@ -599,18 +569,14 @@ def _warn_skipped(bad, total, src):
         warnings.warn(f"skipped {len(bad)} of {total} image files in {src} that could not be read: {few}"
                       + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stacklevel=3)
 
-def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # ._x: macOS
+def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rsplit("/", 1)[-1].startswith("._")  # macOS
 def _show(name): return repr(str(name))   # quoted: a newline or terminal escape in a name cannot forge output
 def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
 
-# =============================================================================================
-# Synthetic faces: an offline stand-in for real photos, so every command runs with no download.
-# Face i uses its own RNG, seeded by (seed, i), in a fixed order: changing it (or any drawing call) changes every face.
-# =============================================================================================
-
+# --- Synthetic faces, an offline stand-in for photos. Face i draws from its own RNG, seeded by (seed, i), in a fixed
+# order: changing that order (or any drawing call) changes every face. ------------------------------------------
 def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
-    """n cartoon faces -> uint8 n x 3 x H x W; face i depends only on (seed, i). factors=True:
-    (images, int64 n x 3 SYNTHETIC_LABELS), recorded from the draws that shaped each face."""
+    """n cartoon faces -> uint8 n x 3 x H x W; factors=True: also their int64 n x 3 SYNTHETIC_LABELS."""
     size, labels = parse_size(size), np.empty((n, 3), np.int64)
     S, out = max(128, 2 * max(size)), np.empty((n, 3, *size), np.uint8)   # supersample, then an antialiased resize
     for i in range(n):
@@ -624,8 +590,7 @@ class _Face:   # a face being drawn: canvas d, colours, head geometry (unit u); 
         self.d.ellipse((x - rx, y - ry, x + rx, y + ry), **kw)
 
 def _draw_face(rng, S):
-    """One face, drawn back to front on a canvas of S plus a margin (so the tilt leaves no corners) -> a _Face:
-    .picture (S x S) and the labels .hair_group, .glasses, .beard."""
+    """One face drawn back to front, then tilted -> _Face: .picture (S x S), labels .hair_group, .glasses, .beard."""
     f, pad, C, u = _Face(), S // 6, S + 2 * (S // 6), S * rng.uniform(1.08, 1.25)   # u: head size, the unit of length
     f.rng, f.cx, f.cy = rng, C / 2 + S * rng.uniform(-0.05, 0.05), C / 2 + S * rng.uniform(-0.03, 0.04)
     f.lw, f.bg = max(1, round(S / 90)), _hsv(rng.random(), rng.uniform(0.12, 0.5), rng.uniform(0.62, 0.95))
@@ -681,9 +646,8 @@ def _eyes(f):
     for _ in range(rng.randint(6, 12) if rng.random() < 0.15 else 0):                # freckles
         f.oval(cx + rng.choice((-1, 1)) * ex * rng.uniform(0.6, 1.4), ey + u * rng.uniform(0.05, 0.09),
                lw, lw, fill=_mix(skin, (90, 45, 20), 0.35))
-    eh = ew * rng.uniform(0.6, 0.95)
-    iris, kind = rng.choice(_IRIS), rng.choices(("open", "dot", "happy"), (0.8, 0.12, 0.08))[0]
-    r = min(eh * rng.uniform(0.75, 0.95), ew * 0.8)
+    eh, iris = ew * rng.uniform(0.6, 0.95), rng.choice(_IRIS)
+    kind, r = rng.choices(("open", "dot", "happy"), (0.8, 0.12, 0.08))[0], min(eh * rng.uniform(0.75, 0.95), ew * 0.8)
     gx, gy = rng.uniform(-1, 1) * (ew - r) * 0.7, rng.uniform(-0.15, 0.15) * eh   # gaze
     for x0 in (cx - ex, cx + ex):
         box = (x0 - ew, ey - eh, x0 + ew, ey + eh)
@@ -789,8 +753,7 @@ def _mix(c1, c2, t): return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1
 def _hsv(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
 
 def _head_pts(cx, cy, a, bt, bb, nt, nb, t0=0.0, t1=2 * math.pi, m=48):
-    """Points of a head outline from angle t0 to t1 (y points down): two superellipse halves of half width a,
-    forehead (half height bt, exponent nt) and jaw (bb, nb; small nb = pointed chin)."""
+    """Head outline points, angle t0 to t1 (y down): superellipses, half width a, forehead (bt, nt), jaw (bb, nb)."""
     cs = [(math.cos(t), math.sin(t)) for t in (t0 + (t1 - t0) * i / m for i in range(m + 1))]
     return [(cx + a * math.copysign(abs(c) ** (2 / n), c), cy + b * math.copysign(abs(s) ** (2 / n), s))
             for c, s in cs for b, n in [(bb, nb) if s > 0 else (bt, nt)]]

@@ -328,9 +328,10 @@ def test_grid_and_gif_files(tmp_path):
     data.save_grid(x, tmp_path / "sub" / "grid.png", nrow=4)
     with Image.open(tmp_path / "sub" / "grid.png") as im:
         assert im.size == (42, 32) and np.array_equal(np.asarray(im.convert("RGB")), g)
-    frames = [Image.new("RGB", (20, 10), (40 * i, 0, 0)) for i in range(3)]
-    frames[1].save(tmp_path / "f1.png")
-    frames[1] = str(tmp_path / "f1.png")                       # paths and images both accepted
+    frames = [tmp_path / f"f{i}.png" for i in range(3)]
+    for i, f in enumerate(frames):
+        Image.new("RGB", (20, 10), (40 * i, 0, 0)).save(f)
+    frames[1] = str(frames[1])                                 # str and Path both accepted
     data.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
     with Image.open(tmp_path / "a.gif") as im:
         assert im.size == (20, 10) and im.n_frames == 3 and im.info["loop"] == 0
