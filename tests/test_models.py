@@ -610,19 +610,20 @@ def test_bad_checkpoint_files_say_what_they_are(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,arch", [("dcgan", "classic"), ("dcgan", "seed002"), ("wgan", None)])
-def test_ls_gives_d_batchnorm_ls_eps_and_every_other_loss_the_same_nets(name, arch):
+def test_least_squares_give_d_batchnorm_ls_eps_and_every_other_loss_the_same_nets(name, arch):
     torch.manual_seed(0)
     plain = build_model(name, 32, arch=arch)
-    for loss in ("bce", "ls-sigmoid", "wasserstein", "hinge", "ls"):
+    for loss in ("bce", "wasserstein", "hinge", "ls", "ls-sigmoid"):
+        ls = loss in ("ls", "ls-sigmoid")
         torch.manual_seed(0)
         nets = build_model(name, 32, arch=arch, gan_loss=loss)
         for k in plain:                                              # same weights, bit for bit
             assert all(torch.equal(a, b) for a, b in zip(plain[k].state_dict().values(),
                                                          nets[k].state_dict().values()))
         d_eps = {m.eps for m in nets["D"].modules() if isinstance(m, nn.BatchNorm2d)}
-        assert d_eps == ({M.LS_BN_EPS} if loss == "ls" else {1e-5})
+        assert d_eps == ({M.LS_BN_EPS} if ls else {1e-5})
         assert {m.eps for m in nets["G"].modules() if isinstance(m, BN)} == {1e-5}   # G untouched
-        assert (str(nets) == str(plain)) == (loss != "ls")          # nothing else differs
+        assert (str(nets) == str(plain)) == (not ls)                # nothing else differs
     cfg = dict(model=name, image_size=[32, 32], latent_dim=None, arch=arch, critic_norm=None, gan_loss="ls")
     assert {m.eps for m in M.from_config(cfg)["D"].modules() if isinstance(m, nn.BatchNorm2d)} == {M.LS_BN_EPS}
 
