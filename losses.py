@@ -3,7 +3,7 @@
 One reduction throughout: sum over pixels / latent dimensions, mean over the batch, so the
 VAE losses (and the negative ELBO) are in nats per image. GAN losses are means over the batch
 of one score per image. Discriminators/critics return raw scores (logits): the sigmoid lives
-inside the BCE losses, never in the network.
+inside the BCE and ls-sigmoid losses, never in the network.
 
     loss                          equation                           source
     gaussian_nll                  ½ Σ[((x − μ)/σ)² + log 2πσ²]       Kingma & Welling 2014, Wuga VAE
@@ -12,6 +12,7 @@ inside the BCE losses, never in the network.
     elbo_loss                     recon_scale·recon + kl_weight·KL   Wuga, Perriu, the LFW report
     d_loss, g_loss                BCE on logits, non-saturating G    Goodfellow 2014; the GAN reports
     d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), Akbari
+    d/g_loss_ls_sigmoid           least squares on σ(logits)         Akbari (D outputs σ; MSE)
     critic_loss, critic_gen_loss  E[D(x̃)] − E[D(x)];  −E[D(x̃)]     Arjovsky 2017, anime GAN report
     gradient_penalty              E[(‖∇D(x̂)‖₂ − 1)²], λ by caller   Gulrajani 2017, anime GAN report
     d_loss_hinge, g_loss_hinge    E[relu(1 − D(x))] + E[relu(1 + D(x̃))]; −E[D(x̃)]   Miyato 2018 (SN-GAN)
@@ -133,6 +134,29 @@ def g_loss_ls(fake_out):
     return ((fake_out - 1) ** 2).mean()
 
 
+def d_loss_ls_sigmoid(real_logits, fake_logits):
+    """Akbari's loss as the report describes it: D outputs a probability σ(l) (§3.1), and its loss
+    is the MSE against the labels, real 1 and fake 0, summed over the two batches (§3.3):
+
+        L_D = mean (σ(l_real) − 1)² + mean σ(l_fake)²     (means over each batch)
+
+    The probabilities are bounded, so no D update can carry them past the targets (unlike the raw
+    scores of d_loss_ls). The price is the saturating GAN's (Goodfellow et al. 2014): the gradient
+    2(σ − t)·σ(1 − σ) vanishes once σ nears 0 or 1, so a D that is confidently wrong barely moves.
+    """
+    return ((torch.sigmoid(real_logits) - 1) ** 2).mean() + (torch.sigmoid(fake_logits) ** 2).mean()
+
+
+def g_loss_ls_sigmoid(fake_logits):
+    """Akbari's G loss: the MSE of σ(l_fake) against "the real labels" 1 (§3.5), mean over the batch:
+
+        L_G = mean (σ(l_fake) − 1)²
+
+    Saturating: when D confidently rejects a fake (σ → 0) its gradient −2σ(1 − σ) vanishes too.
+    """
+    return ((torch.sigmoid(fake_logits) - 1) ** 2).mean()
+
+
 # ---- Wasserstein GAN (critic with weight clipping, or with gradient penalty) -----------------
 def critic_loss(real_scores, fake_scores):
     """WGAN critic loss (Arjovsky et al. 2017, Algorithm 1), to minimise:
@@ -197,6 +221,7 @@ def g_loss_hinge(fake_scores):
 GAN_LOSSES = {
     "bce": (d_loss, g_loss),
     "ls": (d_loss_ls, g_loss_ls),
+    "ls-sigmoid": (d_loss_ls_sigmoid, g_loss_ls_sigmoid),
     "wasserstein": (critic_loss, critic_gen_loss),
     "hinge": (d_loss_hinge, g_loss_hinge),
 }

@@ -322,11 +322,21 @@ class SpectralNorm(nn.Module):
         return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
-def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False):
+# Least squares (ls, ls-sigmoid) pulls D's score to 0 / 1. BatchNorm makes each conv's output blind to its weights' scale,
+# so Adam's ~lr steps on N(0, 0.02²) weights move normalised features by ~0.01·√fan_in std, the score by ~1.5 a D update:
+# past the target gap (ls: D oscillates; ls-sigmoid: D saturates, G's gradient vanishes), and G collapses to one texture.
+# eps 0.8 ≫ the pre-activations' variance (≤ 0.01 in training): BN only centres them; D's steps stay ~1% relative changes.
+LS_BN_EPS = 0.8   # PyTorch-GAN's lsgan.py: BatchNorm2d(c, 0.8), whose second positional argument is eps
+LS_LOSSES = ("ls", "ls-sigmoid")
+
+
+def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False,
+                gan_loss=None):
     """Model `name` for `image_size` ((H, W) or an int), init_weights applied, as an nn.ModuleDict: {"vae"}
     (autoencoders), {"G", "D"} (GANs) or {"vae", "D"} (vaegan). None -> DEFAULT_LATENT / DEFAULT_ARCH;
     critic_norm "layer": wgan-gp only. classes (values per attribute, e.g. (5, 2, 2)): conditional nets,
-    projection D. ema adds "G_ema", a frozen copy of G for train.py's moving average (GANs only)."""
+    projection D. ema adds "G_ema", a frozen copy of G for train.py's moving average (GANs only).
+    gan_loss in LS_LOSSES: D's BatchNorm layers get eps LS_BN_EPS (every other loss: PyTorch's 1e-5)."""
     sizes = supported_sizes(name)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if size not in sizes:
@@ -355,6 +365,10 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         norm = {"wgan-gp": critic_norm, "sngan": "none"}.get(name, "batch")
         models = {"G": _generator(size[0], z, arch, classes),
                   "D": _discriminator(size[0], arch, norm, spectral=name == "sngan", classes=classes)}
+    if gan_loss in LS_LOSSES and "D" in models:
+        for m in models["D"].modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = LS_BN_EPS
     models = nn.ModuleDict(models).apply(init_weights)
     if ema:
         if "G" not in models:
@@ -372,7 +386,8 @@ def from_config(cfg):
     """The nets of a run's config.json (train.py and facegen.py both build them here)."""
     try:
         return build_model(cfg["model"], tuple(cfg["image_size"]), cfg["latent_dim"], cfg["arch"],
-                           cfg["critic_norm"], label_classes(cfg.get("labels")), bool(cfg.get("ema")))
+                           cfg["critic_norm"], label_classes(cfg.get("labels")), bool(cfg.get("ema")),
+                           cfg.get("gan_loss"))
     except ValueError as e:
         raise data.UsageError(str(e)) from None
 

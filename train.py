@@ -180,11 +180,11 @@ def gan_step(nets, opts, batches, cfg, noise):
 
 def score_stats(cfg, d_real, d_fake):
     """What D says of the batch: the Wasserstein estimate E[D(x)] − E[D(x̃)] (critic), the mean
-    probabilities σ(D(x)), σ(D(x̃)) (bce: scores are logits), or the mean raw scores (ls: the
-    targets are 1 and 0; hinge: the margins +1 and −1)."""
+    probabilities σ(D(x)), σ(D(x̃)) (bce, ls-sigmoid: scores are logits), or the mean raw scores
+    (ls: the targets are 1 and 0; hinge: the margins +1 and −1)."""
     if cfg["gan_loss"] == "wasserstein":
         return {"wasserstein": d_real.mean() - d_fake.mean()}
-    if cfg["gan_loss"] == "bce":
+    if cfg["gan_loss"] in ("bce", "ls-sigmoid"):
         d_real, d_fake = torch.sigmoid(d_real), torch.sigmoid(d_fake)
     return {"D(x)": d_real.mean(), "D(G(z))": d_fake.mean()}
 

@@ -12,8 +12,9 @@ from torch.distributions import MultivariateNormal, Normal, kl_divergence as tor
 from torch.testing import assert_close
 
 import losses
-from losses import (GAN_LOSSES, critic_gen_loss, critic_loss, d_loss, d_loss_hinge, d_loss_ls, elbo_loss,
-                    g_loss, g_loss_hinge, g_loss_ls, gaussian_nll, gradient_penalty, kl_divergence, mse_recon)
+from losses import (GAN_LOSSES, critic_gen_loss, critic_loss, d_loss, d_loss_hinge, d_loss_ls, d_loss_ls_sigmoid,
+                    elbo_loss, g_loss, g_loss_hinge, g_loss_ls, g_loss_ls_sigmoid, gaussian_nll, gradient_penalty,
+                    kl_divergence, mse_recon)
 
 D64 = torch.float64
 ZERO = torch.tensor(0.0, dtype=D64)
@@ -180,6 +181,24 @@ def test_least_squares_losses():
     assert (grad < 0).all()                                     # descent pushes D(G(z)) up to 1
 
 
+def test_ls_sigmoid_losses_are_mse_on_torch_sigmoid_bounded_and_saturating():
+    g = gen(8)
+    real, fake = 3 * randn(g, 8), 3 * randn(g, 8)
+    p_real, p_fake = torch.sigmoid(real), torch.sigmoid(fake)
+    assert_close(d_loss_ls_sigmoid(real, fake),
+                 F.mse_loss(p_real, torch.ones_like(p_real)) + F.mse_loss(p_fake, torch.zeros_like(p_fake)))
+    assert_close(g_loss_ls_sigmoid(fake), F.mse_loss(p_fake, torch.ones_like(p_fake)))
+    wrong = torch.full((4,), 1e4, dtype=D64)                    # D entirely wrong, scores huge
+    assert_close(d_loss_ls_sigmoid(-wrong, wrong), torch.tensor(2.0, dtype=D64))   # the bound: 1 per term
+    assert_close(d_loss_ls(-wrong, wrong), torch.tensor((1e4 + 1) ** 2 + 1e8, dtype=D64))  # raw: unbounded
+    # saturating: a confidently rejected fake (logit −10) gets gradient 2(σ − 1)σ(1 − σ)/B ≈ −9e-5/B
+    f = torch.full((4,), -10.0, dtype=D64, requires_grad=True)
+    (grad,) = torch.autograd.grad(g_loss_ls_sigmoid(f), f)
+    p = torch.sigmoid(f.detach())
+    assert_close(grad, 2 * (p - 1) * p * (1 - p) / 4)
+    assert (grad.abs() < 1e-4).all()
+
+
 def test_wasserstein_losses_and_signs():
     real = torch.tensor([2.0, 3.0, 4.0], requires_grad=True)
     fake = torch.tensor([-1.0, 0.0, 1.0, 4.0], requires_grad=True)   # batch sizes may differ
@@ -196,6 +215,7 @@ def test_wasserstein_losses_and_signs():
 
 def test_gan_losses_table():
     assert GAN_LOSSES == {"bce": (d_loss, g_loss), "ls": (d_loss_ls, g_loss_ls),
+                          "ls-sigmoid": (d_loss_ls_sigmoid, g_loss_ls_sigmoid),
                           "wasserstein": (critic_loss, critic_gen_loss), "hinge": (d_loss_hinge, g_loss_hinge)}
 
 

@@ -606,3 +606,43 @@ def test_bad_checkpoint_files_say_what_they_are(tmp_path):
     (tmp_path / "run" / "config.json").write_text("{}")
     with pytest.raises(data.UsageError, match="stopped before its first checkpoint; start it again"):
         M.load_checkpoint(str(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Least squares: D's BatchNorm eps (models.LS_BN_EPS)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,arch", [("dcgan", "classic"), ("dcgan", "seed002"), ("wgan", None)])
+def test_least_squares_give_d_batchnorm_ls_eps_and_every_other_loss_the_same_nets(name, arch):
+    torch.manual_seed(0)
+    plain = build_model(name, 32, arch=arch)
+    for loss in ("bce", "wasserstein", "hinge", "ls", "ls-sigmoid"):
+        ls = loss in ("ls", "ls-sigmoid")
+        torch.manual_seed(0)
+        nets = build_model(name, 32, arch=arch, gan_loss=loss)
+        for k in plain:                                              # same weights, bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(plain[k].state_dict().values(),
+                                                         nets[k].state_dict().values()))
+        d_eps = {m.eps for m in nets["D"].modules() if isinstance(m, nn.BatchNorm2d)}
+        assert d_eps == ({M.LS_BN_EPS} if ls else {1e-5})
+        assert {m.eps for m in nets["G"].modules() if isinstance(m, BN)} == {1e-5}   # G untouched
+        assert (str(nets) == str(plain)) == (not ls)                # nothing else differs
+    cfg = dict(model=name, image_size=[32, 32], latent_dim=None, arch=arch, critic_norm=None, gan_loss="ls")
+    assert {m.eps for m in M.from_config(cfg)["D"].modules() if isinstance(m, nn.BatchNorm2d)} == {M.LS_BN_EPS}
+
+
+def test_ls_batchnorm_eps_lets_the_weights_scale_reach_the_score():
+    """PyTorch's eps: BN undoes a conv's weight scale, so the score ignores it (and Adam's ~lr steps on
+    N(0, 0.02²) weights are large relative changes). LS_BN_EPS ≫ the initial pre-activations' variance:
+    BN only centres them, and D(x) − b (b: the score conv's bias) scales with the conv's weights."""
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for loss in ("bce", "ls"):
+        torch.manual_seed(0)
+        D = build_model("dcgan", 32, gan_loss=loss)["D"]
+        b = D[-1].bias.detach()
+        before = D(x).detach() - b
+        with torch.no_grad():
+            [m for m in D if isinstance(m, nn.Conv2d)][1].weight.mul_(2)   # the first conv followed by BN
+        after = D(x).detach() - b
+        target = before if loss == "bce" else 2 * before
+        assert (after - target).norm() < 0.01 * before.norm()         # the other target: ~1.0 · before.norm()
