@@ -1,7 +1,7 @@
-"""Every facegen network, the reparameterisation trick, the seeds' weight init, and checkpoints.
+"""Every facegen network, the reparameterisation trick, the seeds' weight init, G's moving average, checkpoints.
 
 Reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders -> the GAN
-G and D -> build_model / from_config -> checkpoints. Shape comments are C x H x W of one sample
+G and D -> build_model / from_config, the G weight average -> checkpoints. Shape comments are C x H x W of one sample
 for a 64x64 input (64x48 for vae-in); every size is computed with the conv arithmetic."""
 import contextlib
 import copy
@@ -28,13 +28,11 @@ ARCHS = ("classic", "seed002")
 DEFAULT_ARCH = {"dcgan": "classic", "wgan": "seed002", "wgan-gp": "seed002", "sngan": "classic"}
 CRITIC_NORMS = ("none", "layer")
 
-
 def supported_sizes(name):
     """Image sizes (H, W) that build_model accepts for `name` (each one is tested)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     return [(64, 48), (32, 24), (64, 64), (32, 32)] if name == "vae-in" else [(64, 64), (32, 32)]  # Perriu: 64x48
-
 
 def reparameterize(mu, logvar, eps=None):
     """z = mu + sigma * eps,  sigma = exp(0.5 * logvar),  eps ~ N(0, I)  (Kingma & Welling 2014):
@@ -43,7 +41,6 @@ def reparameterize(mu, logvar, eps=None):
         eps = torch.randn_like(mu)
     std = torch.exp(0.5 * logvar)
     return mu + std * eps
-
 
 def init_weights(module):
     """The Wuga VAE's and DCGAN's init, for `model.apply(init_weights)`:
@@ -57,7 +54,6 @@ def init_weights(module):
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
-
 
 class VAE(nn.Module):
     """Encoder q(z|x) = N(mu, diag exp(logvar)), decoder x_hat = g(z) (Kingma & Welling 2014). encoder: x ->
@@ -86,11 +82,9 @@ class VAE(nn.Module):
         z = mu if logvar is None else reparameterize(mu, logvar, eps)
         return self.decode(z, y), mu, logvar
 
-
 def one_hot(y, classes):
     """Labels y (B, K), entry k in range(classes[k]) -> (B, sum(classes)): the K one-hot codes side by side."""
     return torch.cat([nn.functional.one_hot(y[:, k], n) for k, n in enumerate(classes)], 1).float()
-
 
 class Generator(nn.Sequential):
     """z (B, latent_dim) -> image (B, 3, H, W) in [-1, 1]: GAN generators and VAE decoders.
@@ -104,16 +98,13 @@ class Generator(nn.Sequential):
             z = torch.cat([z, one_hot(y, self.classes).to(z.dtype)], 1)    # [z, y] (B, z + sum(classes))
         return super().forward(z)
 
-
-def _norm(kind, c):  # 'layer': GroupNorm(1, C), the WGAN-GP paper's per-sample layer norm
-    return {"batch": [nn.BatchNorm2d(c)], "instance": [nn.InstanceNorm2d(c, affine=True)],  # affine like BN
-            "layer": [nn.GroupNorm(1, c)], "none": []}[kind]
-
+def _norm(kind, c):  # 'layer': GroupNorm(1, C), the WGAN-GP paper's per-sample layer norm. 'instance' learns a scale
+    return {"batch": [nn.BatchNorm2d(c)], "instance": [nn.InstanceNorm2d(c, affine=True)],  # and shift as BN does
+            "layer": [nn.GroupNorm(1, c)], "none": []}[kind]      # (report 001's table implies affine=False: ours)
 
 def _act(kind):  # in place: each overwrites the norm's / conv's output, which nothing else reads
     return {"relu": [nn.ReLU(inplace=True)], "lrelu": [nn.LeakyReLU(0.2, inplace=True)], "tanh": [nn.Tanh()],
             None: []}[kind]
-
 
 def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_first=True):
     """Layers [conv -> norm -> act] for every entry of `spec`; returns (nn.Sequential, out shape).
@@ -140,18 +131,15 @@ def conv_stack(shape, spec, norm="batch", act="relu", transpose=False, norm_firs
         c, n_conv = c_out, n_conv + 1
     return nn.Sequential(*layers), (c, h, w)
 
-
 def _project(z_dim, shape, norm, act):
     """The DCGAN 'project and reshape': z (B, z_dim) -> Linear -> `shape` (C, H, W) -> norm -> act."""
     return [nn.Linear(z_dim, math.prod(shape)), nn.Unflatten(1, shape)] + _norm(norm, shape[0]) + _act(act)
-
 
 def _vae(z, classes, enc, head, start, dec, out, norm="batch", act="relu", variational=True):
     """VAE(enc + Flatten, head, decoder [project z to `start`, dec, out]); callers build the
     projection last, after dec and out: the order the layers draw their default init from the RNG."""
     decoder = Generator(z, *_project(z + sum(classes), start, norm, act), *dec, *out, classes=classes)
     return VAE(nn.Sequential(*enc, nn.Flatten()), head, decoder, variational)
-
 
 # ---- autoencoders ---------------------------------------------------------------------------
 def _vae_wuga(size, z, classes=()):
@@ -167,7 +155,6 @@ def _vae_wuga(size, z, classes=()):
                             "batch", "relu", transpose=True)  # 256 x 16 x 16, 128 x 32 x 32, 32 x 64 x 64
     out, _ = conv_stack(shape, [(3, 5, 1, 2, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
     return _vae(z, classes, enc, head, start, dec, out)
-
 
 def _vae_vgg(size, z, classes=()):
     """Wuga VAE part 3: VGG16's 13 conv 3x3 in 5 blocks, each ended by a 2x2 max-pool; mirrored decoder of
@@ -190,7 +177,6 @@ def _vae_vgg(size, z, classes=()):
     out, _ = conv_stack(shape, _c3(3), "none", "tanh")                  # 3 x 64 x 64
     return _vae(z, classes, enc, head, (c, h, w), dec, out)
 
-
 def _vae_in(size, z, classes=()):
     """Perriu's VAE: conv (k4 s2 halves, k3 s1 keeps) + InstanceNorm + ReLU, FC mu / FC logvar; decoder
     FC -> reshape -> mirrored convT stack -> tanh. 32-pixel-high images drop the 256-channel stage (to 4x3)."""
@@ -212,7 +198,6 @@ def _vae_in(size, z, classes=()):
     # the report: "Fully connected layer, Reshape input" with no norm or activation in between
     return _vae(z, classes, enc, head, start, dec, out, "none", None)
 
-
 def _conv_ae(size, z, channels, variational, classes=()):
     """The LFW report's nets: [conv 4x4 s2 p1 + BN + LeakyReLU(0.2)] per channel count, a Linear bottleneck
     (code or [mu, logvar]), Linear -> reshape + BN + LeakyReLU, mirrored convT stack -> tanh.
@@ -225,7 +210,6 @@ def _conv_ae(size, z, channels, variational, classes=()):
     out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
     return _vae(z, classes, enc, head, start, dec, out, "batch", "lrelu", variational)
 
-
 _AUTOENCODERS = {
     "vae": _vae_wuga, "vae-vgg": _vae_vgg, "vae-in": _vae_in,
     # ae: depth 3 (the LFW baseline), 128 x 8 x 8 at 64 px; vae-lrelu: 4 conv + 4 convT, 256 x 4 x 4
@@ -233,16 +217,15 @@ _AUTOENCODERS = {
     "vae-lrelu": lambda size, z, classes=(): _conv_ae(size, z, (32, 64, 128, 256), True, classes),
 }
 
-
 # ---- GANs: DCGAN generator and discriminator / critic, 'seed002' and 'classic' variants -------
 def _gan_channels(side):  # DCGAN: 64 maps at side/2, doubling at every halving down to 4 x 4
     return [64 * 2 ** i for i in range(int(math.log2(side)) - 2)]  # 64 px: 64, 128, 256, 512
 
-
 def _generator(side, z, arch, classes=()):
     """seed002 (report 002's layout): z -> Linear -> 512 x 4 x 4 + BN + ReLU -> convT 5x5 s2
     (256, 128, 64, 3) -> tanh. classic (Radford et al. 2016, Akbari's report): z x 1 x 1 -> convT
-    4x4 s1 p0 -> 512 x 4 x 4 -> convT 4x4 s2 p1 up to 3 x 64 x 64; BN + ReLU but last, tanh."""
+    4x4 s1 p0 -> 512 x 4 x 4 -> convT 4x4 s2 p1 up to 3 x 64 x 64; BN + ReLU but last, tanh. Report 003's
+    DCGAN (4 convT; D with BN after LeakyReLU) is not built apart: classic stands for it."""
     ch = _gan_channels(side)[::-1]                                    # 512, 256, 128, 64
     z_in = z + sum(classes)                                           # [z, one_hot(y)]
     if arch == "seed002":
@@ -257,19 +240,18 @@ def _generator(side, z, arch, classes=()):
         out, _ = conv_stack(shape, [(3, 4, 2, 1, 0)], "none", "tanh", transpose=True)  # 3 x 64 x 64
     return Generator(z, *head, *body, *out, classes=classes)
 
-
-def _discriminator(side, arch, norm, spectral=False, classes=()):
-    """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2), no norm on the first
-    layer -> conv 4x4 valid -> 1 x 1 x 1 score; classic: conv 4x4 s2 p1. spectral: SN on every conv."""
+def _discriminator(side, arch, norm, spectral=False, classes=(), norm_first=False):
+    """seed002: conv 5x5 s2 p2 (64, 128, 256, 512) + norm + LeakyReLU(0.2) -> conv 4x4 valid -> 1 x 1 x 1
+    score; classic: conv 4x4 s2 p1. No norm on the first conv (the DCGAN paper's practice) unless norm_first
+    (report 002's DCGAN table). spectral: SN on every conv."""
     k, p = (5, 2) if arch == "seed002" else (4, 1)
     body, shape = conv_stack((3, side, side), [(c, k, 2, p) for c in _gan_channels(side)],
-                             norm, "lrelu", norm_first=False)        # 64x32x32, ..., 512x4x4
+                             norm, "lrelu", norm_first=norm_first)   # 64x32x32, ..., 512x4x4
     score, _ = conv_stack(shape, [(1, 4, 1, 0)], "none", None)       # 1 x 1 x 1
     layers = [*body, *score]
     if spectral:
         layers = [SpectralNorm(m) if isinstance(m, nn.Conv2d) else m for m in layers]
     return Discriminator(*layers, classes=classes, features=shape[0])
-
 
 class Discriminator(nn.Sequential):
     """x (B, 3, H, W) -> raw score (B,): a logit (BCE/LS losses) or a critic value; the sigmoid
@@ -292,7 +274,6 @@ class Discriminator(nn.Sequential):
             h = layer(h)                                   # C x 4 x 4
         v = self.embed[y + self.offsets].sum(1)            # Σ_k V_k[y_k] (B, C)
         return self[-1](h).reshape(len(x)) + (v * h.sum((2, 3))).sum(1)   # ψ(φ(x)) + ⟨Σ_k V_k[y_k], φ(x)⟩
-
 
 class SpectralNorm(nn.Module):
     """Spectral norm (Miyato et al. 2018, Algorithm 1), written out, not torch's parametrizations.spectral_norm:
@@ -321,14 +302,13 @@ class SpectralNorm(nn.Module):
         layer, w = self.layer, self.layer.weight / self.sigma()  # W_SN = W / σ(W)
         return nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
-
-# Least squares (ls, ls-sigmoid) pulls D's score to 0 / 1. BatchNorm makes each conv's output blind to its weights' scale,
-# so Adam's ~lr steps on N(0, 0.02²) weights move normalised features by ~0.01·√fan_in std, the score by ~1.5 a D update:
-# past the target gap (ls: D oscillates; ls-sigmoid: D saturates, G's gradient vanishes), and G collapses to one texture.
-# eps 0.8 ≫ the pre-activations' variance (≤ 0.01 in training): BN only centres them; D's steps stay ~1% relative changes.
+# Least squares (ls, ls-sigmoid) pulls D's score to 0 / 1. BatchNorm makes each conv's output blind to its weights'
+# scale, so Adam's ~lr steps on N(0, 0.02²) weights move normalised features by ~0.01·√fan_in std, the score by
+# ~1.5 a D update: past the target gap (ls: D oscillates; ls-sigmoid: D saturates, G's gradient vanishes), and G collapses
+# to one texture. eps 0.8 ≫ the pre-activations' variance (≤ 0.01 in training): BN only centres them, and D's steps
+# stay ~1 % relative changes of its weights.
 LS_BN_EPS = 0.8   # PyTorch-GAN's lsgan.py: BatchNorm2d(c, 0.8), whose second positional argument is eps
 LS_LOSSES = ("ls", "ls-sigmoid")
-
 
 def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_norm=None, classes=(), ema=False,
                 gan_loss=None):
@@ -364,7 +344,8 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         # the projection's V gets no SN (it is small).
         norm = {"wgan-gp": critic_norm, "sngan": "none"}.get(name, "batch")
         models = {"G": _generator(size[0], z, arch, classes),
-                  "D": _discriminator(size[0], arch, norm, spectral=name == "sngan", classes=classes)}
+                  "D": _discriminator(size[0], arch, norm, name == "sngan", classes,
+                                      norm_first=name == "dcgan" and arch == "seed002")}
     if gan_loss in LS_LOSSES and "D" in models:
         for m in models["D"].modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -376,11 +357,9 @@ def build_model(name, image_size=(64, 64), latent_dim=None, arch=None, critic_no
         models["G_ema"] = copy.deepcopy(models["G"]).requires_grad_(False)
     return models
 
-
 def label_classes(labels):
     """{attribute: [values]} (a run's cfg["labels"]) -> the number of values of each, () for None."""
     return tuple(len(v) for v in (labels or {}).values())
-
 
 def from_config(cfg):
     """The nets of a run's config.json (train.py and facegen.py both build them here)."""
@@ -391,16 +370,24 @@ def from_config(cfg):
     except ValueError as e:
         raise data.UsageError(str(e)) from None
 
-
 def generator(models):
     """(z (B, latent_dim)[, y]) -> images (B, 3, H, W): the VAE's decode, G_ema if kept, else G."""
     return models["vae"].decode if "vae" in models else models["G_ema"] if "G_ema" in models else models["G"]
-
 
 def latent_dim(models):
     """Latent size of a built model (what generator(models) expects)."""
     return (models["vae"] if "vae" in models else models["G"]).latent_dim
 
+def update_ema(G_ema, G, decay, t):
+    """--ema: G_ema ← d·G_ema + (1 − d)·G after G's update at step t, d = min(decay, (1 + t)/(10 + t))
+    so a short run's average is not stuck at the initial weights (Yazıcı et al. 2019); BatchNorm
+    statistics are copied from G, not averaged."""
+    d = min(decay, (1 + t) / (10 + t))
+    with torch.no_grad():
+        for a, w in zip(G_ema.parameters(), G.parameters()):
+            a.lerp_(w, 1 - d)
+        for a, b in zip(G_ema.buffers(), G.buffers()):
+            a.copy_(b)
 
 class Classifier(nn.Module):
     """x (B, 3, H, W) -> one logit vector (B, classes[k]) per attribute: facegen.py's `control`
@@ -415,9 +402,7 @@ class Classifier(nn.Module):
     def forward(self, x):
         return self.head(self.body(x)).split(self.classes, 1)
 
-
 FORMAT = 2   # checkpoints: atomic, weights-only, versioned; load_checkpoint refuses any other FORMAT
-
 
 def save_checkpoint(state, path):
     """torch.save({**state, "format": FORMAT}) to a temp file beside `path`, fsync, os.replace,
@@ -445,7 +430,6 @@ def save_checkpoint(state, path):
     with contextlib.suppress(OSError):
         os.fsync(dfd)
     os.close(dfd)
-
 
 def load_checkpoint(path, map_location="cpu"):
     """The one checkpoint loader: `path` is a checkpoint or a run folder (its last.pt). weights_only:
@@ -478,11 +462,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise data.UsageError(f"{path} was written by an older version of facegen; train it again with this one")
     return state
 
-
 MAGIC = {b"PK\x03\x04": "a zip archive", b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image",
          b"GIF8": "a GIF image", b"\x1f\x8b": "gzip data", b"BM": "a BMP image", b"RIFF": "a RIFF file (WebP, WAV...)",
          b"\x80": "a bare pickle (not torch.save's zip format)", b"%PDF": "a PDF document"}
-
 
 def describe_file(path):
     """What a file looks like from its first bytes, for error messages."""

@@ -134,8 +134,8 @@ def vae_step(nets, opts, batches, cfg, noise):
 def critic_step(G, D, opt_D, x, y, cfg, noise, keep=False):
     """One update of D (the critic) on a real batch x and fresh z (conditional: both scored with
     the real batch's labels y, the fakes drawn for them). L_D by --gan-loss:
-    bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];
-    wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))].
+    bce: −E[log σ(D(x))] − E[log(1 − σ(D(x̃)))];  ls: E[(D(x) − 1)²] + E[D(x̃)²];  ls-sigmoid (report
+    004's MSE): E[(σ(D(x)) − 1)²] + E[σ(D(x̃))²];  wasserstein: E[D(x̃)] − E[D(x)];  hinge: E[relu(1 − D(x))] + E[relu(1 + D(x̃))].
     Returns (logged terms, x̃ with G's graph if keep (--reuse-fakes) else None)."""
     with torch.set_grad_enabled(keep):
         kept = G(noise(len(x)), y)                                 # x̃ = G(z [, y]), z ~ N(0, I)
@@ -158,7 +158,8 @@ def critic_step(G, D, opt_D, x, y, cfg, noise, keep=False):
 def generator_step(G, D, opt_G, n, y, cfg, noise, fakes=None):
     """One update of G on n fresh z (conditional: for labels y), or on `fakes`, the last critic
     update's G(z) with its graph (--reuse-fakes). L_G by --gan-loss:
-    bce (non-saturating): −E[log σ(D(G(z)))];  ls: E[(D(G(z)) − 1)²];  wasserstein, hinge: −E[D(G(z))]."""
+    bce (non-saturating): −E[log σ(D(G(z)))];  ls: E[(D(G(z)) − 1)²];  ls-sigmoid: E[(σ(D(G(z))) − 1)²];
+    wasserstein, hinge: −E[D(G(z))]."""
     if fakes is None:
         fakes = G(noise(n), y)                                     # G(z [, y]), z fresh
     d_gen = D(fakes, y).float()                                    # D(G(z [, y]) [, y])
@@ -216,17 +217,6 @@ def vaegan_step(nets, opts, batches, cfg, noise):
 
 STEPS = {"autoencoder": vae_step, "adversarial": gan_step, "wasserstein": gan_step, "vaegan": vaegan_step}
 
-def update_ema(G_ema, G, decay, t):
-    """--ema: G_ema ← d·G_ema + (1 − d)·G after G's update at step t, d = min(decay, (1 + t)/(10 + t))
-    so a short run's average is not stuck at the initial weights (Yazıcı et al. 2019); BatchNorm
-    statistics are copied from G, not averaged."""
-    d = min(decay, (1 + t) / (10 + t))
-    with torch.no_grad():
-        for a, w in zip(G_ema.parameters(), G.parameters()):
-            a.lerp_(w, 1 - d)
-        for a, b in zip(G_ema.buffers(), G.buffers()):
-            a.copy_(b)
-
 # -----------------------------------------------------------------------------
 # The loop every family shares: what wraps a step (autocast, the weight average, meters and the
 # NaN watch, signals) is applied here, around it.
@@ -250,7 +240,7 @@ def train(run):
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
                 out = step_fn(run.fwd, run.opts, batches, cfg, run.noise)
             if "G_ema" in run.nets:
-                update_ema(run.nets["G_ema"], run.nets["G"], cfg["ema"], run.step)
+                models.update_ema(run.nets["G_ema"], run.nets["G"], cfg["ema"], run.step)
             run.count({**out, **run.norms}, per_step)
             if run.stopping():  # Ctrl-C / SIGTERM came during the step: it is complete, save here
                 raise KeyboardInterrupt
@@ -573,7 +563,7 @@ FLAGS = [  # (group, flag, type | choices | action, help)
     ("vaegan", "--adv-weight", data.non_negative, "w in w*L_adv + recon + beta*KL (default: 1)"),
     ("GANs", "--arch", list(models.ARCHS), f"classic: 5 convT 4x4; seed002: linear + 4 convT 5x5 {M}"),
     ("GANs", "--critic-norm", list(models.CRITIC_NORMS), "wgan-gp critic normalisation (default: none)"),
-    ("GANs", "--gan-loss", list(losses.GAN_LOSSES), f"bce (non-saturating), ls, wasserstein, hinge {M}"),
+    ("GANs", "--gan-loss", list(losses.GAN_LOSSES), f"bce (non-saturating), ls (LSGAN), ls-sigmoid (report 004's MSE on σ(D)), wasserstein, hinge {M}"),
     ("GANs", "--n-critic", data.between(int, 1, 100), f"critic updates per G update, each on its own batch {M}"),
     ("GANs", "--clip", data.non_negative, f"WGAN weight clipping: critic weights kept in [-c, c] {M}"),
     ("GANs", "--gp-weight", data.non_negative, f"WGAN-GP lambda {M}"),

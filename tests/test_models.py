@@ -192,7 +192,8 @@ def test_gan_layer_plan(arch, side, n_stride2):
     assert [m.stride[0] for m in convs] == [2] * n_stride2 + [1]
     assert [m.out_channels for m in convs] == [64 * 2 ** i for i in range(n_stride2)] + [1]
     assert convs[-1].kernel_size == (4, 4) and convs[-1].padding == (0, 0)
-    assert isinstance(models["D"][1], nn.LeakyReLU) and models["D"][1].negative_slope == 0.2  # no BN first
+    first = models["D"][2 if arch == "seed002" else 1]          # report 002's table: BN after the first conv too
+    assert isinstance(first, nn.LeakyReLU) and first.negative_slope == 0.2
 
 
 def test_vaegan_discriminator_is_five_conv_bn_lrelu():
@@ -646,3 +647,12 @@ def test_ls_batchnorm_eps_lets_the_weights_scale_reach_the_score():
         after = D(x).detach() - b
         target = before if loss == "bce" else 2 * before
         assert (after - target).norm() < 0.01 * before.norm()         # the other target: ~1.0 · before.norm()
+
+
+def test_seed002_dcgan_discriminator_has_batchnorm_after_every_conv_as_report_002_tables_it():
+    """Report 002's DCGAN table: BN after every D conv, the first too; wgan (no such table) keeps the DCGAN
+    paper's practice of none on the first, and so does the classic layout."""
+    def after_first_conv(name, arch):
+        return type(list(M.build_model(name, 64, arch=arch)["D"])[1]).__name__
+    assert after_first_conv("dcgan", "seed002") == "BatchNorm2d"
+    assert after_first_conv("dcgan", "classic") == after_first_conv("wgan", "seed002") == "LeakyReLU"
