@@ -21,7 +21,6 @@ _FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")   # Pillow decodes by content: 
 _MAX_FILE_BYTES = 64 << 20   # one zip member, decompressed: no face photo needs more
 _CACHE_VERSION = 2     # bump when decoding or the synthetic faces change: old caches go stale
 _RESAMPLE = Image.Resampling.BILINEAR   # on downscaling pillow widens the filter: antialiased
-_loaded = {}   # this process's last load: key -> (images until load_images takes them, meta, from the cache)
 
 class UsageError(Exception):
     """A problem the user must fix: printed as one line `error: ...`, exit code 2."""
@@ -30,43 +29,29 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped."""
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
-def _load(source, size, n_synthetic, seed, cache_dir, verbose, images=True):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, names by row or None), read once a process:
-    load_labels (images=False) leaves the images in _loaded for load_images to take; a repeat warns no more."""
+def _load(source, size, n_synthetic, seed, cache_dir, verbose):
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None)."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
-    x, meta, hit = _loaded.pop(key, (None, None, False))
-    _loaded.clear()                                                 # one data set at a time: bounded memory
-    if meta is None or (x is None and images):
-        cache = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen")
-        npy = cache / f"{kind}-{H}x{W}-{key[:20]}.npy"
-        x, new, new_hit = _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy)
-        if meta is None:                                            # the first load's hit and warning stand
-            meta, hit = new, new_hit
-            _warn_skipped(meta["skipped"], meta["n"] + len(meta["skipped"]), src)
-    _loaded[key] = (None if images else x, meta, hit)
+    npy = Path(cache_dir or os.environ.get("FACEGEN_CACHE") or Path.home() / ".cache/facegen") / f"{kind}-{H}x{W}-{key[:20]}.npy"
+    x, meta = _read_cache(npy, size)
+    if miss := x is None:
+        if kind == "synthetic":
+            x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
+            meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
+        else:
+            x, bad = _decode_files(kind, path, names, size)
+            if not len(x):
+                raise UsageError(f"none of the {len(bad)} image files in {src} could be read "
+                                 f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
+            meta = {"n": len(x), "skipped": sorted(skipped + bad)}
+        _write_cache(npy, x.numpy(), meta)
+    _warn_skipped(meta["skipped"], len(x) + len(meta["skipped"]), src)
     if verbose:
-        tag = " [cache hit]" if hit else ""
-        print(f"loaded {meta['n']} images ({len(meta['skipped'])} skipped) from {src}{tag}", flush=True)
+        print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone]
-
-def _fetch(kind, path, names, skipped, size, n_synthetic, seed, npy):
-    """-> (images, meta, cache hit): the cache entry npy, else the images decoded (or drawn) and cached."""
-    if (cached := _read_cache(npy, size))[0] is not None:
-        return *cached, True
-    if kind == "synthetic":
-        x, factors = synthetic_faces(n_synthetic, size, seed, factors=True)
-        meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
-    else:
-        x, bad = _decode_files(kind, path, names, size)
-        if not len(x):
-            raise UsageError(f"none of the {len(bad)} image files in {_show(path)} could be read "
-                             f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
-        meta = {"n": len(x), "skipped": sorted(skipped + bad)}
-    _write_cache(npy, x.numpy(), meta)
-    return x, meta, False
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
     """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
@@ -83,14 +68,22 @@ def split_indices(n, test_fraction=0.2, seed=0):
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 def run_data(cfg, verbose=False):
-    """A run's (train, test) uint8 images, split as it trained; a warning if the data changed since."""
+    """A run's uint8 images split as it trained, read once -> (train, test, labels): labels = (train_y, test_y,
+    info) for a conditional run, else None. verbose: say what was loaded. A warning if the data changed since."""
     size, src, n, seed = tuple(cfg["image_size"]), cfg["data"], cfg["n_synthetic"], cfg["seed"]
-    images, now = load_images(src, size, n_synthetic=n, seed=seed, verbose=verbose), fingerprint(src, size, n, seed)
-    if cfg.get("data_fingerprint", now) != now:   # the same split of other images: "test" may have trained
+    images, meta, names = _load(src, size, n, seed, None, verbose)
+    if cfg.get("data_fingerprint", now := fingerprint(src, size, n, seed)) != now:   # "test" may have trained
         print(f"warning: the data at {_show(src or 'synthetic faces')} changed since this run trained on it (fingerprint "
               f"{now}, the run has {cfg['data_fingerprint']}): its test split is no longer held out", file=sys.stderr)
     train_idx, test_idx = split_indices(len(images), cfg["test_fraction"], seed)
-    return images[train_idx], images[test_idx]
+    if not cfg.get("conditional"):
+        return images[train_idx], images[test_idx], None
+    y, info = _labels(meta, names, cfg.get("attr_file"), cfg.get("attrs"))
+    if verbose:   # labels: hair = dark 2034, brown 2511, ...; glasses = no 8512, yes 1488
+        counts = [torch.bincount(y[:, k], minlength=len(v)).tolist() for k, v in enumerate(info.values())]
+        print("labels: " + "; ".join(f"{_show(a)[1:-1]} = " + ", ".join(f"{_show(v)[1:-1]} {c}" for v, c in zip(vs, cs))
+                                     for (a, vs), cs in zip(info.items(), counts)), flush=True)
+    return images[train_idx], images[test_idx], (y[train_idx], y[test_idx], info)
 
 def check_enough(n, batch_size):   # a batch needs batch_size training images
     if n < batch_size:
@@ -171,7 +164,9 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
     attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
-    _, meta, names = _load(source, size, n_synthetic, seed, cache_dir, verbose=False, images=False)
+    return _labels(*_load(source, size, n_synthetic, seed, cache_dir, verbose=False)[1:], attr_file, attrs)
+
+def _labels(meta, names, attr_file, attrs):
     if names is None:
         if attr_file is not None or attrs:
             raise UsageError("--attr-file/--attrs are for real data: the synthetic faces carry their own labels")
@@ -214,17 +209,6 @@ def _attr_labels(path, names, attrs):
         raise UsageError(f"{len(bad)} image(s) have no valid row (±1 per attribute) in {_show(path)}, first {_show(bad[0])}")
     y = torch.tensor([[int(r[c] == "1") for c in cols] for r in rows], dtype=torch.long).view(len(names), len(cols))
     return y, {a: ["no", "yes"] for a in attrs or header}
-
-def run_labels(cfg, verbose=False):
-    """A run's labels split as run_data splits its images -> (train, test, info); verbose: print their counts."""
-    y, info = load_labels(cfg["data"], tuple(cfg["image_size"]), n_synthetic=cfg["n_synthetic"],
-                          seed=cfg["seed"], attr_file=cfg.get("attr_file"), attrs=cfg.get("attrs"))
-    if verbose:   # labels: hair = dark 2034, brown 2511, ...; glasses = no 8512, yes 1488
-        counts = [torch.bincount(y[:, k], minlength=len(v)).tolist() for k, v in enumerate(info.values())]
-        print("labels: " + "; ".join(f"{_show(a)[1:-1]} = " + ", ".join(f"{_show(v)[1:-1]} {c}" for v, c in zip(vs, cs))
-                                     for (a, vs), cs in zip(info.items(), counts)), flush=True)
-    train_idx, test_idx = split_indices(len(y), cfg["test_fraction"], cfg["seed"])
-    return y[train_idx], y[test_idx], info
 
 def balance_weights(labels):
     """Draw weights w_i = prod_k 1 / count_k(y_ik): each attribute's values equally frequent (exact if independent)."""

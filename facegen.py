@@ -167,8 +167,8 @@ def encoder(nets, command):
 def run_split(cfg, command):
     """A run's images and labels split as it trained -> (train_x, test_x, train_y, test_y), the labels None for
     an unconditional run. `command` needs held-out images: a run that kept none (test_fraction 0) is refused."""
-    train_x, test_x = data.run_data(cfg)
-    train_y, test_y, _ = data.run_labels(cfg) if cfg.get("labels") else (None, None, None)
+    train_x, test_x, labels = data.run_data(cfg)
+    train_y, test_y, _ = labels or (None, None, None)
     if not len(test_x):
         raise UsageError(f"{command} needs held-out test images and this run kept none (its test_fraction is 0)")
     return train_x, test_x, train_y, test_y
@@ -766,7 +766,7 @@ def control(nets, cfg, n=256, epochs=5, seed=0):
     generated with y_k = v (the others from random test labels) it reads as v. 'balanced': the mean over values."""
     if not cfg.get("labels"):
         raise UsageError("control needs a conditional run (train.py --conditional)")
-    (train_x, test_x), (train_y, test_y, info) = data.run_data(cfg), data.run_labels(cfg)
+    train_x, test_x, (train_y, test_y, info) = data.run_data(cfg)
     clf = train_classifier(train_x, train_y, models.label_classes(info), epochs, seed)
     read, g = predict(clf, to_float(test_x)), torch.Generator().manual_seed(seed)
     share = lambda b: b.float().mean().item()  # noqa: E731  of True in a bool tensor

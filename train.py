@@ -59,16 +59,14 @@ SEED_DEFAULTS = {
 
 def load_data(cfg, device, rank=0, world=1):
     """-> (train Batches, test Batches or None: a GAN needs no held-out images). The test images never train."""
-    train_y = test_y = None
-    if cfg["conditional"]:
-        train_y, test_y, info = data.run_labels(cfg, verbose=rank == 0)
-        if cfg.setdefault("labels", info) != info:
-            raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
-    train_x, test_x = data.run_data(cfg, verbose=rank == 0)
+    train_x, test_x, labels = data.run_data(cfg, verbose=rank == 0)
+    train_y, test_y, info = labels or (None, None, None)
+    if cfg["conditional"] and cfg.setdefault("labels", info) != info:
+        raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
     data.check_enough(len(train_x), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
-    if not len(test_x) and cfg["family"] in ("autoencoder", "vaegan"):
-        raise UsageError(f"the test split is empty ({len(train_x)} image(s) in all): an autoencoder's test loss, "
-                         f"best.pt and reconstructions need held-out images; use more images")
+    if not len(test_x) and cfg["family"] in FAMILIES["autoencoders"]:
+        raise UsageError(f"--model {cfg['model']} needs held-out images (its test loss, best.pt, the reconstructions): "
+                         f"{len(train_x)} image(s) in all is too few")
     weights = data.balance_weights(train_y) if cfg["balance_labels"] else None
     return (data.Batches(train_x, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"], jitter=cfg["jitter"],
                          device=device, rank=rank, world_size=world, labels=train_y, weights=weights),

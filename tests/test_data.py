@@ -30,9 +30,8 @@ SIZE = (8, 8)
 
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
-    """Never touch ~/.cache: every test gets its own cache folder, and starts as a new process would."""
+    """Never touch ~/.cache: every test gets its own cache folder."""
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_loaded", {})
 
 
 def _solid(mode, size, value):
@@ -168,7 +167,6 @@ def test_cache_hit_returns_identical_data_without_decoding(folder, monkeypatch, 
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
     monkeypatch.setattr(data, "_decode_files", boom)
-    data._loaded.clear()                                   # as another process would
     with pytest.warns(UserWarning, match="skipped 2"):     # still reported on a hit
         x2 = data.load_images(root, SIZE)
     assert "loaded 13 images (2 skipped)" in capsys.readouterr().out.split("\n")[0]
@@ -833,7 +831,6 @@ def test_a_failed_cache_write_warns_and_leaves_no_temp_file(tmp_path, monkeypatc
         _no_space()
     monkeypatch.setattr(np, "save", half)
     for _ in range(2):
-        data._loaded.clear()
         with pytest.warns(UserWarning, match="could not write the image cache .*No space left on device") as rec:
             assert len(data.load_images(root, SIZE, verbose=False, cache_dir=tmp_path / "c")) == 1
         assert len(rec) == 1 and os.listdir(tmp_path / "c") == []
@@ -851,7 +848,6 @@ def test_a_symlinked_cache_entry_is_a_miss_and_is_replaced(tmp_path):
         (b_entry,) = [p for p in cache.glob("*" + ext) if p not in a_files]
         b_entry.unlink()
         b_entry.symlink_to(next(p for p in a_files if p.suffix == ext))
-        data._loaded.clear()
         assert torch.equal(data.load_images(tmp_path / "b", SIZE, verbose=False, cache_dir=cache), x_b)
         assert not b_entry.is_symlink()                          # rewritten: the link replaced, not written through
     assert not torch.equal(x_a, x_b) and {p: p.read_bytes() for p in a_files} == a_files
@@ -867,7 +863,6 @@ def test_a_cache_file_cut_short_while_read_is_a_miss(tmp_path, monkeypatch):
         os.truncate(npy, 100)
         return real_load(f, **kw)
     monkeypatch.setattr(np, "load", cut_then_load)
-    data._loaded.clear()
     assert torch.equal(data.load_images(tmp_path / "a", SIZE, verbose=False, cache_dir=tmp_path / "c"), x)
 
 

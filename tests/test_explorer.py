@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
 def make_explorer(run, **kw):
     """An Explorer built as cmd_pca builds it -> (explorer, nets, test images or None)."""
     nets, cfg = facegen.load_run(str(run))
-    train_images, test_images = data.run_data(cfg) if "vae" in nets else (None, None)
+    train_images, test_images = data.run_data(cfg)[:2] if "vae" in nets else (None, None)
     pca = facegen.fit_pca(nets, train_images)
     about = facegen.explorer_about(str(run), cfg, None if train_images is None else len(train_images), len(pca[0]))
     return facegen.Explorer(nets, pca, about, test_images, **kw), nets, test_images

@@ -128,7 +128,7 @@ def test_reconstruct_shows_the_runs_test_images_over_their_reconstructions(runs,
     path = runs["vae"] / "reconstruct.png"
     assert has_grid(path, 16, 4)                                     # 2 row pairs of 4, 2 blanks
     nets, cfg = facegen.load_run(str(runs["vae"]))
-    _, test = data.run_data(cfg)
+    _, test, _ = data.run_data(cfg)
     t = tiles(path, 4, 4)
     assert np.array_equal(t[0, 0], test[0].permute(1, 2, 0).numpy())  # top row: the test images
     assert np.array_equal(t[2, 1], test[5].permute(1, 2, 0).numpy())
@@ -405,7 +405,7 @@ def test_iw_bound_tightens_with_k_between_the_elbo_and_log_px():
 
 def test_iw_bound_on_the_trained_vae_never_looser_than_the_elbo(runs):
     nets, cfg = facegen.load_run(str(runs["vae"]))
-    _, test = data.run_data(cfg)
+    _, test, _ = data.run_data(cfg)
     x = facegen.to_float(test[:4])
     sigma = facegen.likelihood_std(cfg)
     assert sigma == cfg["obs_std"] == 0.01
@@ -535,8 +535,8 @@ def test_pca_of_one_code_is_refused_and_of_few_keeps_their_rank():
 
 def test_conditional_autoencoder_encodes_and_decodes_with_each_faces_labels(cond_run, tmp_path, capsys):
     nets, cfg = facegen.load_run(str(cond_run))
-    _, test = data.run_data(cfg)
-    _, test_y, _ = data.run_labels(cfg)
+    _, test, _ = data.run_data(cfg)
+    _, test_y, _ = data.run_data(cfg)[2]
     vae = nets["vae"]
 
     def own(i):                                                     # test face i's reconstruction, its labels
@@ -557,7 +557,7 @@ def test_conditional_autoencoder_encodes_and_decodes_with_each_faces_labels(cond
     assert run_cli("pca", cond_run, "--components", 3, "--steps", 3, "--seed", 2, "--out", tmp_path / "p.png") == 0
     t = tiles(tmp_path / "p.png", 3, 3)
     assert all(near(t[r, 1], own(2)) for r in range(3))             # around test face 2, with its labels
-    explorer = facegen.Explorer(nets, facegen.fit_pca(nets, data.run_data(cfg)[0], labels=data.run_labels(cfg)[0]),
+    explorer = facegen.Explorer(nets, facegen.fit_pca(nets, data.run_data(cfg)[0], labels=data.run_data(cfg)[2][0]),
                                 {}, test, k=3, labels=test_y)
     assert near(pixels(explorer.face_png("f=2&c=0")), own(2))
     assert run_cli("std-sweep", cond_run, "--n", 3, "--stds", "1,1", "--out", tmp_path / "s.png") == 0

@@ -149,7 +149,7 @@ def test_a_stray_file_in_samples_does_not_end_a_run(run_a, tmp_path):
     (["--model", "ae", "--kl-weight", "1"], "--kl-weight only applies"),
     (["--model", "sngan", "--balance-labels"], "--balance-labels only applies with --conditional"),
     (["--model", "vae", "--image-size", "32", "--n-synthetic", "20", "--batch-size", "1"], "BatchNorm"),
-    (["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "1", "--batch-size", "1"], "test split is empty"),
+    (["--model", "vae-in", "--image-size", "32x24", "--n-synthetic", "1", "--batch-size", "1"], "needs held-out images"),
 ])
 def test_bad_arguments_one_line_exit_2_and_no_run_left(argv, says, tmp_path, capsys):
     """Refused before the run folder is claimed: no folder; refused once the data is seen (the
@@ -162,7 +162,7 @@ def test_bad_arguments_one_line_exit_2_and_no_run_left(argv, says, tmp_path, cap
     assert rc == 2
     assert says in one_error(capsys)
     if out.exists():
-        assert says in ("BatchNorm", "test split is empty")
+        assert says in ("BatchNorm", "needs held-out images")
         assert sorted(p.name for p in out.rglob("*")) == [".lock", "recon", "samples"]
         os.close(train.claim_folder(str(out), fresh=True))  # not "already holds a run"
 

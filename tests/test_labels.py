@@ -15,7 +15,6 @@ SIZE = (8, 8)
 @pytest.fixture(autouse=True)
 def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_loaded", {})              # each test starts as a new process would
 
 
 def _put(path, value):
@@ -122,30 +121,28 @@ def test_a_conditional_run_reads_its_images_once_and_says_what_it_found(tmp_path
     monkeypatch.setattr(data, "decode_image", lambda f, size: decoded.append(f) or real(f, size))
     monkeypatch.setattr(data, "_read_cache", lambda *a: reads.append(a) or real_read(*a))
     cfg = dict(data=str(root), image_size=[8, 8], n_synthetic=1, seed=0, test_fraction=0.34)
-    with pytest.warns(UserWarning) as rec:                        # train.py's order
-        train_y, test_y, info = data.run_labels(cfg, verbose=True)
-        train_x, test_x = data.run_data(cfg, verbose=True)
+    cfg["conditional"] = True
+    with pytest.warns(UserWarning) as rec:
+        train_x, test_x, (train_y, test_y, info) = data.run_data(cfg, verbose=True)
     assert len(decoded) == 4 and len(reads) == 1 and [str(w.message)[:17] for w in rec] == ["skipped 1 of 4 im"]
-    assert capsys.readouterr().out.splitlines() == ["labels: class = dark 2, fair 1",
-                                                    f"loaded 3 images (1 skipped) from {str(root)!r}"]
+    assert capsys.readouterr().out.splitlines() == [f"loaded 3 images (1 skipped) from {str(root)!r}",
+                                                    "labels: class = dark 2, fair 1"]
     assert torch.equal(torch.cat([train_x, test_x])[:, 0, 0, 0], torch.tensor([10, 20, 200], dtype=torch.uint8)[
         torch.cat(data.split_indices(3, 0.34, 0))])
     assert torch.equal(torch.cat([train_y, test_y])[:, 0], torch.tensor([0, 0, 1])[torch.cat(data.split_indices(3, 0.34, 0))])
-    data.run_labels(cfg)                                          # facegen's order: nothing read again
-    assert len(decoded) == 4 and len(reads) == 1 and "loaded" not in capsys.readouterr().out
 
 
 def test_synthetic_label_counts_are_printed(capsys):
-    cfg = dict(data=None, image_size=[8, 8], n_synthetic=20, seed=1, test_fraction=0.2)
-    data.run_labels(cfg, verbose=True)
+    cfg = dict(data=None, image_size=[8, 8], n_synthetic=20, seed=1, test_fraction=0.2, conditional=True)
+    data.run_data(cfg, verbose=True)
     y = data.synthetic_faces(20, (8, 8), seed=1, factors=True)[1]
     hair = ", ".join(f"{g} {int((y[:, 0] == i).sum())}" for i, g in enumerate(data.HAIR_GROUPS))
-    assert capsys.readouterr().out.startswith(f"labels: hair = {hair}; glasses = no {int((y[:, 1] == 0).sum())}, ")
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"labels: hair = {hair}; glasses = no {int((y[:, 1] == 0).sum())}, ")
 
 
-def test_run_labels_split_like_run_data():
-    cfg = dict(data=None, image_size=[32, 32], n_synthetic=30, seed=5, test_fraction=0.2)
-    (train_x, test_x), (train_y, test_y, _) = data.run_data(cfg), data.run_labels(cfg)
+def test_labels_split_like_the_images():
+    cfg = dict(data=None, image_size=[32, 32], n_synthetic=30, seed=5, test_fraction=0.2, conditional=True)
+    train_x, test_x, (train_y, test_y, _) = data.run_data(cfg)
     x, y = data.synthetic_faces(30, (32, 32), seed=5, factors=True)
     tr, te = data.split_indices(30, 0.2, 5)
     assert torch.equal(train_x, x[tr]) and torch.equal(train_y, y[tr]) and torch.equal(test_y, y[te])

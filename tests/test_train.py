@@ -482,7 +482,7 @@ def test_conditional_steps_see_the_labels_of_their_batch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "critic_step", spy)
     assert run_train(tmp_path / "c", "sngan", "--conditional", "--max-steps", "2") == 0
-    train_y = data.run_labels(json.loads((tmp_path / "c" / "config.json").read_text()))[0]
+    train_y = data.run_data(json.loads((tmp_path / "c" / "config.json").read_text()))[2][0]
     for x, y in seen:
         assert y.shape == (8, 3) and y.dtype == torch.long
     batches = data.Batches(data.run_data(json.loads((tmp_path / "c" / "config.json").read_text()))[0], 8,
