@@ -85,10 +85,6 @@ def run_data(cfg, verbose=False):
                                      for (a, vs), cs in zip(info.items(), counts)), flush=True)
     return images[train_idx], images[test_idx], (y[train_idx], y[test_idx], info)
 
-def check_enough(n, batch_size):   # a batch needs batch_size training images
-    if n < batch_size:
-        raise UsageError(f"only {n} training images for a batch size of {batch_size}: lower --batch-size or add images")
-
 class Batches:
     """Shuffled, augmented batches of images held on `device`; each rank keeps its rows of one global batch."""
 
@@ -317,7 +313,6 @@ def checked(kind, ok, what):
     parse.__name__ = kind.__name__            # argparse's "invalid int value: 'x'"
     return parse
 
-positive_int = checked(int, lambda v: v > 0, "an integer > 0")
 positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a finite number > 0")
 non_negative = checked(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
 seed_int = checked(int, lambda v: 0 <= v < 2 ** 63 - 1, "an integer in [0, 2^63 - 1)")

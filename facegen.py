@@ -806,13 +806,10 @@ def cmd_control(args):
 # --- Command line: every size and count is bounded, so a typo fails at once, not after loading the run; a picture
 # holds at most ~4096 faces (std-sweep 256 x 16, interpolate 64 x 66, pca 64 x 64), evaluate 4096 x 128 patches a set
 
-def between(kind, lo, hi):
-    return data.checked(kind, lambda v: lo <= v <= hi, f"in {lo}..{hi}")
-
 std_list = data.checked(lambda s: [data.non_negative(x) for x in s.split(",")], lambda v: len(v) <= 16,
                         "1 to 16 comma-separated stds")
 std_list.__name__ = "comma-separated std"  # argparse: "invalid comma-separated std value: '1,x'"
-FACES, ROW = between(int, 1, 4096), between(int, 1, 256)   # faces in one grid; faces in a grid row
+FACES, ROW = data.between(int, 1, 4096), data.between(int, 1, 256)   # faces in one grid; faces in a grid row
 RUN = [("run", dict(metavar="RUN", help="run folder (its last.pt) or a checkpoint file")),
        ("--out", dict(help="output file (default: in the run folder)"))]
 NET = [("--checkpoint", dict(choices=["last", "best"], default="last", help="which checkpoint of a run folder")),
@@ -830,8 +827,8 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--nrow", dict(type=ROW, default=8, help="images per row")),
         ("--data", dict(help="folder or .zip of images instead of the run's test split"))]),
     "interpolate": (cmd_interpolate, "interpolations between encoded test images or noise", [
-        ("--rows", dict(type=between(int, 1, 64), default=4, help="number of interpolations")),
-        ("--steps", dict(type=between(int, 2, 64), default=8, help="decoded faces per row, t = 0 ... 1")),
+        ("--rows", dict(type=data.between(int, 1, 64), default=4, help="number of interpolations")),
+        ("--steps", dict(type=data.between(int, 2, 64), default=8, help="decoded faces per row, t = 0 ... 1")),
         ("--slerp", dict(action="store_true", help="spherical instead of linear interpolation")),
         ("--noise", dict(action="store_true", help="autoencoders: between noise, not test images")),
         ("--std", dict(type=data.non_negative, default=1.0, help="std of the noise endpoints"))]),
@@ -839,27 +836,27 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--n", dict(type=ROW, default=8, help="faces per row (one eps per column)")),
         ("--stds", dict(type=std_list, default=[i / 4 for i in range(1, 9)], help="comma-separated std of each row"))]),
     "pca": (cmd_pca, "latent PCA grid, and the slider explorer with --serve", [
-        ("--components", dict(type=between(int, 1, 64), default=8, help="top components: grid rows, sliders")),
-        ("--steps", dict(type=between(int, 1, 64), default=9, help="grid columns")),
-        ("--range", dict(type=between(float, 0.0, 10.0), default=3.0, help="grid and sliders: -range to +range std")),
+        ("--components", dict(type=data.between(int, 1, 64), default=8, help="top components: grid rows, sliders")),
+        ("--steps", dict(type=data.between(int, 1, 64), default=9, help="grid columns")),
+        ("--range", dict(type=data.between(float, 0.0, 10.0), default=3.0, help="grid and sliders: -range to +range std")),
         ("--serve", dict(action="store_true", help="then serve the slider explorer on 127.0.0.1")),
-        ("--port", dict(type=between(int, 0, 65535), default=8000, help="explorer port (0: any free port)"))]),
+        ("--port", dict(type=data.between(int, 0, 65535), default=8000, help="explorer port (0: any free port)"))]),
     "gif": (cmd_gif, "progress.gif from samples/epoch_*.png", [
-        ("--duration-ms", dict(type=between(int, 10, 60000), default=200, help="time per frame")),
-        ("--hold-last-ms", dict(type=between(int, 10, 600000), default=2000, help="time on the last frame"))]),
+        ("--duration-ms", dict(type=data.between(int, 10, 60000), default=200, help="time per frame")),
+        ("--hold-last-ms", dict(type=data.between(int, 10, 600000), default=2000, help="time on the last frame"))]),
     "evaluate": (cmd_evaluate, "SWD, nearest-training-image distance, bits/dim -> evaluate.json", [
-        ("--n", dict(type=between(int, 2, 4096), default=512, help="samples and test images compared")),
-        ("--k", dict(type=between(int, 1, 1024), default=16, help="importance samples per test image (VAEs)")),
-        ("--patches", dict(type=between(int, 1, 128), default=128, help="7x7 patches per image and level")),
-        ("--projections", dict(type=between(int, 1, 8192), default=512, help="SWD random directions")),
-        ("--draws", dict(type=between(int, 1, 64), default=4, help="SWD averaged over draws of all its samples"))]),
+        ("--n", dict(type=data.between(int, 2, 4096), default=512, help="samples and test images compared")),
+        ("--k", dict(type=data.between(int, 1, 1024), default=16, help="importance samples per test image (VAEs)")),
+        ("--patches", dict(type=data.between(int, 1, 128), default=128, help="7x7 patches per image and level")),
+        ("--projections", dict(type=data.between(int, 1, 8192), default=512, help="SWD random directions")),
+        ("--draws", dict(type=data.between(int, 1, 64), default=4, help="SWD averaged over draws of all its samples"))]),
     "attributes": (cmd_attributes, "conditional runs: rows = the values of one attribute, columns = the same z", [
         ("--attr", dict(required=True, help="the attribute whose values make the rows")),
         ("--n", dict(type=ROW, default=8, help="columns: draws of z")),
         ("--label", dict(help="values of the other attributes (default: their first)"))]),
     "control": (cmd_control, "conditional runs: does a classifier trained on real faces read the requested labels?", [
         ("--n", dict(type=FACES, default=256, help="generated faces per attribute value")),
-        ("--epochs", dict(type=between(int, 1, 100), default=5, help="classifier training epochs"))]),
+        ("--epochs", dict(type=data.between(int, 1, 100), default=5, help="classifier training epochs"))]),
 }
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):

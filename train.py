@@ -63,7 +63,10 @@ def load_data(cfg, device, rank=0, world=1):
     train_y, test_y, info = labels or (None, None, None)
     if cfg["conditional"] and cfg.setdefault("labels", info) != info:
         raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
-    data.check_enough(len(train_x), cfg["batch_size"] * steps_per_update(cfg))  # one step's batches
+    if len(train_x) < cfg["batch_size"] * steps_per_update(cfg):  # one step's batches
+        raise UsageError(f"only {len(train_x)} training images for one step of --model {cfg['model']}: "
+                         f"{steps_per_update(cfg)} batch(es) of {cfg['batch_size']} (its batch size: see --help); "
+                         f"lower --batch-size or add images")
     if not len(test_x) and cfg["family"] in FAMILIES["autoencoders"]:
         raise UsageError(f"--model {cfg['model']} needs held-out images (its test loss, best.pt, the reconstructions): "
                          f"{len(train_x)} image(s) in all is too few")
@@ -681,11 +684,8 @@ def main(argv=None):
             if run.world > 1:  # no rank tears the process group down before rank 0's last pictures
                 torch.distributed.barrier()
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the work, resume later with --resume
-            if len(run.stop) > 1:  # a second signal cut the step short: keep the last checkpoint
-                kept = os.path.isfile(os.path.join(out, "last.pt"))
-                print(f"\ninterrupted twice; {f'{out}/last.pt holds the last checkpoint' if kept else 'no checkpoint was written yet'}",
-                      file=sys.stderr)
-                return 130
+            if len(run.stop) > 1:  # a second signal cut the step short: the last checkpoint stands
+                raise
             run.checkpoint()
             print(f"\ninterrupted at step {run.step}; saved {out}/last.pt (resume with --resume {out})")
             return 130
@@ -699,8 +699,9 @@ def main(argv=None):
         hint = f"; fix it, then continue with --resume {out}" if out and os.path.isfile(os.path.join(out, "last.pt")) else ""
         print(f"error: {e}{hint}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before training, or a second Ctrl-C while saving
-        print("\ninterrupted; nothing more was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before training, or a second signal
+        kept = out and os.path.isfile(os.path.join(out, "last.pt"))
+        print(f"\ninterrupted; {f'{out}/last.pt holds the last checkpoint' if kept else 'nothing was saved'}", file=sys.stderr)
         return 130
     finally:
         if lock is not None:

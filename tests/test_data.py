@@ -199,9 +199,6 @@ def test_missing_empty_and_unreadable_sources_raise_usage_error(tmp_path):
     (tmp_path / "notzip.zip").write_text("nope")
     with pytest.raises(data.UsageError, match="zip"):
         data.load_images(tmp_path / "notzip.zip", SIZE)
-    with pytest.raises(data.UsageError, match="batch size"):
-        data.check_enough(3, 4)
-    data.check_enough(4, 4)
 
 
 def test_split_is_disjoint_complete_and_stable():
@@ -720,16 +717,17 @@ def test_batches_run_the_public_augment():
 
 def test_checked_flag_types_accept_and_refuse():
     import argparse
-    assert data.positive_int("3") == 3 and data.positive_float("0.5") == 0.5
+    count = data.between(int, 1, 10)
+    assert count("3") == 3 and data.positive_float("0.5") == 0.5
     assert data.non_negative("0") == 0.0 and data.unit_interval("0.999") == 0.999
     assert data.seed_int("0") == 0 and data.seed_int(str(2 ** 63 - 2)) == 2 ** 63 - 2
-    for parse, bad in ((data.positive_int, "0"), (data.positive_float, "inf"), (data.positive_float, "nan"),
+    for parse, bad in ((count, "0"), (count, "11"), (data.positive_float, "inf"), (data.positive_float, "nan"),
                        (data.non_negative, "-1e-9"), (data.seed_int, str(2 ** 63 - 1)), (data.seed_int, "-1"),
                        (data.unit_interval, "1"), (data.unit_interval, "-0.1")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be .*, got {re.escape(bad)}"):
             parse(bad)
     p = argparse.ArgumentParser()
-    p.add_argument("--n", type=data.positive_int)
+    p.add_argument("--n", type=count)
     with pytest.raises(SystemExit):
         p.parse_args(["--n", "x"])                              # not an int: argparse's own error
 

@@ -401,7 +401,7 @@ def test_a_gan_needs_n_critic_batches(tmp_path, capsys):
     assert train.main(["--model", "wgan", "--image-size", "32", "--n-synthetic", "160", "--batch-size", "32",
                        "--out", str(tmp_path / "w"), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: only 128 training images for a batch size of 160"), err  # 5 x 32
+    assert err.startswith("error: only 128 training images for one step of --model wgan: 5 batch(es) of 32"), err
     assert not (tmp_path / "w" / "last.pt").exists()
 
 
