@@ -14,18 +14,7 @@
 RUN: a run folder (its last.pt, or --checkpoint best) or a checkpoint file. Each command writes one file,
 in the run folder unless --out says otherwise, and prints its path.
 """
-import argparse
-import contextlib
-import http.server
-import io
-import json
-import math
-import os
-import re
-import sys
-import threading
-import urllib.parse
-import warnings
+import argparse, contextlib, http.server, io, json, math, os, re, sys, threading, urllib.parse, warnings
 
 import torch
 import torch.nn.functional as F

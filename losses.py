@@ -27,11 +27,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 def _batch_mean(t):
     """Sum each sample's terms (every dim but the first), then average over the batch."""
     return t.flatten(1).sum(1).mean()
-
 
 # ---- VAE: reconstruction, KL, ELBO -----------------------------------------------------------
 def gaussian_nll(x, mean, obs_std, reduction="mean"):
@@ -54,7 +52,6 @@ def gaussian_nll(x, mean, obs_std, reduction="mean"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     return _batch_mean(nll) if reduction == "mean" else nll.flatten(1).sum(1)
 
-
 def kl_divergence(mu, logvar):
     """KL( N(mu, diag e^logvar) ‖ N(0, I) ) in closed form (Kingma & Welling 2014, appendix B).
 
@@ -63,7 +60,6 @@ def kl_divergence(mu, logvar):
     Reduction: sum over latent dimensions, mean over the batch. The Wuga report has the same formula.
     """
     return _batch_mean(-0.5 * (1 + logvar - mu ** 2 - logvar.exp()))
-
 
 def mse_recon(x, x_hat):
     """Squared-error reconstruction loss (the LFW report's autoencoder and VAE use MSE).
@@ -74,7 +70,6 @@ def mse_recon(x, x_hat):
     σ² = ½; nn.MSELoss's default (mean over pixels too) is this divided by C·H·W.
     """
     return _batch_mean((x - x_hat) ** 2)
-
 
 def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
     """Weighted negative ELBO: L = recon_scale · recon + kl_weight · KL.
@@ -91,7 +86,6 @@ def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
     """
     return recon_scale * recon + kl_weight * kl
 
-
 # ---- GAN (binary cross-entropy on logits, non-saturating generator) --------------------------
 def d_loss(real_logits, fake_logits):
     """Discriminator BCE (Goodfellow et al. 2014), D(x) = sigmoid(l):
@@ -105,7 +99,6 @@ def d_loss(real_logits, fake_logits):
     """
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
-
 def g_loss(fake_logits):
     """Non-saturating generator loss (Goodfellow et al. 2014, §3):
 
@@ -115,7 +108,6 @@ def g_loss(fake_logits):
     vanishes when D confidently rejects the fakes. This is BCE(fake → 1), Akbari's "real labels".
     """
     return F.softplus(-fake_logits).mean()
-
 
 # ---- Least-squares GAN (Akbari's "MSE" loss) -------------------------------------------------
 def d_loss_ls(real_out, fake_out):
@@ -128,11 +120,9 @@ def d_loss_ls(real_out, fake_out):
     """
     return ((real_out - 1) ** 2).mean() + (fake_out ** 2).mean()
 
-
 def g_loss_ls(fake_out):
     """Least-squares generator loss (Mao et al. 2017, c = 1): L_G = mean (D(G(z)) − 1)² over the batch."""
     return ((fake_out - 1) ** 2).mean()
-
 
 def d_loss_ls_sigmoid(real_logits, fake_logits):
     """Akbari's loss as the report describes it: D outputs a probability σ(l) (§3.1), and its loss
@@ -146,7 +136,6 @@ def d_loss_ls_sigmoid(real_logits, fake_logits):
     """
     return ((torch.sigmoid(real_logits) - 1) ** 2).mean() + (torch.sigmoid(fake_logits) ** 2).mean()
 
-
 def g_loss_ls_sigmoid(fake_logits):
     """Akbari's G loss: the MSE of σ(l_fake) against "the real labels" 1 (§3.5), mean over the batch:
 
@@ -155,7 +144,6 @@ def g_loss_ls_sigmoid(fake_logits):
     Saturating: when D confidently rejects a fake (σ → 0) its gradient −2σ(1 − σ) vanishes too.
     """
     return ((torch.sigmoid(fake_logits) - 1) ** 2).mean()
-
 
 # ---- Wasserstein GAN (critic with weight clipping, or with gradient penalty) -----------------
 def critic_loss(real_scores, fake_scores):
@@ -167,7 +155,6 @@ def critic_loss(real_scores, fake_scores):
     """
     return fake_scores.mean() - real_scores.mean()
 
-
 def critic_gen_loss(fake_scores):
     """WGAN generator loss (Arjovsky et al. 2017): L_G = −E[D(G(z))], mean over the batch.
 
@@ -175,7 +162,6 @@ def critic_gen_loss(fake_scores):
     would push the fakes *away* from what the critic scores as real. We use the paper's sign.
     """
     return -fake_scores.mean()
-
 
 def gradient_penalty(critic, real, fake, eps=None):
     """WGAN-GP gradient penalty (Gulrajani et al. 2017, Algorithm 1), *without* λ:
@@ -198,7 +184,6 @@ def gradient_penalty(critic, real, fake, eps=None):
     grad_norm = grad.flatten(1).norm(2, dim=1)                              # (B,)
     return ((grad_norm - 1) ** 2).mean()
 
-
 # ---- Hinge loss (SN-GAN, the anime GAN report's future work) ---------------------------------
 def d_loss_hinge(real_scores, fake_scores):
     """Hinge discriminator loss (Lim & Ye 2017; Miyato et al. 2018, eq. 17 with SN), to minimise:
@@ -210,12 +195,10 @@ def d_loss_hinge(real_scores, fake_scores):
     """
     return F.relu(1 - real_scores).mean() + F.relu(1 + fake_scores).mean()
 
-
 def g_loss_hinge(fake_scores):
     """Hinge generator loss (Miyato et al. 2018): L_G = −E[D(x̃)], mean over the batch: the
     Wasserstein generator loss; only D's loss has the margin."""
     return -fake_scores.mean()
-
 
 # name (train.py's --gan-loss) -> (discriminator/critic loss, generator loss)
 GAN_LOSSES = {

@@ -3,14 +3,7 @@
 Reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders -> the GAN
 G and D -> build_model / from_config, the G weight average -> checkpoints. Shape comments are C x H x W of one sample
 for a 64x64 input (64x48 for vae-in); every size is computed with the conv arithmetic."""
-import contextlib
-import copy
-import math
-import os
-import pickle
-import re
-import tempfile
-import zipfile
+import contextlib, copy, math, os, pickle, re, tempfile, zipfile
 
 import torch
 from torch import nn
