@@ -1,18 +1,13 @@
 """facegen.py — pictures and measurements from a trained run: load its nets, decode z, save a grid.
 
     python facegen.py sample runs/vae --std 0.5           # z nearer the centre (Perriu & Amadi, fig 13)
-    python facegen.py reconstruct runs/vae                # test faces over their reconstructions
     python facegen.py interpolate runs/vae --slerp        # between encoded test faces, on the sphere
-    python facegen.py std-sweep runs/vae-lrelu            # rows std 0.25 ... 2.0 (the LFW report, figs 12-13)
     python facegen.py pca runs/vae-lrelu --serve          # latent PCA grid + slider explorer (LFW report, fig 17)
-    python facegen.py gif runs/dcgan --hold-last-ms 3000  # every epoch's samples as one GIF
     python facegen.py evaluate runs/vae                   # bits/dim, IW bound, SWD, copying check
-    python facegen.py sample runs/c --label hair=blond    # conditional runs: requested labels
-    python facegen.py attributes runs/c --attr glasses    # rows = attribute values, columns = same z
-    python facegen.py control runs/c                      # classifier accuracy on generated faces
+    python facegen.py attributes runs/c --attr glasses    # conditional runs: rows = attribute values, same z
 
-RUN: a run folder (its last.pt, or --checkpoint best) or a checkpoint file. Each command writes one file,
-in the run folder unless --out says otherwise, and prints its path.
+RUN: a run folder (its last.pt, or --checkpoint best) or a checkpoint file. Each command (the others: reconstruct,
+std-sweep, gif, control) writes one file, in the run folder unless --out says otherwise, and prints its path.
 """
 import argparse, contextlib, http.server, io, json, math, os, re, sys, threading, urllib.parse, warnings
 
@@ -23,7 +18,7 @@ from PIL import Image
 import data
 import losses
 import models
-from data import UsageError
+from data import UsageError, between
 
 # --- A run: its checkpoint holds the nets' weights and the config they were built from ----------------------
 
@@ -77,8 +72,7 @@ def out_path(args, name):
     if os.path.splitext(path)[1].lower() not in kinds:
         raise UsageError(f"--out {path}: this command writes a {' / '.join(kinds)} file")
     if not os.path.isdir(folder):
-        why = " (it is a file)" if os.path.exists(folder) else ""
-        raise UsageError(f"--out {path}: {folder} is not a folder{why}")
+        raise UsageError(f"--out {path}: {folder} is not a folder{' (it is a file)' if os.path.exists(folder) else ''}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"--out {path}: the folder {folder} is not writable")
     return path
@@ -99,20 +93,17 @@ def cmd_sample(args):
     z, y = noise(nets, args.n, g, args.std), random_labels(nets, args.n, g)
     if args.label and y is None:
         raise UsageError("--label needs a conditional run (train.py --conditional)")
-    for k, v in parse_labels(args.label, cfg.get("labels") or {}).items():
-        y[:, k] = v
+    set_labels(y, args.label, cfg.get("labels") or {})
     return save(decode(nets, z, y), args, "sample.png", args.nrow)
 
-def parse_labels(text, info):
-    """'hair=blond,glasses=yes' -> {attribute index: value index}, checked against info {attribute: [values]}."""
-    chosen = {}
+def set_labels(y, text, info):
+    """'hair=blond,glasses=yes' -> y[..., attribute index] = value index, checked against info {attribute: [values]}."""
     for item in filter(None, (text or "").split(",")):
         attr, _, value = item.partition("=")
         if attr not in info or value not in info[attr]:
             raise UsageError(f"--label {item!r}: the run's labels are "
                              + "; ".join(f"{a}={'|'.join(v)}" for a, v in info.items()))
-        chosen[list(info).index(attr)] = info[attr].index(value)
-    return chosen
+        y[..., list(info).index(attr)] = info[attr].index(value)
 
 def cmd_attributes(args):
     """One row per value of --attr, the columns the same --n draws of z (and the same other attributes: --label,
@@ -128,8 +119,7 @@ def cmd_attributes(args):
         raise UsageError(f"--attr {args.attr} has {len(values)} values: --n {args.n} per row makes too many faces")
     z = noise(nets, args.n, torch.Generator().manual_seed(args.seed))
     y = torch.zeros(len(values), args.n, len(info), dtype=torch.long)
-    for j, v in parse_labels(args.label, info).items():
-        y[..., j] = v
+    set_labels(y, args.label, info)
     y[..., k] = torch.arange(len(values))[:, None]                       # row r: value r
     print(f"rows: {args.attr} = " + ", ".join(values))
     return save(decode(nets, z.repeat(len(values), 1), y.flatten(0, 1)), args, f"attributes_{args.attr}.png", args.n,
@@ -146,16 +136,8 @@ def cmd_std_sweep(args):
     return save(decode(nets, torch.cat([s * eps for s in args.stds]), y), args, "std_sweep.png", args.n,
                 row_labels=[f"std {s:g}" for s in args.stds])
 
-def encoder(nets, command):
-    """The run's autoencoder (a conditional one, q(z|x, y), is given the images' labels: run_split)."""
-    if "vae" not in nets:
-        raise UsageError(f"{command} needs an encoder (autoencoders, vaegan) and this run is a GAN; "
-                         "use sample, interpolate, std-sweep or evaluate")
-    return nets["vae"]
-
 def run_split(cfg, command):
-    """A run's images and labels split as it trained -> (train_x, test_x, train_y, test_y), the labels None for
-    an unconditional run. `command` needs held-out images: a run that kept none (test_fraction 0) is refused."""
+    """A run's data split as it trained -> (train_x, test_x, train_y, test_y), labels None if unconditional."""
     train_x, test_x, labels = data.run_data(cfg)
     train_y, test_y, _ = labels or (None, None, None)
     if not len(test_x):
@@ -173,7 +155,10 @@ def encode_dataset(vae, images, labels=None, batch=256):
 def cmd_reconstruct(args):
     """Rows of --nrow test images (the run's test split, or --data), each over its reconstructions decode(mu)."""
     nets, cfg = open_run(args)
-    vae = encoder(nets, "reconstruct")
+    if "vae" not in nets:
+        raise UsageError("reconstruct needs an encoder (autoencoders, vaegan) and this run is a GAN; "
+                         "use sample, interpolate, std-sweep or evaluate")
+    vae = nets["vae"]
     if args.data and vae.classes:
         raise UsageError("reconstruct --data: this conditional autoencoder needs each image's labels and those "
                          "images carry none; leave out --data to use the run's labelled test images")
@@ -211,7 +196,7 @@ def cmd_interpolate(args):
     nets, cfg = open_run(args)
     g, encode = torch.Generator().manual_seed(args.seed), "vae" in nets and not args.noise
     if encode:
-        vae, (_, test, _, test_y) = encoder(nets, "interpolate"), run_split(cfg, "interpolate")
+        vae, (_, test, _, test_y) = nets["vae"], run_split(cfg, "interpolate")
         if len(test) < 2:
             raise UsageError("interpolate needs at least 2 test images")
         ia = torch.randint(len(test), (args.rows,), generator=g)
@@ -231,8 +216,7 @@ def cmd_interpolate(args):
     return save(x.flatten(0, 1), args, "interpolate.png", x.shape[1], col_labels=ends, title=title)
 
 def cmd_gif(args):
-    """progress.gif from samples/epoch_*.png (train.py decodes the same noise every epoch, so the GIF shows the
-    model learning), the last frame held for --hold-last-ms."""
+    """progress.gif from samples/epoch_*.png (train.py's same noise every epoch), the last frame held --hold-last-ms."""
     folder = data.run_folder(args.run)
     frames = data.epoch_frames(os.path.join(folder, "samples"))  # by epoch number; strays ignored
     if not frames:
@@ -266,7 +250,7 @@ def from_pca(mean, components, sigma, coeffs):
 def fit_pca(nets, train_images=None, n_noise=4096, seed=0, labels=None):
     """The PCA of the training images' codes μ (a CVAE's: given labels); a GAN's: of n_noise draws z ~ N(0, I)."""
     if "vae" in nets:
-        return latent_pca(encode_dataset(encoder(nets, "pca"), train_images, labels))
+        return latent_pca(encode_dataset(nets["vae"], train_images, labels))
     return latent_pca(noise(nets, n_noise, torch.Generator().manual_seed(seed)))
 
 def variance_share(sigma):  # of each principal component (all 0 if the codes do not vary)
@@ -288,12 +272,11 @@ def pca_traversal(nets, basis, K, steps, span, start=None, y=None):
     fixed, every face decoded with the labels y -> (images, row labels, column labels)."""
     mean, components, sigma = basis
     K, c = min(K, len(sigma)), torch.linspace(-span, span, steps)
-    coeffs = torch.zeros(K, steps, K)
-    coeffs[torch.arange(K), :, torch.arange(K)] = c
+    coeffs = torch.eye(K)[:, None] * c[:, None]                          # (K, steps, K): row j moves c_j only
     rows = [f"PC{j + 1}\n{100 * s:.1f}% var" for j, s in enumerate(variance_share(sigma)[:K].tolist())]
     cols = [f"{v:+.3g}\nsd" if v else "mean" if start is None else "start" for v in c.tolist()]
-    z0 = mean if start is None else start
-    return decode(nets, from_pca(z0, components, sigma, coeffs.flatten(0, 1)), y), rows, cols
+    z = from_pca(mean if start is None else start, components, sigma, coeffs.flatten(0, 1))
+    return decode(nets, z, y), rows, cols
 
 def explorer_about(run, cfg, n_train, latent_size):
     """The explorer page's text about a run (n_train: training images the PCA saw; None for a GAN)."""
@@ -313,9 +296,8 @@ def explorer_about(run, cfg, n_train, latent_size):
                       ["latent size", str(latent_size)], ["image", f"{H}×{W}"]]}
 
 def cmd_pca(args):
-    """Row j walks principal component j of the codes over ±range of its std around a face, not the mean code (a
-    blob; a GAN's z = 0, black): held-out test image #(--seed mod N)'s code, or a GAN's z ~ N(0, I) seeded by --seed
-    (the LFW report's latent PCA). --serve then opens the slider explorer on 127.0.0.1."""
+    """Row j walks principal component j over ±range of its std around a face (the mean code is a blob, a GAN's
+    z = 0 black): test image #(--seed mod N)'s code, or z ~ N(0, I) seeded by --seed. --serve: the slider explorer."""
     nets, cfg = open_run(args)
     train_images, test_images, train_y, test_y = run_split(cfg, "pca") if "vae" in nets else (None,) * 4
     basis = fit_pca(nets, train_images, seed=args.seed, labels=train_y)
@@ -360,8 +342,7 @@ input[type=range] { display: block; margin: 4px 0 0 calc(100% / (2 * var(--n)) -
 .ticks { display: grid; grid-template-columns: repeat(var(--n), 1fr); text-align: center; font-size: 12px }
 @media (max-width: 760px) {
   main { grid-template-columns: minmax(0, 1fr); grid-template-areas: "view" "starts" "sliders" }
-  body { padding: 8px 10px } #face { width: auto; max-width: 100%; height: 32vh; margin: 0 auto }
-}
+  body { padding: 8px 10px } #face { width: auto; max-width: 100%; height: 32vh; margin: 0 auto } }
 </style>
 <h1>Latent PCA explorer</h1><p id="facts"></p><p id="help"></p>
 <main><section id="view"><img id="face" alt="the face for the current slider values">
@@ -436,9 +417,8 @@ def png_bytes(x):
     return buf.getvalue()
 
 class Explorer:
-    """The explorer's pictures, a method per route. faces: the held-out test images (uint8), None for a GAN; labels:
-    theirs (a CVAE); start: the face a query without f shows. The server's threads share it; the nets run under a
-    lock (torch modules are not promised to be thread-safe)."""
+    """The explorer's pictures, a method per route. faces: held-out test images (uint8; None: a GAN), labels: theirs
+    (a CVAE); start: the face without f. Server threads share it; the nets run under a lock (not thread-safe)."""
     def __init__(self, nets, pca, about, faces=None, k=8, span=3.0, n_ticks=7, n_starts=12, labels=None, start="0"):
         self.nets, self.pca, self.faces, self.labels, self.start = nets, pca, faces, labels, str(start)
         self.k, self.span, self.lock = min(k, len(pca[2])), span, threading.Lock()
@@ -459,10 +439,9 @@ class Explorer:
         if pairs is None or len(dict(pairs)) < len(pairs) or not {k for k, _ in pairs} <= set(names):
             raise ValueError(f"the query takes name=value pairs, each of {', '.join(names)} at most once")
         q = dict(pairs)
-        f, c = q.get("f", self.start), q.get("c", "")
+        f, c = q.get("f", self.start), q["c"].split(",") if q.get("c") else []
         if f != "mean" and not (re.fullmatch(r"\d{1,10}", f, re.ASCII) and int(f) < self.n_faces):
             raise ValueError(f"f is 'mean' or a whole number below {self.n_faces}")
-        c = c.split(",") if c else []
         if len(c) > self.k or not all(NUMBER.fullmatch(v) and abs(float(v)) <= self.span for v in c):
             raise ValueError(f"c takes at most {self.k} comma-separated numbers in [-{self.span:g}, {self.span:g}]")
         return f, torch.tensor([float(v) for v in c] + [0.0] * (self.k - len(c))), q
@@ -470,10 +449,9 @@ class Explorer:
     @torch.no_grad()
     def faces_at(self, f, coeffs):
         """Coefficient rows (B, K) -> faces decode(z_f + Σ_j c_j σ_j v_j), (B, 3, H, W)."""
-        mean, components, sigma = self.pca
         with self.lock:
-            z_f, y = start_code(self.nets, f, mean, self.faces, self.labels)
-            return decode(self.nets, from_pca(z_f, components, sigma, coeffs), y)
+            z_f, y = start_code(self.nets, f, self.pca[0], self.faces, self.labels)
+            return decode(self.nets, from_pca(z_f, *self.pca[1:], coeffs), y)
 
     def face_png(self, query):
         f, c, _ = self.state(query)
@@ -566,8 +544,7 @@ def iw_bound(log_w):
 
         L_k = log (1/k) Σ_i w_i = logsumexp_i(log w_i) − log k  <=  log p(x)
 
-    L_1 is the ELBO; E[L_k] never decreases with k and tends to log p(x). For the same draws L_k >= mean_i log
-    w_i (Jensen): never looser than the k-sample ELBO estimate."""
+    L_1 is the ELBO; E[L_k] rises with k toward log p(x); L_k >= mean_i log w_i for the same draws (Jensen)."""
     return torch.logsumexp(log_w, 1) - math.log(log_w.shape[1])
 
 def likelihood_std(cfg):
@@ -644,9 +621,8 @@ def swd_pyramid(a, b, generator, n_per_image=128, n_projections=512, size=7, coa
     levels = 1 + max(0, int(math.log2(min(H, W) / coarsest)))                 # 64 px: 64, 32, 16
     out = []
     for la, lb in zip(laplacian_pyramid(a, levels), laplacian_pyramid(b, levels)):
-        h, w = la.shape[2:]
-        s = min(size, h, w)
-        top, left = (torch.randint(0, m - s + 1, (N, n_per_image), generator=generator).to(a.device) for m in (h, w))
+        s = min(size, *la.shape[2:])
+        top, left = (torch.randint(m - s + 1, (N, n_per_image), generator=generator).to(a.device) for m in la.shape[2:])
         da, db = (patch_descriptors(x, top, left, s).view(N * n_per_image, C, -1) for x in (la, lb))
         both = torch.cat([da, db])
         mean, std = both.mean((0, 2), keepdim=True), both.std((0, 2), keepdim=True).clamp_min(1e-8)
@@ -666,11 +642,10 @@ def nearest_rms(queries, reference, chunk=1024):
 
 def evaluate(nets, cfg, n=512, k=16, seed=0, patches=128, projections=512, draws=4):
     """The metrics, no downloaded weights -> report dict. SWD: n samples z ~ N(0, I) against the first n test
-    images, beside the floor (a training subset against them), averaged over `draws` draws (seeds seed, seed + 1,
-    ...; one draw swings by a third). nearest_train_rms: samples' and test images' distance to the nearest training
-    image; a ratio well below 1 means copying (or blur toward the mean face). likelihood (VAEs): test −ELBO, −L_k in
-    bits/dim = nats / (D ln 2), D = 3 H W, x in [-1, 1]^D, N(x_hat, σ² I), σ: likelihood_std (8-bit: + log2 127.5).
-    Conditional runs: the samples get the n test images' labels, the bounds are on log p(x|y) of the test images."""
+    images beside the floor (n training images against them), averaged over `draws` draws (seed, seed + 1, ...).
+    nearest_train_rms: distance to the nearest training image; a samples/test ratio well below 1: copying (or blur).
+    likelihood (VAEs): test −ELBO, −L_k in bits/dim = nats / (D ln 2), D = 3 H W, x in [-1, 1]^D, σ: likelihood_std
+    (8-bit: + log2 127.5). Conditional runs: samples get the test images' labels; the bounds are on log p(x|y)."""
     train_x, test_x, _, test_y = run_split(cfg, "evaluate")
     n, dev, mean = min(n, len(test_x), len(train_x)), next(nets.parameters()).device, lambda v: sum(v) / len(v)
     if n < 2:
@@ -749,10 +724,9 @@ def predict(clf, x, batch=512):
     return torch.cat([torch.stack([o.argmax(1) for o in clf(x[i:i + batch])], 1) for i in range(0, len(x), batch)])
 
 def control(nets, cfg, n=256, epochs=5, seed=0):
-    """How reliably generated faces carry the requested labels (classification accuracy score, Ravuri & Vinyals
-    2019, the other way round: a classifier trained on real faces judges generated ones). Its recall per value on
-    the test images says how well an attribute can be read at all; per attribute k and value v, the share of n faces
-    generated with y_k = v (the others from random test labels) it reads as v. 'balanced': the mean over values."""
+    """Do generated faces carry the requested labels? (classification accuracy score, Ravuri & Vinyals 2019, reversed:
+    a classifier trained on real faces judges generated ones.) Per attribute k and value v: its recall on test faces,
+    and the share of n faces generated with y_k = v (others: random test labels) it reads as v; 'balanced': mean."""
     if not cfg.get("labels"):
         raise UsageError("control needs a conditional run (train.py --conditional)")
     train_x, test_x, (train_y, test_y, info) = data.run_data(cfg)
@@ -798,7 +772,7 @@ def cmd_control(args):
 std_list = data.checked(lambda s: [data.non_negative(x) for x in s.split(",")], lambda v: len(v) <= 16,
                         "1 to 16 comma-separated stds")
 std_list.__name__ = "comma-separated std"  # argparse: "invalid comma-separated std value: '1,x'"
-FACES, ROW = data.between(int, 1, 4096), data.between(int, 1, 256)   # faces in one grid; faces in a grid row
+FACES, ROW = between(int, 1, 4096), between(int, 1, 256)   # faces in one grid; faces in a grid row
 RUN = [("run", dict(metavar="RUN", help="run folder (its last.pt) or a checkpoint file")),
        ("--out", dict(help="output file (default: in the run folder)"))]
 NET = [("--checkpoint", dict(choices=["last", "best"], default="last", help="which checkpoint of a run folder")),
@@ -816,8 +790,8 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--nrow", dict(type=ROW, default=8, help="images per row")),
         ("--data", dict(help="folder or .zip of images instead of the run's test split"))]),
     "interpolate": (cmd_interpolate, "interpolations between encoded test images or noise", [
-        ("--rows", dict(type=data.between(int, 1, 64), default=4, help="number of interpolations")),
-        ("--steps", dict(type=data.between(int, 2, 64), default=8, help="decoded faces per row, t = 0 ... 1")),
+        ("--rows", dict(type=between(int, 1, 64), default=4, help="number of interpolations")),
+        ("--steps", dict(type=between(int, 2, 64), default=8, help="decoded faces per row, t = 0 ... 1")),
         ("--slerp", dict(action="store_true", help="spherical instead of linear interpolation")),
         ("--noise", dict(action="store_true", help="autoencoders: between noise, not test images")),
         ("--std", dict(type=data.non_negative, default=1.0, help="std of the noise endpoints"))]),
@@ -825,27 +799,27 @@ COMMANDS = {  # name: (function, one-line help, its flags beyond RUN and NET)
         ("--n", dict(type=ROW, default=8, help="faces per row (one eps per column)")),
         ("--stds", dict(type=std_list, default=[i / 4 for i in range(1, 9)], help="comma-separated std of each row"))]),
     "pca": (cmd_pca, "latent PCA grid, and the slider explorer with --serve", [
-        ("--components", dict(type=data.between(int, 1, 64), default=8, help="top components: grid rows, sliders")),
-        ("--steps", dict(type=data.between(int, 1, 64), default=9, help="grid columns")),
-        ("--range", dict(type=data.between(float, 0.0, 10.0), default=3.0, help="grid and sliders: -range to +range std")),
+        ("--components", dict(type=between(int, 1, 64), default=8, help="top components: grid rows, sliders")),
+        ("--steps", dict(type=between(int, 1, 64), default=9, help="grid columns")),
+        ("--range", dict(type=between(float, 0.0, 10.0), default=3.0, help="grid and sliders: -range to +range std")),
         ("--serve", dict(action="store_true", help="then serve the slider explorer on 127.0.0.1")),
-        ("--port", dict(type=data.between(int, 0, 65535), default=8000, help="explorer port (0: any free port)"))]),
+        ("--port", dict(type=between(int, 0, 65535), default=8000, help="explorer port (0: any free port)"))]),
     "gif": (cmd_gif, "progress.gif from samples/epoch_*.png", [
-        ("--duration-ms", dict(type=data.between(int, 10, 60000), default=200, help="time per frame")),
-        ("--hold-last-ms", dict(type=data.between(int, 10, 600000), default=2000, help="time on the last frame"))]),
+        ("--duration-ms", dict(type=between(int, 10, 60000), default=200, help="time per frame")),
+        ("--hold-last-ms", dict(type=between(int, 10, 600000), default=2000, help="time on the last frame"))]),
     "evaluate": (cmd_evaluate, "SWD, nearest-training-image distance, bits/dim -> evaluate.json", [
-        ("--n", dict(type=data.between(int, 2, 4096), default=512, help="samples and test images compared")),
-        ("--k", dict(type=data.between(int, 1, 1024), default=16, help="importance samples per test image (VAEs)")),
-        ("--patches", dict(type=data.between(int, 1, 128), default=128, help="7x7 patches per image and level")),
-        ("--projections", dict(type=data.between(int, 1, 8192), default=512, help="SWD random directions")),
-        ("--draws", dict(type=data.between(int, 1, 64), default=4, help="SWD averaged over draws of all its samples"))]),
+        ("--n", dict(type=between(int, 2, 4096), default=512, help="samples and test images compared")),
+        ("--k", dict(type=between(int, 1, 1024), default=16, help="importance samples per test image (VAEs)")),
+        ("--patches", dict(type=between(int, 1, 128), default=128, help="7x7 patches per image and level")),
+        ("--projections", dict(type=between(int, 1, 8192), default=512, help="SWD random directions")),
+        ("--draws", dict(type=between(int, 1, 64), default=4, help="SWD averaged over draws of all its samples"))]),
     "attributes": (cmd_attributes, "conditional runs: rows = the values of one attribute, columns = the same z", [
         ("--attr", dict(required=True, help="the attribute whose values make the rows")),
         ("--n", dict(type=ROW, default=8, help="columns: draws of z")),
         ("--label", dict(help="values of the other attributes (default: their first)"))]),
     "control": (cmd_control, "conditional runs: does a classifier trained on real faces read the requested labels?", [
         ("--n", dict(type=FACES, default=256, help="generated faces per attribute value")),
-        ("--epochs", dict(type=data.between(int, 1, 100), default=5, help="classifier training epochs"))]),
+        ("--epochs", dict(type=between(int, 1, 100), default=5, help="classifier training epochs"))]),
 }
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
