@@ -512,8 +512,7 @@ def claim_folder(out, fresh):
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     try:
-        for sub in ("samples", "recon"):
-            os.makedirs(os.path.join(out, sub), exist_ok=True)
+        os.makedirs(out, exist_ok=True)  # samples/ and recon/ (autoencoders) come with their first pictures
         fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"cannot write the run folder {out}: {e.strerror or e}")

@@ -163,7 +163,7 @@ def test_bad_arguments_one_line_exit_2_and_no_run_left(argv, says, tmp_path, cap
     assert says in one_error(capsys)
     if out.exists():
         assert says in ("BatchNorm", "needs held-out images")
-        assert sorted(p.name for p in out.rglob("*")) == [".lock", "recon", "samples"]
+        assert sorted(p.name for p in out.rglob("*")) == [".lock"]
         os.close(train.claim_folder(str(out), fresh=True))  # not "already holds a run"
 
 
