@@ -30,7 +30,7 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
 def _load(source, size, n_synthetic, seed, cache_dir, verbose):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None)."""
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None, fingerprint)."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
@@ -51,7 +51,7 @@ def _load(source, size, n_synthetic, seed, cache_dir, verbose):
     if verbose:
         print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
-    return x, meta, None if names is None else [n for n in names if n not in gone]
+    return x, meta, None if names is None else [n for n in names if n not in gone], key[:16]
 
 def fingerprint(source, size, n_synthetic=10000, seed=0):
     """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
@@ -69,10 +69,11 @@ def split_indices(n, test_fraction=0.2, seed=0):
 
 def run_data(cfg, verbose=False):
     """A run's uint8 images split as it trained, read once -> (train, test, labels): labels = (train_y, test_y,
-    info) for a conditional run, else None. verbose: say what was loaded. A warning if the data changed since."""
+    info) for a conditional run, else None. verbose: say what was loaded. A fresh run records the data's
+    fingerprint in cfg; later, a warning if the data changed since."""
     size, src, n, seed = tuple(cfg["image_size"]), cfg["data"], cfg["n_synthetic"], cfg["seed"]
-    images, meta, names = _load(src, size, n, seed, None, verbose)
-    if cfg.get("data_fingerprint", now := fingerprint(src, size, n, seed)) != now:   # "test" may have trained
+    images, meta, names, now = _load(src, size, n, seed, None, verbose)
+    if cfg.setdefault("data_fingerprint", now) != now:   # the same split of other images: "test" may have trained
         print(f"warning: the data at {_show(src or 'synthetic faces')} changed since this run trained on it (fingerprint "
               f"{now}, the run has {cfg['data_fingerprint']}): its test split is no longer held out", file=sys.stderr)
     train_idx, test_idx = split_indices(len(images), cfg["test_fraction"], seed)
@@ -160,7 +161,7 @@ def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts
 def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
     """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
     attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
-    return _labels(*_load(source, size, n_synthetic, seed, cache_dir, verbose=False)[1:], attr_file, attrs)
+    return _labels(*_load(source, size, n_synthetic, seed, cache_dir, verbose=False)[1:3], attr_file, attrs)
 
 def _labels(meta, names, attr_file, attrs):
     if names is None:

@@ -65,7 +65,7 @@ def out_path(args, name):
     """--out, or `name` in the run folder; a --out that cannot be that kind of file is a UsageError."""
     path = args.out or os.path.join(data.run_folder(args.run), name)
     kinds, folder = OUT_KINDS[os.path.splitext(name)[1]], os.path.dirname(os.path.abspath(path))
-    if re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", path):  # "wrote PATH" must stay one honest line
+    if not path.isprintable():  # "wrote PATH" must stay one honest line
         raise UsageError(f"--out {path!r}: a file name with a control character (newline, tab, ...) is refused")
     if os.path.isdir(path):
         raise UsageError(f"--out {path} is a folder: name a {kinds[0]} file in it")

@@ -608,10 +608,7 @@ def resolve(args):
                     latent_dim=models.DEFAULT_LATENT[args.model], **SEED_DEFAULTS[args.model])
     given = {k for k, v in vars(args).items() if v is not None}
     cfg = {**vars(args), **defaults, **{k: v for k, v in vars(args).items() if v is not None}}
-    if not cfg["out"]:  # a fresh run never stops on an earlier run's default folder: runs/vae, runs/vae-2, ...
-        base = os.path.join("runs", args.model)
-        cfg["out"] = next(o for i in itertools.count(1) if not any(os.path.exists(os.path.join(
-            o := base + (f"-{i}" if i > 1 else ""), f)) for f in ("last.pt", "config.json")))
+    cfg["out"] = cfg["out"] or os.path.join("runs", args.model)
     for k in ("data", "attr_file"):  # as absolute paths: a resume from another folder finds them
         cfg[k] = cfg[k] if cfg[k] in (None, "synthetic") else os.path.abspath(os.path.expanduser(cfg[k]))
     cfg["image_size"] = list(data.parse_size(cfg["image_size"]))
@@ -640,9 +637,12 @@ def config_from(args):
     if not args.resume:
         if not args.model:
             raise UsageError("--model is required (or --resume a run)")
-        cfg = resolve(args)
-        if not args.out and cfg["out"] != os.path.join("runs", args.model):
-            print(f"note: runs/{args.model} holds a run; this one trains into {cfg['out']}")
+        cfg, base = resolve(args), os.path.join("runs", args.model)
+        if not args.out:  # a fresh run never stops on an earlier run's default folder: runs/vae, runs/vae-2, ...
+            cfg["out"] = next(o for i in itertools.count(1) if not any(os.path.exists(os.path.join(
+                o := base + (f"-{i}" if i > 1 else ""), f)) for f in ("last.pt", "config.json")))
+        if cfg["out"] != base and not args.out:
+            print(f"note: {base} holds a run; this one trains into {cfg['out']}")
         return cfg, None
     state = models.load_checkpoint(args.resume)
     saved = state["config"]
@@ -667,8 +667,6 @@ def main(argv=None):
         out = cfg["out"]
         resumed_here = cfg.get("resume") and os.path.realpath(data.run_folder(cfg["resume"])) == os.path.realpath(out)
         lock = claim_folder(out, fresh=not resumed_here)
-        if not cfg.get("resume"):
-            cfg["data_fingerprint"] = data.fingerprint(cfg["data"], cfg["image_size"], cfg["n_synthetic"], cfg["seed"])
         run = Run(cfg, state)  # builds and loads everything
         if run.main:
             data.write_json(os.path.join(out, "config.json"), cfg)
