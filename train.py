@@ -487,9 +487,8 @@ def add_update_hooks(run):
     return norms
 
 def settle_speed(cfg, device, say=True):
-    """Speed switches, recorded in config.json: unset, NHWC on CPU (1.13x faster, 2-core AMD EPYC, AVX-512) and fused
-    Adam (as fast there; one kernel on CUDA). --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86):
-    bf16 convolutions ran ~25x slower than fp32 on a 2-core AVX2-only AMD EPYC, so there it trains in fp32."""
+    """Speed switches, recorded in config.json: unset, NHWC on CPU and fused Adam (README, Speed: which machines).
+    --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86); elsewhere emulated bf16 is far slower: fp32."""
     cpu = device.type == "cpu"
     native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
               ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
