@@ -2,7 +2,7 @@
 
     source (folder | .zip | synthetic) --load_images--> uint8 N x 3 x H x W  (decoded once, cached)
         --split_indices--> train / test --Batches--> float [-1, 1] on the device, augmented
-    (conditional models: load_labels gives each image's attributes, int64 N x K, split alike)
+    (conditional models: _labels gives each image's attributes, int64 N x K, split alike)
 
 Batch order and augmentation (seed report 001: h-flip; 003: h-flip + ColorJitter) depend only on
 (seed, epoch, batch index), so a resumed run sees the same batches.
@@ -29,8 +29,9 @@ def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verb
     """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped."""
     return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
 
-def _load(source, size, n_synthetic, seed, cache_dir, verbose):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None, fingerprint)."""
+def _load(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose=False):
+    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None, fingerprint: a
+    short id of the data, the cache key, which changes when a file is added, removed or touched)."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
@@ -53,14 +54,8 @@ def _load(source, size, n_synthetic, seed, cache_dir, verbose):
     gone = {n for n, _ in meta["skipped"]}
     return x, meta, None if names is None else [n for n in names if n not in gone], key[:16]
 
-def fingerprint(source, size, n_synthetic=10000, seed=0):
-    """A short id of the data (the cache key): it changes when a file is added, removed or touched."""
-    return _identify(source, parse_size(size), n_synthetic, seed)[-1][:16]
-
 def split_indices(n, test_fraction=0.2, seed=0):
     """Deterministic train/test split of range(n) -> (train_idx, test_idx), sorted LongTensors."""
-    if not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
     n_test = int(round(n * test_fraction))
     if test_fraction > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)      # both sides non-empty whenever possible
@@ -93,8 +88,6 @@ class Batches:
                  device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
         if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of world size {world_size} (rank {rank})")
-        if labels is not None and len(labels) != len(images_uint8):
-            raise ValueError(f"{len(labels)} labels for {len(images_uint8)} images")
         self.images, self.labels = images_uint8.to(device), None if labels is None else labels.to(device)
         self.batch_size, self.seed, self.flip, self.jitter, self.weights = batch_size, seed, flip, jitter, weights
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -103,7 +96,8 @@ class Batches:
         return len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
 
     def epoch(self, epoch, start=0):
-        """Batches start, start+1, ... of pass `epoch` (exact resume): float [-1, 1] rows of this rank; or (x, y)."""
+        """Batches start, start+1, ... of pass `epoch` (exact resume): (x, y), x float [-1, 1] rows of this rank,
+        y their labels (None without)."""
         rng = _rng(self.seed, "order", epoch)
         perm = (torch.randperm(len(self.images), generator=rng) if self.weights is None else
                 torch.multinomial(self.weights, len(self.images), replacement=True, generator=rng))
@@ -114,7 +108,7 @@ class Batches:
             x = self.images.index_select(0, idx[lo:hi]).float().div_(127.5).sub_(1)   # this rank's rows
             if self.flip or self.jitter > 0:
                 x = augment(x, _rng(self.seed, "aug", epoch, i), self.flip, self.jitter, rows=(lo, len(idx)))
-            yield x if self.labels is None else (x, self.labels.index_select(0, idx[lo:hi]))
+            yield x, None if self.labels is None else self.labels.index_select(0, idx[lo:hi])
 
 def to_device(t, device):
     """A host tensor to `device`; to a GPU pinned and non-blocking (a pageable copy syncs with the GPU each batch)."""
@@ -137,33 +131,26 @@ def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
         a, b = max(0.0, 1.0 - jitter), 1.0 + jitter
         factors = a + (b - a) * torch.rand(n, 3, generator=generator, device=dev)
         order = torch.rand(n, 3, generator=generator, device=dev).argsort(dim=1)   # per image
-        _color_jitter_(x, factors[mine], order[mine])
+        factors, order = to_device(factors[mine], x.device).to(x.dtype), to_device(order[mine], x.device)
+        y, gray = x.add_(1).mul_(0.5), torch.empty_like(x[:, :1])     # [0, 1] as torchvision; N x 1 x H x W
+        for k in range(3):   # each op, in place: y <- clamp(f*y + (1-f)*m, 0, 1) toward its m (brightness: m = 0)
+            op = order[:, k]                                          # 0 brightness, 1 contrast, 2 sat.
+            f = factors.gather(1, op[:, None])[:, :, None, None]                        # N x 1 x 1 x 1
+            torch.mul(y[:, 0:1], 0.2989, out=gray).add_(y[:, 1:2], alpha=0.587).add_(y[:, 2:3], alpha=0.114)
+            w_c = (1 - f) * (op == 1).to(x.dtype)[:, None, None, None]   # contrast: m = mean(gray)
+            w_s = (1 - f) * (op == 2).to(x.dtype)[:, None, None, None]   # saturation: m = gray
+            y.mul_(f).add_(w_c * gray.mean((2, 3), keepdim=True)).addcmul_(w_s, gray).clamp_(0, 1)
+        x = y.mul_(2).sub_(1)
     return x.clamp_(-1, 1)
-
-def _color_jitter_(x, factors, order):
-    """In place: each op is y <- clamp(f*y + (1-f)*m, 0, 1) toward its own m (brightness m = 0): no per-image loop."""
-    factors, order = to_device(factors, x.device).to(x.dtype), to_device(order, x.device)
-    y, gray = x.add_(1).mul_(0.5), torch.empty_like(x[:, :1])     # [0, 1] as torchvision; N x 1 x H x W
-    for k in range(3):
-        op = order[:, k]                                          # 0 brightness, 1 contrast, 2 sat.
-        f = factors.gather(1, op[:, None])[:, :, None, None]                        # N x 1 x 1 x 1
-        torch.mul(y[:, 0:1], 0.2989, out=gray).add_(y[:, 1:2], alpha=0.587).add_(y[:, 2:3], alpha=0.114)
-        w_c = (1 - f) * (op == 1).to(x.dtype)[:, None, None, None]   # contrast: m = mean(gray)
-        w_s = (1 - f) * (op == 2).to(x.dtype)[:, None, None, None]   # saturation: m = gray
-        y.mul_(f).add_(w_c * gray.mean((2, 3), keepdim=True)).addcmul_(w_s, gray).clamp_(0, 1)
-    return y.mul_(2).sub_(1)
 
 def _rng(*parts):   # a private CPU generator seeded from a stable hash of parts (never the global RNG)
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 # --- Labels for conditional models: one int64 row per image, split as the images are ----------
-def load_labels(source, size, *, n_synthetic=10000, seed=0, attr_file=None, attrs=None, cache_dir=None):
-    """load_images' labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
-    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
-    return _labels(*_load(source, size, n_synthetic, seed, cache_dir, verbose=False)[1:3], attr_file, attrs)
-
 def _labels(meta, names, attr_file, attrs):
+    """Each image's labels, row for row -> (int64 N x K, {attribute: [value names]}): SYNTHETIC_LABELS, a CelebA
+    attribute file (attrs picks columns) or ImageFolder's classes: the first folder below the root (a zip's top one)."""
     if names is None:
         if attr_file is not None or attrs:
             raise UsageError("--attr-file/--attrs are for real data: the synthetic faces carry their own labels")
@@ -226,29 +213,10 @@ def make_grid(images, nrow=8, padding=2, pad_value=0):
         grid[:, top:top + h, left:left + w] = x[i]
     return grid.permute(1, 2, 0).numpy()
 
-def save_grid(images, path, nrow=8, padding=2, **labels):
-    """make_grid(images) as a PNG (parent folders created); labels: see labelled_grid."""
+def save_grid(images, path, nrow=8, padding=2):
+    """make_grid(images) as a PNG (parent folders created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images, nrow, padding)
-    (labelled_grid(grid, images.shape[-2:], padding, **labels) if labels else Image.fromarray(grid)).save(path)
-
-def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None):
-    """A make_grid picture of (h, w) cells with labels left of its rows, above its columns ("" none) and a title."""
-    (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
-    kw = dict(font, fill="black")
-    def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
-        return ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, **font)[2:] if t else (-6, -4)
-    left = max(max([box(t)[0] + 6 for t in row_labels] + [0]), box(title)[0] + 4 - grid.shape[1] if title else 0)
-    top = (box(title)[1] + 6 if title else 0) + max([box(t)[1] + 4 for t in col_labels] + [0])
-    out = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
-    out.paste(Image.fromarray(grid), (left, top))
-    d = ImageDraw.Draw(out)
-    d.text((2, 2), title or "", **kw)
-    for r, t in enumerate(row_labels):                # right-aligned, centred on the row
-        d.multiline_text((left - 3, top + p + r * (h + p) + h / 2), t, anchor="rm", align="right", **kw)
-    for c, t in enumerate(col_labels):                # centred over the column
-        d.multiline_text((left + p + c * (w + p) + w / 2, top - 2), t, anchor="md", align="center", **kw)
-    return out
+    Image.fromarray(make_grid(images, nrow, padding)).save(path)
 
 def plot_losses(rows, path, points=(), width=720, panel_h=140):
     """loss.png: a panel per logged term vs step, from points or rows (whichever has more); log y if it spans > 30x."""
@@ -274,11 +242,7 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
     d.text((left, img.height - 4), f"optimizer step 0 .. {x1:.0f}", fill="black", font=f, anchor="ld")
     img.save(path)
 
-def _num(v):   # a logged value as a float; nan if it is empty or no number
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
+def _num(v): return math.nan if v in ("", None) else float(v)   # a logged value (read_csv checked it is a number)
 
 def epoch_frames(folder):
     """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order; [] if it is missing."""
@@ -329,14 +293,6 @@ def parse_size(s):
                                          and not isinstance(p, bool) for p in parts) and min(map(int, parts)) > 0):
         raise UsageError(f"image size must be N or HxW with positive integers (e.g. 64 or 64x48); got {s!r}")
     return int(parts[0]), int(parts[-1])
-
-def pick_device(name):   # 'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA device is available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-def run_folder(path):   # a run folder itself, or the folder of a checkpoint file in it
-    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def read_csv(path):
     """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Damaged lines are skipped, with one warning."""
@@ -399,8 +355,6 @@ def _identify(source, size, n_synthetic, seed):
     _CACHE_VERSION, the path and each file's name, size and mtime (CRC in a zip), or the faces' number and seed."""
     key = hashlib.sha256(f"v{_CACHE_VERSION} {size[0]}x{size[1]}".encode())
     if source is None or str(source) == "synthetic":
-        if n_synthetic < 1:
-            raise UsageError(f"n_synthetic must be at least 1; got {n_synthetic}")
         key.update(json.dumps(["synthetic", n_synthetic, seed]).encode())
         return "synthetic", None, None, [], key.hexdigest()
     try:

@@ -13,7 +13,7 @@ import argparse, contextlib, http.server, io, json, math, os, re, sys, threading
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import losses
@@ -35,7 +35,7 @@ def load_run(path, checkpoint="last", device="cpu"):
     return nets.to(device).eval(), dict(state["config"], checkpoint=path, trained_steps=state.get("step"))
 
 def open_run(args):
-    return load_run(args.run, args.checkpoint, data.pick_device(args.device))
+    return load_run(args.run, args.checkpoint, models.pick_device(args.device))
 
 def to_float(x, device="cpu"):
     """uint8 [0, 255] -> float [-1, 1], the scaling the nets were trained on."""
@@ -63,7 +63,7 @@ OUT_KINDS = {".png": (".png", ".jpg", ".jpeg", ".webp", ".bmp"), ".gif": (".gif"
 
 def out_path(args, name):
     """--out, or `name` in the run folder; a --out that cannot be that kind of file is a UsageError."""
-    path = args.out or os.path.join(data.run_folder(args.run), name)
+    path = args.out or os.path.join(models.run_folder(args.run), name)
     kinds, folder = OUT_KINDS[os.path.splitext(name)[1]], os.path.dirname(os.path.abspath(path))
     if not path.isprintable():  # "wrote PATH" must stay one honest line
         raise UsageError(f"--out {path!r}: a file name with a control character (newline, tab, ...) is refused")
@@ -78,10 +78,28 @@ def out_path(args, name):
     return path
 
 def save(images, args, name, nrow, **labels):
-    path = out_path(args, name)
-    data.save_grid(images, path, nrow=nrow, **labels)
+    path, grid = out_path(args, name), data.make_grid(images, nrow)
+    (labelled_grid(grid, images.shape[-2:], **labels) if labels else Image.fromarray(grid)).save(path)
     print(f"wrote {path}")
     return path
+
+def labelled_grid(grid, cell, padding=2, row_labels=(), col_labels=(), title=None):
+    """A data.make_grid picture of (h, w) cells with labels left of its rows, above its columns ("" none) and a title."""
+    (h, w), p, font = cell, padding, dict(font=ImageFont.load_default(10), spacing=1)  # the built-in font: no file
+    kw = dict(font, fill="black")
+    def box(t):  # the (width, height) a text takes; (-6, -4) for none, which cancels its margin
+        return ImageDraw.Draw(Image.new("1", (1, 1))).multiline_textbbox((0, 0), t, **font)[2:] if t else (-6, -4)
+    left = max(max([box(t)[0] + 6 for t in row_labels] + [0]), box(title)[0] + 4 - grid.shape[1] if title else 0)
+    top = (box(title)[1] + 6 if title else 0) + max([box(t)[1] + 4 for t in col_labels] + [0])
+    out = Image.new("RGB", (left + grid.shape[1], top + grid.shape[0]), "white")
+    out.paste(Image.fromarray(grid), (left, top))
+    d = ImageDraw.Draw(out)
+    d.text((2, 2), title or "", **kw)
+    for r, t in enumerate(row_labels):                # right-aligned, centred on the row
+        d.multiline_text((left - 3, top + p + r * (h + p) + h / 2), t, anchor="rm", align="right", **kw)
+    for c, t in enumerate(col_labels):                # centred over the column
+        d.multiline_text((left + p + c * (w + p) + w / 2, top - 2), t, anchor="md", align="center", **kw)
+    return out
 
 # --- Picture commands: one function each, returning the path it wrote ---------------------------------------
 
@@ -217,7 +235,7 @@ def cmd_interpolate(args):
 
 def cmd_gif(args):
     """progress.gif from samples/epoch_*.png (train.py's same noise every epoch), the last frame held --hold-last-ms."""
-    folder = data.run_folder(args.run)
+    folder = models.run_folder(args.run)
     frames = data.epoch_frames(os.path.join(folder, "samples"))  # by epoch number; strays ignored
     if not frames:
         raise UsageError(f"no samples/epoch_NNN.png in {folder}")
@@ -280,7 +298,7 @@ def pca_traversal(nets, basis, K, steps, span, start=None, y=None):
 
 def explorer_about(run, cfg, n_train, latent_size):
     """The explorer page's text about a run (n_train: training images the PCA saw; None for a GAN)."""
-    folder, step, (H, W) = data.run_folder(run), cfg.get("trained_steps"), cfg["image_size"]
+    folder, step, (H, W) = models.run_folder(run), cfg.get("trained_steps"), cfg["image_size"]
     epoch = "?"
     with contextlib.suppress(UsageError, KeyError, TypeError, ValueError):  # the epoch of the step: its metrics.csv row
         rows = data.read_csv(os.path.join(folder, "metrics.csv"))

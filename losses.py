@@ -9,7 +9,7 @@ inside the BCE and ls-sigmoid losses, never in the network.
     gaussian_nll                  ½ Σ[((x − μ)/σ)² + log 2πσ²]       Kingma & Welling 2014, Wuga VAE
     kl_divergence                 −½ Σ(1 + log σ² − μ² − σ²)         Kingma & Welling 2014, Wuga VAE
     mse_recon                     Σ (x − x_hat)²                     the LFW report
-    elbo_loss                     recon_scale·recon + kl_weight·KL   Wuga, Perriu, the LFW report
+    negative_elbo                 recon_scale·recon + kl_weight·KL   Wuga, Perriu, the LFW report
     d_loss, g_loss                BCE on logits, non-saturating G    Goodfellow 2014; the GAN reports
     d_loss_ls, g_loss_ls          least squares on raw scores        Mao 2017 (LSGAN), Akbari
     d/g_loss_ls_sigmoid           least squares on σ(logits)         Akbari (D outputs σ; MSE)
@@ -71,20 +71,34 @@ def mse_recon(x, x_hat):
     """
     return _batch_mean((x - x_hat) ** 2)
 
-def elbo_loss(recon, kl, kl_weight=1.0, recon_scale=1.0):
-    """Weighted negative ELBO: L = recon_scale · recon + kl_weight · KL.
+def negative_elbo(x, x_hat, mu, logvar, recon="gnll", obs_std=1.0, kl_weight=1.0, recon_scale=1.0):
+    """Weighted negative ELBO of a batch -> (L, recon, KL, mse_px):
 
-    With recon = gaussian_nll (at z ~ q(z|x), a one-sample estimate of −E_q[log p(x|z)]) and both
-    weights 1 this is −ELBO = −E_q[log p(x|z)] + KL(q‖p), nats per image (the reduction of its
-    inputs): Perriu's "ELBO = E_q[log q(z|x) − log p(z)] − E_q[log p(x|z)]", a loss to minimise.
-    The weights reproduce the reports' experiments:
+        L = recon_scale · recon + kl_weight · KL(q(z|x) ‖ N(0, I))      (an autoencoder, logvar None: KL = 0)
+
+    recon: gaussian_nll with σ = obs_std ("gnll", nats), mse_recon ("mse", per image) or mse_recon per pixel
+    ("mse-mean": the scale of Perriu's λ). With gnll at z ~ q(z|x) (a one-sample estimate of −E_q[log p(x|z)])
+    and both weights 1 this is −ELBO = −E_q[log p(x|z)] + KL(q‖p), nats per image: Perriu's "ELBO = E_q[log q(z|x)
+    − log p(z)] − E_q[log p(x|z)]", a loss to minimise. The weights reproduce the reports' experiments:
       Wuga part 2: "KL × 10, GNLL / 100" -> kl_weight=10, recon_scale=0.01 (then kl_weight=50);
-      Perriu: λ·KL with λ = 1e-5 (1e-3 … 1e-6 explored) -> kl_weight=λ;
-      the LFW report: MSE + KLD weight 0.1 / 0.01 (0.2 tried) -> recon = mse_recon, kl_weight=w;
+      Perriu: λ·KL with λ = 1e-5 (1e-3 … 1e-6 explored) -> recon="mse-mean", kl_weight=λ;
+      the LFW report: MSE + KLD weight 0.1 / 0.01 (0.2 tried) -> recon="mse", kl_weight=w;
       β-VAE (Higgins et al. 2017) is kl_weight = β.
-    Only weights (1, 1) with the Gaussian NLL give a bound on −log p(x) in nats.
+    Only weights (1, 1) with the Gaussian NLL give a bound on −log p(x) in nats. mse_px, only logged: the mean squared
+    error per pixel of images in [0, 1] (x is in [-1, 1]), the figure the LFW report compares its models by.
+    Network outputs (bf16 under autocast) are computed in x's precision.
     """
-    return recon_scale * recon + kl_weight * kl
+    x_hat = x_hat.to(x.dtype)
+    if recon == "gnll":
+        nll = gaussian_nll(x, x_hat, obs_std)                        # −log p(x | z)
+    elif recon == "mse-mean":
+        nll = mse_recon(x, x_hat) / x[0].numel()                     # per pixel
+    else:
+        nll = mse_recon(x, x_hat)                                    # Σ (x − x̂)² per image
+    kl = (torch.zeros((), device=x.device) if logvar is None        # a plain autoencoder: no KL
+          else kl_divergence(mu.to(x.dtype), logvar.to(x.dtype)))   # KL(q(z|x) ‖ N(0, I))
+    mse_px = (x_hat.detach() - x).pow(2).mean() / 4                  # [-1, 1] -> [0, 1]: squared errors / 4
+    return recon_scale * nll + kl_weight * kl, nll, kl, mse_px
 
 # ---- GAN (binary cross-entropy on logits, non-saturating generator) --------------------------
 def d_loss(real_logits, fake_logits):

@@ -1,9 +1,8 @@
-"""Every facegen network, the reparameterisation trick, the seeds' weight init, G's moving average, checkpoints.
-
-Reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders -> the GAN
-G and D -> build_model / from_config, the G weight average -> checkpoints. Shape comments are C x H x W of one sample
-for a 64x64 input (64x48 for vae-in); every size is computed with the conv arithmetic."""
-import contextlib, copy, math, os, pickle, re, tempfile, zipfile
+"""Every facegen network, in reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders
+-> the GAN G and D -> build_model / from_config, G's weight average -> the device and its speed switches -> checkpoints.
+Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size is computed with the conv
+arithmetic."""
+import contextlib, copy, math, os, pickle, re, sys, tempfile, zipfile
 
 import torch
 from torch import nn
@@ -423,6 +422,28 @@ def save_checkpoint(state, path):
     with contextlib.suppress(OSError):
         os.fsync(dfd)
     os.close(dfd)
+
+def pick_device(name):   # 'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device
+    if name == "cuda" and not torch.cuda.is_available():
+        raise data.UsageError("--device cuda asked for, but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+def settle_speed(cfg, device, say=True):
+    """Speed switches, recorded in config.json: unset, NHWC on CPU and fused Adam (README, Speed: which machines).
+    --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86); elsewhere emulated bf16 is far slower: fp32."""
+    cpu = device.type == "cpu"
+    native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
+              ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
+    if cfg["amp"] and not native:
+        if say:
+            print(f"note: --amp ignored: this {'CPU' if cpu else 'GPU'} has no native bf16, where bf16 autocast runs "
+                  f"~25x slower than fp32; training in fp32 (config.json records amp: false)", file=sys.stderr)
+        cfg["amp"] = False
+    cfg["channels_last"] = cpu if cfg["channels_last"] is None else cfg["channels_last"]
+    cfg["fused_adam"] = cfg["optimizer"] == "adam" if cfg["fused_adam"] is None else cfg["fused_adam"]
+
+def run_folder(path):   # a run folder itself, or the folder of a checkpoint file in it
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 def load_checkpoint(path, map_location="cpu"):
     """The one checkpoint loader: `path` is a checkpoint or a run folder (its last.pt). weights_only:

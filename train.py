@@ -56,37 +56,27 @@ SEED_DEFAULTS = {
 # -----------------------------------------------------------------------------
 # The data: a folder, a .zip or the synthetic faces, decoded once into uint8 (cached), split by
 # --seed; batches are cut, scaled to [-1, 1] and augmented on the device. Labels for conditional runs.
-
 def load_data(cfg, device, rank=0, world=1):
     """-> (train Batches, test Batches or None: a GAN needs no held-out images). The test images never train."""
     train_x, test_x, labels = data.run_data(cfg, verbose=rank == 0)
     train_y, test_y, info = labels or (None, None, None)
     if cfg["conditional"] and cfg.setdefault("labels", info) != info:
         raise UsageError(f"the labels changed since this run started: now {info}, the run has {cfg['labels']}")
-    if len(train_x) < cfg["batch_size"] * steps_per_update(cfg):  # one step's batches
+    if len(train_x) < cfg["batch_size"] * cfg["n_critic"]:  # one step's batches (n_critic: 1 but for GANs)
         raise UsageError(f"only {len(train_x)} training images for one step of --model {cfg['model']}: "
-                         f"{steps_per_update(cfg)} batch(es) of {cfg['batch_size']} (its batch size: see --help); "
+                         f"{cfg['n_critic']} batch(es) of {cfg['batch_size']} (its batch size: see --help); "
                          f"lower --batch-size or add images")
-    if not len(test_x) and cfg["family"] in FAMILIES["autoencoders"]:
+    if not len(test_x) and cfg["family"] in FAMILIES["autoencoders"]:   # --test-fraction 0 is for GANs
         raise UsageError(f"--model {cfg['model']} needs held-out images (its test loss, best.pt, the reconstructions): "
-                         f"{len(train_x)} image(s) in all is too few")
+                         f"--test-fraction {cfg['test_fraction']} of {len(train_x)} image(s) holds none out")
     weights = data.balance_weights(train_y) if cfg["balance_labels"] else None
     return (data.Batches(train_x, cfg["batch_size"], seed=cfg["seed"], flip=cfg["flip"], jitter=cfg["jitter"],
                          device=device, rank=rank, world_size=world, labels=train_y, weights=weights),
             data.Batches(test_x, min(cfg["batch_size"], len(test_x)), seed=cfg["seed"], device=device,
                          drop_last=False, labels=test_y) if len(test_x) else None)
 
-def pair(batch):
-    """A batch as (x, y): Batches yields x alone for a run without labels (y is then None)."""
-    return batch if isinstance(batch, tuple) else (batch, None)
-
-def steps_per_update(cfg):
-    """Batches one step consumes: n_critic for GANs (a fresh real batch per critic update)."""
-    return cfg["n_critic"] if cfg["family"] in ("adversarial", "wasserstein") else 1
-
 def update(opt, loss):
-    """One update, the same for every net: zero_grad -> backward -> step. The backward computes this
-    optimizer's gradients only (G's loss passes through D, whose weight gradients would be wasted)."""
+    """One update of any net: zero_grad -> backward (this optimizer's gradients only: G's loss passes through D) -> step."""
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=opt.param_groups[0]["params"])
     opt.step()  # a hook runs first: torchrun's gradient average, the norm, --grad-clip (add_update_hooks)
@@ -98,25 +88,8 @@ def update(opt, loss):
 # are made .float(): under --amp (bf16 autocast around the step) every loss is computed in fp32.
 
 # --- Autoencoders (ae, vae, vae-vgg, vae-in, vae-lrelu): maximise the ELBO.
-
-def elbo(cfg, x, x_hat, mu, logvar):
-    """-> (loss, recon, kl, mse_px) with loss = recon_scale * recon + beta * KL, the negative ELBO
-    (ae: KL = 0). recon: Gaussian NLL in nats (gnll), squared error per image (mse) or per pixel
-    (mse-mean, report 001). mse_px, only logged: the mean squared error per pixel of images in
-    [0, 1], the figure report 003 compares its models by."""
-    x_hat = x_hat.float()
-    if cfg["recon"] == "gnll":
-        recon = losses.gaussian_nll(x, x_hat, cfg["obs_std"])      # -log p(x | z)
-    elif cfg["recon"] == "mse-mean":
-        recon = losses.mse_recon(x, x_hat) / x[0].numel()          # per pixel: report 001's λ scale
-    else:
-        recon = losses.mse_recon(x, x_hat)                         # Σ (x − x̂)² per image
-    if logvar is None:                                             # a plain autoencoder: no KL
-        kl = torch.zeros((), device=x.device)
-    else:
-        kl = losses.kl_divergence(mu.float(), logvar.float())     # KL(q(z|x) ‖ N(0, I))
-    mse_px = (x_hat.detach() - x).pow(2).mean() / 4                # [-1, 1] -> [0, 1]: squared errors / 4
-    return losses.elbo_loss(recon, kl, cfg["kl_weight"], cfg["recon_scale"]), recon, kl, mse_px
+def elbo(cfg, x, x_hat, mu, logvar):   # −ELBO with the run's --recon, --obs-std, --kl-weight, --recon-scale
+    return losses.negative_elbo(x, x_hat, mu, logvar, cfg["recon"], cfg["obs_std"], cfg["kl_weight"], cfg["recon_scale"])
 
 def vae_step(nets, opts, batches, cfg, noise):
     """One ELBO update of the VAE on a batch x (a CVAE: q(z|x, y), p(x|z, y))."""
@@ -131,7 +104,6 @@ def vae_step(nets, opts, batches, cfg, noise):
 # 2017. DCGAN (bce), LSGAN (ls), WGAN, WGAN-GP and SN-GAN (hinge; the spectral norm lives in its D)
 # differ only in the loss pair losses.GAN_LOSSES[--gan-loss], n_critic, and what follows a critic
 # update (--clip) or joins its loss (--gp-weight).
-
 def critic_step(G, D, opt_D, x, y, cfg, noise, keep=False):
     """One update of D (the critic) on a real batch x and fresh z (conditional: both scored with
     the real batch's labels y, the fakes drawn for them). L_D by --gan-loss:
@@ -191,7 +163,6 @@ def score_stats(cfg, d_real, d_fake):
     return {"D(x)": d_real.mean(), "D(G(z))": d_fake.mean()}
 
 # --- VAE-GAN (LFW report): the VAE's decoder is also a GAN generator.
-
 def vaegan_step(nets, opts, batches, cfg, noise):
     """D learns real x (half of its batch) against reconstructions x̂ and decoded noise x_p (a
     quarter each: the report scores three equal batches, which one BCE over all would weigh a third
@@ -221,11 +192,10 @@ STEPS = {"autoencoder": vae_step, "adversarial": gan_step, "wasserstein": gan_st
 # -----------------------------------------------------------------------------
 # The loop every family shares: what wraps a step (autocast, the weight average, meters and the
 # NaN watch, signals) is applied here, around it.
-
 def train(run):
     """Batches -> the family's step -> meters -> progress, metrics, pictures, checkpoints. An epoch
     starts at batch run.pos: a run stopped mid-epoch goes on with the very next batch (exact resume)."""
-    cfg, step_fn, per_step = run.cfg, STEPS[run.cfg["family"]], steps_per_update(run.cfg)
+    cfg, step_fn, per_step = run.cfg, STEPS[run.cfg["family"]], run.cfg["n_critic"]   # a GAN step: n_critic batches
     rows = [r for r in data.read_csv(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
     progress = Progress(run)
     while run.epoch < cfg["epochs"]:
@@ -235,7 +205,7 @@ def train(run):
             break
         t0, it = time.time(), run.batches.epoch(run.epoch, start=run.pos)
         for i in range(n):
-            batches = [pair(b) for b in itertools.islice(it, per_step)]
+            batches = list(itertools.islice(it, per_step))
             if cfg["channels_last"]:
                 batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
@@ -251,7 +221,6 @@ def train(run):
             if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
                 run.checkpoint()
         end_epoch(run, rows, n == fits, time.time() - t0, n * per_step * cfg["batch_size"], progress.points)
-        progress.mark(run)
     frames = data.epoch_frames(os.path.join(run.out, "samples")) if run.main else None
     if frames:
         data.save_gif(frames, os.path.join(run.out, "progress.gif"))
@@ -281,7 +250,7 @@ def test_losses(run):
     vae, totals = run.nets["vae"].eval(), {}
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(run.cfg["seed"])
-        for x, y in map(pair, run.test_batches.epoch(0)):
+        for x, y in run.test_batches.epoch(0):
             for k, v in zip(("test_loss", "test_recon", "test_kl", "test_mse_px"), elbo(run.cfg, x, *vae(x, None, y))):
                 totals[k] = totals.get(k, 0.0) + float(v) * len(x)
     vae.train()
@@ -313,20 +282,18 @@ class Progress:
         self.points = [p for p in data.read_csv(old) if int(p["step"]) <= run.step]
         if run.main and (self.points or os.path.exists(self.path)):  # a resume keeps the points up to its step
             data.write_csv(self.path, self.points)
-        self.mark(run)
-
-    def mark(self, run):  # the sums at a point: the next point averages the steps after it
-        self.prev = (run.means(), run.meter_n)
+        self.prev = (run.epoch, run.means(), run.meter_n)  # the sums at a point: the next one averages the steps after it
 
     def update(self, run, rate):
         means, n = run.means(), run.meter_n
-        (prev, prev_n), self.prev = self.prev, (means, n)
+        (epoch, prev, prev_n), self.prev = self.prev, (run.epoch, means, n)
+        prev, prev_n = (prev, prev_n) if epoch == run.epoch else ({}, 0)   # a new epoch's sums started at 0
         if n > prev_n:  # window mean = (sum now - sum at the previous point) / steps between
             self.points.append({"epoch": run.epoch + 1, "step": run.step,
                                 **{k: (v * n - prev.get(k, 0.0) * prev_n) / (n - prev_n) for k, v in means.items()}})
             if run.main:
                 data.write_csv(self.path, self.points[-1:], append=len(self.points) > 1)
-        eta = (run.total - run.step) * steps_per_update(run.cfg) * run.cfg["batch_size"] / max(rate, 1e-9)
+        eta = (run.total - run.step) * run.cfg["n_critic"] * run.cfg["batch_size"] / max(rate, 1e-9)
         if not self.quiet and (sys.stdout.isatty() or time.time() - self.last >= 30):
             self.last = time.time()
             print(f"epoch {run.epoch + 1} step {run.step}/{run.total} {fmt(means)} | {rate:.0f} img/s | eta {eta:.0f}s",
@@ -334,7 +301,6 @@ class Progress:
 
 # -----------------------------------------------------------------------------
 # Setup: a run's state, and what wraps its steps.
-
 NEVER = 2 ** 62  # "no non-finite value seen yet" in the NaN/Inf watch
 
 class Run:
@@ -342,10 +308,10 @@ class Run:
 
     def __init__(self, cfg, state=None):
         self.cfg, self.out = cfg, cfg["out"]
-        # the rows so far: the resumed run's (it may have been copied to another --out)
-        self.rows_path = os.path.join(data.run_folder(cfg["resume"]) if cfg.get("resume") else self.out, "metrics.csv")
+        self.rows_path = os.path.join(models.run_folder(cfg["resume"]) if cfg.get("resume") else self.out,
+                                      "metrics.csv")  # the rows so far: the resumed run's (--out may be another folder)
         # under torchrun (RANK, WORLD_SIZE set) each process trains its share of every global batch
-        self.device = data.pick_device(cfg["device"])
+        self.device = models.pick_device(cfg["device"])
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1:
             if cfg["batch_size"] % self.world:
@@ -357,14 +323,12 @@ class Run:
                 torch.cuda.set_device(self.device)
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN may pick its fastest kernels
         self.main = self.rank == 0
-        settle_speed(cfg, self.device, say=self.main)
+        models.settle_speed(cfg, self.device, say=self.main)
         self.batches, self.test_batches = load_data(cfg, self.device, self.rank, self.world)
-        total = cfg["epochs"] * (len(self.batches) // steps_per_update(cfg))
-        self.total = min(total, cfg["max_steps"] or total)  # the run's steps
+        self.total = min(cfg["epochs"] * (len(self.batches) // cfg["n_critic"]), cfg["max_steps"] or math.inf)  # its steps
         torch.manual_seed(cfg["seed"])  # init_weights draws from it
         nets = models.from_config(cfg).to(self.device)
-        if cfg["batch_size"] // self.world < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                       for m in nets.modules()):
+        if cfg["batch_size"] // self.world < 2 and any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in nets.modules()):
             raise UsageError(f"BatchNorm needs 2 images per batch and process: use --batch-size >= {2 * self.world}")
         nets = nets.to(memory_format=torch.channels_last) if cfg["channels_last"] else nets
         if self.world > 1 and self.device.type == "cuda":  # batch statistics over the global batch (not on gloo)
@@ -382,7 +346,7 @@ class Run:
         z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
         self.fixed_z = torch.randn(64, self.latent_dim, generator=z_gen).to(self.device)
         held = self.test_batches or self.batches  # a GAN may hold out nothing (--test-fraction 0)
-        x, y = pair(next(iter(held.epoch(0))))
+        x, y = next(held.epoch(0))
         self.fixed_x, self.fixed_y, labels = x[:8], None if y is None else y[:8], held.labels
         self.sample_y = None if labels is None else labels[torch.arange(64, device=labels.device) % len(labels)]
         self.epoch, self.pos, self.step, self.best = 0, 0, 0, math.inf
@@ -434,9 +398,7 @@ class Run:
     def checkpoint(self, name="last.pt"):
         self.check_finite()
         self.means()  # under torchrun: the global sums, which the checkpoint keeps
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         state = {"format": models.FORMAT, "nets": self.nets.state_dict(), "config": self.cfg, "rng": rng,
                  "optimizers": {k: o.state_dict() for k, o in self.opts.items()},
                  "epoch": self.epoch, "pos": self.pos, "step": self.step, "best": self.best,
@@ -460,7 +422,7 @@ class Run:
             self.epoch, self.pos, self.step, self.best = int(st["epoch"]), int(st["pos"]), int(st["step"]), float(st["best"])
             self.meter, self.meter_n = {k: v.to(self.device) for k, v in st["meter"].items()}, int(st["meter_n"])
             torch.set_rng_state(st["rng"]["torch"])
-            if "cuda" in st["rng"] and torch.cuda.is_available():
+            if st["rng"].get("cuda") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(st["rng"]["cuda"])
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
             raise UsageError(f"the checkpoint does not fit --model {self.cfg['model']}: {type(e).__name__}: "
@@ -486,23 +448,8 @@ def add_update_hooks(run):
         opt.register_step_pre_hook(lambda opt, args, kwargs, name=name: hook(opt, name))
     return norms
 
-def settle_speed(cfg, device, say=True):
-    """Speed switches, recorded in config.json: unset, NHWC on CPU and fused Adam (README, Speed: which machines).
-    --amp needs native bf16 (CUDA Ampere on; AVX512-BF16 or AMX on x86); elsewhere emulated bf16 is far slower: fp32."""
-    cpu = device.type == "cpu"
-    native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
-              ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
-    if cfg["amp"] and not native:
-        if say:
-            print(f"note: --amp ignored: this {'CPU' if cpu else 'GPU'} has no native bf16, where bf16 autocast runs "
-                  f"~25x slower than fp32; training in fp32 (config.json records amp: false)", file=sys.stderr)
-        cfg["amp"] = False
-    cfg["channels_last"] = cpu if cfg["channels_last"] is None else cfg["channels_last"]
-    cfg["fused_adam"] = cfg["optimizer"] == "adam" if cfg["fused_adam"] is None else cfg["fused_adam"]
-
 # -----------------------------------------------------------------------------
 # The run folder, signals and the command line.
-
 def claim_folder(out, fresh):
     """Create the run folder and hold a flock on OUT/.lock while the process lives (none is left
     stale); refuse a busy folder, or for a fresh run one that holds a run. Rank 0 only."""
@@ -619,9 +566,6 @@ def resolve(args):
               if flag[2:].replace("-", "_") in given and cfg["family"] not in FAMILIES.get(group, [cfg["family"]])]
     if unused:
         raise UsageError(f"--model {args.model} does not use " + ", ".join(unused))
-    if cfg["test_fraction"] == 0 and cfg["family"] in FAMILIES["autoencoders"]:
-        raise UsageError(f"--model {args.model} needs held-out images (its test loss, best.pt, the reconstructions): "
-                         f"--test-fraction 0 is for GANs")
     adam, cond = ("--optimizer adam", cfg["optimizer"] == "adam"), ("--conditional", cfg["conditional"])
     for flag, (needs, ok) in dict(betas=adam, fused_adam=adam, obs_std=("--recon gnll", cfg["recon"] == "gnll"),
                                   attr_file=cond, balance_labels=cond, attrs=("--attr-file", cfg["attr_file"]),
@@ -653,7 +597,7 @@ def config_from(args):
         raise UsageError("--resume: these flags disagree with the run's config: " + "; ".join(differ))
     cfg = {**fresh, **saved, "resume": args.resume}
     cfg.update({k: v for k, v in vars(args).items() if k in RESUMABLE and v is not None})
-    cfg["out"] = args.out or data.run_folder(args.resume)  # the folder given, wherever it was copied or moved
+    cfg["out"] = args.out or models.run_folder(args.resume)  # the folder given, wherever it was copied or moved
     return cfg, state
 
 def main(argv=None):
@@ -664,7 +608,7 @@ def main(argv=None):
     try:
         cfg, state = config_from(args)
         out = cfg["out"]
-        resumed_here = cfg.get("resume") and os.path.realpath(data.run_folder(cfg["resume"])) == os.path.realpath(out)
+        resumed_here = cfg.get("resume") and os.path.realpath(models.run_folder(cfg["resume"])) == os.path.realpath(out)
         lock = claim_folder(out, fresh=not resumed_here)
         run = Run(cfg, state)  # builds and loads everything
         if run.main:

@@ -235,7 +235,7 @@ def test_the_comparison_has_power_a_half_batch_gradient_is_far_off(two, one):
     not the global one. (Recomputed here from the run's first batch on one process.)"""
     cfg = train.resolve(train.parse_args([*VAE_IN, "--max-steps", "1", "--out", "unused"]))
     run = train.Run(cfg)
-    x = next(iter(run.batches.epoch(0)))
+    x, _ = next(run.batches.epoch(0))
     vae = run.nets["vae"]
     x_hat, mu, logvar = vae(x[:4], run.noise(8)[:4])
     loss = train.elbo(cfg, x[:4], x_hat, mu, logvar)[0]

@@ -34,7 +34,7 @@ def grid_size(n, nrow, h=H, w=W, pad=2):
 
 def has_grid(path, n, nrow):
     """The picture holds make_grid's grid of n images in its bottom-right corner (labels, if any,
-    left of it and above it: data.labelled_grid)."""
+    left of it and above it: facegen.labelled_grid)."""
     (w, h), (gw, gh) = Image.open(path).size, grid_size(n, nrow)
     return w >= gw and h >= gh
 
@@ -606,3 +606,13 @@ def test_a_failed_write_is_one_line_with_the_cause_and_the_file(runs, tmp_path, 
     monkeypatch.setattr(data, "save_gif", full)
     assert run_cli("gif", runs["dcgan"], "--out", tmp_path / "p.gif") == 1
     assert capsys.readouterr().err == f"error: {says}\n"
+
+
+def test_labelled_grid_pastes_the_grid_unchanged_and_writes_labels_beside_it():
+    grid = data.make_grid(torch.rand(6, 3, 16, 16) * 2 - 1, nrow=3)
+    out = np.asarray(facegen.labelled_grid(grid, (16, 16), row_labels=["a", "bb"], col_labels=["x", "y", "z"], title="T"))
+    h, w = grid.shape[:2]
+    assert (out[-h:, -w:] == grid).all()                        # bottom-right: the grid itself
+    assert out[:-h].min() < 100 and out[:, :-w].min() < 100     # dark text above it and left of it
+    rows_only = np.asarray(facegen.labelled_grid(grid, (16, 16), row_labels=["a", "bb"]))
+    assert rows_only.shape[0] == h and rows_only.shape[1] > w    # row labels add no band on top

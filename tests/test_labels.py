@@ -17,6 +17,10 @@ def _tmp_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FACEGEN_CACHE", str(tmp_path / "cache"))
 
 
+def load_labels(source, size, attr_file=None, attrs=None, **kw):   # each image's labels, as a run reads them
+    return data._labels(*data._load(source, size, **kw)[1:3], attr_file, attrs)
+
+
 def _put(path, value):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (10, 10), (value, value, value)).save(path)
@@ -32,9 +36,9 @@ def test_synthetic_labels_are_the_factors_drawn_and_leave_the_pixels_alone(tmp_p
     rng = __import__("random").Random(f"facegen-face/0/{i}")
     face = data._draw_face(rng, 128)
     assert face.glasses and face.hair_group == f[i, 0]
-    y, info = data.load_labels(None, (32, 32), n_synthetic=40, seed=0)
+    y, info = load_labels(None, (32, 32), n_synthetic=40, seed=0)
     assert torch.equal(y, f) and list(info) == ["hair", "glasses", "beard"]
-    y2, _ = data.load_labels("synthetic", (32, 32), n_synthetic=40, seed=0)  # from the cache
+    y2, _ = load_labels("synthetic", (32, 32), n_synthetic=40, seed=0)  # from the cache
     assert torch.equal(y2, f)
 
 
@@ -46,7 +50,7 @@ def test_folder_labels_follow_imagefolder_and_skip_what_was_skipped(tmp_path):
     (root / "neutral" / "broken.png").write_bytes(b"not a png")
     with pytest.warns(UserWarning, match="skipped 1"):
         x = data.load_images(root, SIZE, verbose=False)
-        y, info = data.load_labels(root, SIZE)
+        y, info = load_labels(root, SIZE)
     assert info == {"class": ["neutral", "smiling"]} and len(y) == len(x) == 3
     # rows in file-name order: neutral/c, smiling/a, smiling/deep/b
     assert y[:, 0].tolist() == [0, 1, 1] and x[:, 0, 0, 0].tolist() == [30, 10, 20]
@@ -55,11 +59,11 @@ def test_folder_labels_follow_imagefolder_and_skip_what_was_skipped(tmp_path):
         for p in sorted(root.rglob("*.png")):
             z.write(p, "top/" + str(p.relative_to(root)))
     with pytest.warns(UserWarning):
-        yz, infoz = data.load_labels(zpath, SIZE)
+        yz, infoz = load_labels(zpath, SIZE)
     assert torch.equal(yz, y) and infoz == info
     _put(root / "loose.png", 40)
     with pytest.raises(data.UsageError, match="class folder"):
-        data.load_labels(root, SIZE)
+        load_labels(root, SIZE)
 
 
 def test_celeba_attribute_file_picks_columns_by_name(tmp_path):
@@ -69,15 +73,15 @@ def test_celeba_attribute_file_picks_columns_by_name(tmp_path):
     attr = tmp_path / "list_attr_celeba.txt"
     attr.write_text("3\n5_o_Clock_Shadow Male Smiling\n000001.jpg -1  1 -1\n000002.jpg  1 -1  1\n"
                     "000003.jpg -1 -1  1\n")
-    y, info = data.load_labels(root, SIZE, attr_file=attr, attrs=["Smiling", "Male"])
+    y, info = load_labels(root, SIZE, attr_file=attr, attrs=["Smiling", "Male"])
     assert info == {"Smiling": ["no", "yes"], "Male": ["no", "yes"]}
     assert y.tolist() == [[0, 1], [1, 0], [1, 0]]
-    assert data.load_labels(root, SIZE, attr_file=attr)[0].shape == (3, 3)   # default: every column
+    assert load_labels(root, SIZE, attr_file=attr)[0].shape == (3, 3)   # default: every column
     with pytest.raises(data.UsageError, match="Bald"):
-        data.load_labels(root, SIZE, attr_file=attr, attrs=["Bald"])
+        load_labels(root, SIZE, attr_file=attr, attrs=["Bald"])
     attr.write_text("3\nSmiling\n000001.jpg 1\n000002.jpg -1\n")
     with pytest.raises(data.UsageError, match="no valid row"):
-        data.load_labels(root, SIZE, attr_file=attr)
+        load_labels(root, SIZE, attr_file=attr)
 
 
 def _celeba(tmp_path, text):
@@ -95,13 +99,13 @@ def _celeba(tmp_path, text):
 def test_a_damaged_attribute_file_is_one_usage_error(tmp_path, text, says):
     root, attr = _celeba(tmp_path, text)
     with pytest.raises(data.UsageError) as e:
-        data.load_labels(root, SIZE, attr_file=attr)
+        load_labels(root, SIZE, attr_file=attr)
     assert says in str(e.value) and str(attr) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_an_attribute_file_may_start_with_its_header_and_repeat_a_row(tmp_path):
     root, attr = _celeba(tmp_path, "Smiling Male\n000001.jpg 1 -1\n000002.jpg -1 1\n000001.jpg 1 -1\n")
-    y, info = data.load_labels(root, SIZE, attr_file=attr)
+    y, info = load_labels(root, SIZE, attr_file=attr)
     assert y.tolist() == [[1, 0], [0, 1]] and list(info) == ["Smiling", "Male"]
 
 
@@ -109,7 +113,7 @@ def test_a_class_folder_with_a_comma_is_refused(tmp_path):
     _put(tmp_path / "faces" / "a,b" / "x.png", 10)
     _put(tmp_path / "faces" / "c" / "y.png", 20)
     with pytest.raises(data.UsageError, match="the class folder 'a,b' has a ',' in its name.*rename"):
-        data.load_labels(tmp_path / "faces", SIZE)
+        load_labels(tmp_path / "faces", SIZE)
 
 
 def test_a_conditional_run_reads_its_images_once_and_says_what_it_found(tmp_path, monkeypatch, capsys):
@@ -168,9 +172,7 @@ def test_batches_keep_labels_with_their_images_on_resume_and_across_ranks():
     r1 = list(data.Batches(imgs, 8, rank=1, world_size=2, **kw).epoch(2))
     for (x, y), (x0, y0), (x1, y1) in zip(full, r0, r1, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
-    assert all(isinstance(x, torch.Tensor) for x in data.Batches(imgs, 8).epoch(0))   # no labels: x alone
-    with pytest.raises(ValueError):
-        data.Batches(imgs, 8, labels=labels[:10])
+    assert all(y is None for _, y in data.Batches(imgs, 8).epoch(0))   # no labels: y is None
 
 
 def test_balanced_batches_show_every_attribute_value_equally_often():

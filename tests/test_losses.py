@@ -13,8 +13,8 @@ from torch.testing import assert_close
 
 import losses
 from losses import (GAN_LOSSES, critic_gen_loss, critic_loss, d_loss, d_loss_hinge, d_loss_ls, d_loss_ls_sigmoid,
-                    elbo_loss, g_loss, g_loss_hinge, g_loss_ls, g_loss_ls_sigmoid, gaussian_nll, gradient_penalty,
-                    kl_divergence, mse_recon)
+                    g_loss, g_loss_hinge, g_loss_ls, g_loss_ls_sigmoid, gaussian_nll, gradient_penalty,
+                    kl_divergence, mse_recon, negative_elbo)
 
 D64 = torch.float64
 ZERO = torch.tensor(0.0, dtype=D64)
@@ -106,8 +106,8 @@ def test_elbo_of_linear_gaussian_with_exact_posterior_is_log_evidence():
     def neg_elbo(mu):
         x_mean = (mu @ W.T + b).view(B, *shape)
         trace = (s ** 2 * S).sum()                                      # tr(WᵀW S)
-        expected_nll = gaussian_nll(x.view(B, *shape), x_mean, sigma) + 0.5 * trace / sigma ** 2
-        return elbo_loss(expected_nll, kl_divergence(mu, logvar))     # weights (1, 1)
+        one_point = negative_elbo(x.view(B, *shape), x_mean, mu, logvar, "gnll", sigma)[0]   # weights (1, 1)
+        return one_point + 0.5 * trace / sigma ** 2                     # + E_q over z of the NLL's rest
 
     log_px = p_x.log_prob(x).mean()
     assert_close(-neg_elbo(m), log_px)
@@ -115,14 +115,21 @@ def test_elbo_of_linear_gaussian_with_exact_posterior_is_log_evidence():
     assert -neg_elbo(m + 0.1) < log_px - 1e-3
 
 
-def test_elbo_loss_weighting():
-    recon, kl = torch.tensor(1234.0, requires_grad=True), torch.tensor(56.0, requires_grad=True)
-    assert_close(elbo_loss(recon, kl), recon + kl)
-    loss = elbo_loss(recon, kl, kl_weight=10, recon_scale=0.01)   # Wuga VAE part 2: KL×10, GNLL/100
-    assert_close(loss, torch.tensor(0.01 * 1234 + 10 * 56.0))
-    loss.backward()
-    assert_close(recon.grad, torch.tensor(0.01))
-    assert_close(kl.grad, torch.tensor(10.0))
+def test_negative_elbo_terms_and_weights_against_torch():
+    g = gen(7)
+    x, x_hat, mu, logvar = randn(g, 4, 3, 5, 5), randn(g, 4, 3, 5, 5), randn(g, 4, 6), randn(g, 4, 6) * 0.3
+    kl = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(ZERO, 1.0)).sum(1).mean()
+    sse = F.mse_loss(x_hat, x, reduction="sum") / 4
+    nll = -Normal(x_hat, 0.1).log_prob(x).sum() / 4
+    for recon, want in (("mse", sse), ("mse-mean", sse / 75), ("gnll", nll)):   # Wuga VAE part 2: KL×10, GNLL/100
+        loss, r, k, mse_px = negative_elbo(x, x_hat, mu, logvar, recon, obs_std=0.1, kl_weight=10, recon_scale=0.01)
+        assert_close(r, want)
+        assert_close(k, kl)
+        assert_close(loss, 0.01 * want + 10 * kl)
+        assert_close(mse_px, F.mse_loss(x_hat, x) / 4)                  # per pixel, images in [0, 1]
+    loss, _, k, _ = negative_elbo(x, x_hat, None, None, "mse")           # an autoencoder: no KL
+    assert_close(loss, sse)
+    assert float(k) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -656,3 +656,15 @@ def test_seed002_dcgan_discriminator_has_batchnorm_after_every_conv_as_report_00
         return type(list(M.build_model(name, 64, arch=arch)["D"])[1]).__name__
     assert after_first_conv("dcgan", "seed002") == "BatchNorm2d"
     assert after_first_conv("dcgan", "classic") == after_first_conv("wgan", "seed002") == "LeakyReLU"
+
+
+def test_pick_device_and_run_folder(tmp_path, monkeypatch):
+    assert M.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(data.UsageError, match="no CUDA device"):
+        M.pick_device("cuda")
+    (tmp_path / "run").mkdir()
+    assert M.run_folder(str(tmp_path / "run")) == str(tmp_path / "run")
+    assert M.run_folder(str(tmp_path / "run" / "last.pt")) == str(tmp_path / "run")
+    assert M.run_folder("last.pt") == "."

@@ -682,7 +682,8 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
 def test_gans_may_hold_out_nothing_and_autoencoders_may_not(tmp_path, capsys):
     assert run_train(tmp_path / "gan", "--model", "sngan", "--test-fraction", "0", "--conditional", "--max-steps", "1") == 0
     assert run_train(tmp_path / "ae", "--model", "ae", "--test-fraction", "0") == 2
-    assert "--test-fraction 0 is for GANs" in the_error(capsys.readouterr().err)
+    assert "needs held-out images (its test loss, best.pt, the reconstructions): --test-fraction 0.0 of 50" \
+           in the_error(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("argv", [["--out", "a\nb"], ["--batch-size", "100000"], ["--latent-dim", "10000000"],

@@ -1,5 +1,5 @@
 """Speed switches: --amp without native bf16 trains in fp32 and says so in one line; the unset
-switches are settled at run start (train.settle_speed) and recorded in config.json, and a resume
+switches are settled at run start (models.settle_speed) and recorded in config.json, and a resume
 keeps what the run recorded. No timed assertions: speed is shown by docs/bench_vs_examples.py,
 never by a test."""
 import json
@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,19 +33,19 @@ def bf16(monkeypatch, native):
 def test_amp_without_native_bf16_falls_back_to_fp32_in_one_line(monkeypatch, capsys):
     bf16(monkeypatch, False)
     cfg = cfg_of("--amp")
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     err = capsys.readouterr().err
     assert cfg["amp"] is False
     assert len(err.strip().splitlines()) == 1 and "no native bf16" in err and "fp32" in err
     cfg = cfg_of("--amp")
-    train.settle_speed(cfg, CPU, say=False)                   # other ranks: the same choice, silently
+    models.settle_speed(cfg, CPU, say=False)                   # other ranks: the same choice, silently
     assert cfg["amp"] is False and capsys.readouterr().err == ""
     bf16(monkeypatch, True)
     cfg = cfg_of("--amp")
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     assert cfg["amp"] is True and capsys.readouterr().err == ""
     cfg = cfg_of()
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     assert cfg["amp"] is False                                # never on by default
 
 
@@ -66,8 +67,8 @@ def test_detection_sees_an_avx2_only_cpu():
     """ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 makes any x86 CPU an AVX2-only one for
     PyTorch; the bf16 check must see it (it asks oneDNN, which honours the cap)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-    code = ("import torch, train; cfg = dict(amp=True, channels_last=None, fused_adam=None, optimizer='adam'); "
-            "train.settle_speed(cfg, torch.device('cpu'), say=False); print(cfg['amp'])")
+    code = ("import torch, models; cfg = dict(amp=True, channels_last=None, fused_adam=None, optimizer='adam'); "
+            "models.settle_speed(cfg, torch.device('cpu'), say=False); print(cfg['amp'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -75,13 +76,13 @@ def test_detection_sees_an_avx2_only_cpu():
 def test_unset_switches_are_settled_for_the_device():
     cfg = cfg_of()
     assert (cfg["channels_last"], cfg["fused_adam"]) == (None, None)      # unset until the device is known
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     assert (cfg["channels_last"], cfg["fused_adam"]) == (True, True)      # NHWC on CPU, fused Adam
     cfg = cfg_of("--no-channels-last", "--no-fused-adam")
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     assert (cfg["channels_last"], cfg["fused_adam"]) == (False, False)    # a flag given wins
     cfg = cfg_of(model="wgan")
-    train.settle_speed(cfg, CPU)
+    models.settle_speed(cfg, CPU)
     assert cfg["fused_adam"] is False                                     # RMSProp: no fused Adam
 
 
