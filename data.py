@@ -507,21 +507,18 @@ def _is_image(name): return name.lower().endswith(IMAGE_EXTS) and not name.rspli
 def _show(name): return repr(str(name))   # quoted: a newline or terminal escape in a name cannot forge output
 def _why(e): return str(e) if isinstance(e, UsageError) else f"{type(e).__name__}: {e}"
 
-# --- Synthetic faces, an offline stand-in for photos. Face i draws from its own RNG, seeded by (seed, i), in a fixed
-# order: changing that order (or any drawing call) changes every face. ------------------------------------------
+# --- Synthetic faces, an offline stand-in for photos. Reorder a draw or change a drawing call and every face changes
 def synthetic_faces(n, size=(64, 64), seed=0, factors=False):
     """n cartoon faces -> uint8 n x 3 x H x W; factors=True: also their int64 n x 3 SYNTHETIC_LABELS."""
     size, labels = parse_size(size), np.empty((n, 3), np.int64)
     S, out = max(128, 2 * max(size)), np.empty((n, 3, *size), np.uint8)   # supersample, then an antialiased resize
     for i in range(n):
-        f = _draw_face(random.Random(f"facegen-face/{seed}/{i}"), S)   # face i: (seed, i) only
-        out[i] = np.asarray(_fit(f.picture, size)).transpose(2, 0, 1)
-        labels[i] = (f.hair_group, f.glasses, f.beard)     # SYNTHETIC_LABELS order
+        f = _draw_face(random.Random(f"facegen-face/{seed}/{i}"), S)   # face i: its own RNG, seeded by (seed, i) only
+        out[i], labels[i] = np.asarray(_fit(f.picture, size)).transpose(2, 0, 1), (f.hair_group, f.glasses, f.beard)
     return (torch.from_numpy(out), torch.from_numpy(labels)) if factors else torch.from_numpy(out)
 
 class _Face:   # a face being drawn: canvas d, colours, head geometry (unit u); set by _draw_face and the parts
-    def oval(self, x, y, rx, ry, **kw):
-        self.d.ellipse((x - rx, y - ry, x + rx, y + ry), **kw)
+    def oval(self, x, y, rx, ry, **kw): self.d.ellipse((x - rx, y - ry, x + rx, y + ry), **kw)   # centre, radii
 
 def _draw_face(rng, S):
     """One face drawn back to front, then tilted -> _Face: .picture (S x S), labels .hair_group, .glasses, .beard."""
@@ -531,17 +528,15 @@ def _draw_face(rng, S):
     t = rng.random() * (len(_SKIN) - 1)
     skin = f.skin = _mix(_SKIN[int(t)], _SKIN[min(int(t) + 1, len(_SKIN) - 1)], t % 1)
     hair = rng.choice(_FUN_HAIR) if rng.random() < 0.1 else rng.choice(_HAIR)
-    f.hair_group = _HAIR_GROUP.get(hair, len(HAIR_GROUPS) - 1)   # a label; draws nothing
-    f.hair = tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in hair)
+    f.hair_group, f.hair = _HAIR_GROUP[hair], tuple(min(255, max(0, v + rng.randint(-12, 12))) for v in hair)
     f.line, f.dark, f.style = _mix(skin, (40, 20, 12), 0.5), (30, 20, 20), rng.choice(_HAIR_STYLES)
     f.d = ImageDraw.Draw(img := Image.new("RGB", (C, C), f.bg))
     f.u, f.a, f.bt, f.bb = u, u * rng.uniform(0.18, 0.23), u * rng.uniform(0.22, 0.26), u * rng.uniform(0.24, 0.3)
     f.head = dict(cx=f.cx, cy=f.cy, a=f.a, bt=f.bt, bb=f.bb, nt=rng.uniform(2.0, 2.6), nb=rng.uniform(1.6, 3.2))
-    for part in (_back, _eyes, _mouth, _hair_in_front, _glasses): part(f)
-    # tilt about the centre, crop the margin: one affine map (output -> input); nearest is enough, _fit smooths
-    th = math.radians(rng.uniform(-10, 10))
+    for part in (_back, _features, _hair_in_front, _glasses): part(f)
+    th = math.radians(rng.uniform(-10, 10))   # tilt about the centre, crop the margin: one affine map, output -> input
     ca, sa, ox, oy = math.cos(th), math.sin(th), pad - f.cx, pad - f.cy
-    affine = (ca, -sa, ca * ox - sa * oy + f.cx, sa, ca, sa * ox + ca * oy + f.cy)
+    affine = (ca, -sa, ca * ox - sa * oy + f.cx, sa, ca, sa * ox + ca * oy + f.cy)   # nearest is enough: _fit smooths
     f.picture = img.transform((S, S), Image.Transform.AFFINE, affine, Image.Resampling.NEAREST, fillcolor=f.bg)
     return f
 
@@ -561,19 +556,18 @@ def _back(f):
         f.oval(cx, cy - ht["bt"] - r * 0.3, r, r, fill=hair)
     elif f.style == "curly":
         r, curls = u * rng.uniform(0.05, 0.07), dict(ht, a=a * 1.12, bt=ht["bt"] * 1.02)
-        for x, y in _head_pts(**curls, t0=math.pi - 0.5, t1=math.tau + 0.5, m=14):
-            f.oval(x, y, r, r, fill=hair)
+        for x, y in _head_pts(**curls, t0=math.pi - 0.5, t1=math.tau + 0.5, m=14): f.oval(x, y, r, r, fill=hair)
     elif f.style == "bald" and rng.random() < 0.6:          # a fringe of hair above the ears
         for s in (-1, 1): f.oval(cx + s * a * 0.9, cy - bt * 0.3, a * 0.18, bt * 0.4, fill=hair)
     f.ey, ink = cy + u * rng.uniform(-0.02, 0.02), dict(fill=f.skin, outline=f.line, width=f.lw)
     for s in (-1, 1): f.oval(cx + s * a * 0.96, f.ey + bt * 0.03, a * 0.16, bt * 0.25, **ink)     # ears
     f.d.polygon(_head_pts(**f.head), **ink)
 
-def _eyes(f):
-    """Blush, freckles, eyes (white, iris, pupil, highlight and lid; dots; or happy arcs) and brows."""
-    rng, u, cx, ey, skin, lw, dark = f.rng, f.u, f.cx, f.ey, f.skin, f.lw, f.dark
-    ex, ew, my = f.ex, f.ew, f.my = (f.a * rng.uniform(0.38, 0.48), u * rng.uniform(0.038, 0.054),   # eye offset,
-                                     f.cy + f.bb * rng.uniform(0.5, 0.62))         # half width; the mouth line
+def _features(f):
+    """Blush, freckles, eyes (white, iris, pupil, glint, lid; dot; happy arcs), brows, nose, beard, moustache, mouth."""
+    rng, u, cx, a, ey, skin, lw, dark = f.rng, f.u, f.cx, f.a, f.ey, f.skin, f.lw, f.dark
+    ex, ew = f.ex, f.ew = a * rng.uniform(0.38, 0.48), u * rng.uniform(0.038, 0.054)   # eye offset, half width
+    my = f.cy + f.bb * rng.uniform(0.5, 0.62)                                           # the mouth line
     if rng.random() < 0.45:
         blush = _mix(skin, (236, 104, 118), rng.uniform(0.25, 0.45))
         for s in (-1, 1): f.oval(cx + s * ex * 1.2, (ey + my) / 2 + u * 0.01, u * 0.045, u * 0.024, fill=blush)
@@ -599,11 +593,7 @@ def _eyes(f):
     for x0, s in ((cx - ex, -1), (cx + ex, 1)):
         f.d.line([(x0 + s * ew * 1.1, by + u * 0.005), (x0 + s * ew * 0.1, by - arch), (x0 - s * ew * 0.9, by + tilt)],
                  fill=brow, width=bw, joint="curve")
-
-def _mouth(f):
-    """A nose (button, nostrils, arc or line), a beard, a moustache and a mouth (7 kinds)."""
-    rng, u, cx, a, my, lw, skin = f.rng, f.u, f.cx, f.a, f.my, f.lw, f.skin
-    ny, nose = f.ey + (my - f.ey) * rng.uniform(0.5, 0.65), _mix(skin, (60, 30, 15), 0.35)
+    ny, nose = ey + (my - ey) * rng.uniform(0.5, 0.65), _mix(skin, (60, 30, 15), 0.35)
     kind, nw = rng.choice(("button", "nostrils", "arc", "line")), u * rng.uniform(0.018, 0.03)
     if kind == "button": f.oval(cx, ny, nw, nw * 0.7, fill=_mix(skin, (60, 30, 15), 0.18))
     elif kind == "nostrils":
@@ -644,15 +634,14 @@ def _hair_in_front(f):
     outer = _head_pts(**ht, t0=math.pi - side, t1=math.tau + side, m=40)
     if f.style in ("bangs", "long") and (f.style == "bangs" or rng.random() < 0.5):   # a fringe with n teeth
         n, y = rng.randint(3, 7), cy + bb * 0.1 * side
-        line = [(cx + xs, y), *((cx + xs * 0.95 * (1 - 2 * i / n), cy - bt * (hl + (0.08 if i % 2 and n <= 5 else 0.0)))
-                                for i in range(n + 1)), (cx - xs, y)]
+        line = [(cx + xs * 0.95 * (1 - 2 * i / n), cy - bt * (hl + (0.08 if i % 2 and n <= 5 else 0.0)))
+                for i in range(n + 1)]
     else:                                                # control points right to left; y: at the sides
         y, k, d, lo = ((cy - bt * 0.25, 0.45, 0.2, hl * 0.55) if f.style == "side" else
                        (cy - bt * 0.15 + bb * 0.2 * max(0, side - 0.4), 0.5, 0.12, hl))
         fl, fr = (lo, hl) if part > 0 else (hl, lo)
-        line = [(cx + xs, y), (cx + a * k, cy - bt * fr), (cx + part, cy - bt * (hl + d)), (cx - a * k, cy - bt * fl),
-                (cx - xs, y)]
-    f.d.polygon(outer + _spline([outer[-1]] + line + [outer[0]]), fill=hair)
+        line = [(cx + a * k, cy - bt * fr), (cx + part, cy - bt * (hl + d)), (cx - a * k, cy - bt * fl)]
+    f.d.polygon(outer + _spline([outer[-1], (cx + xs, y), *line, (cx - xs, y), outer[0]]), fill=hair)
     if f.style == "spiky":                               # triangles pointing away from centre
         for x, y in _head_pts(**ht, t0=math.pi + 0.35, t1=math.tau - 0.35, m=rng.randint(5, 8)):
             p, q, k = x - cx, y - cy, rng.uniform(0.18, 0.35)                    # (p, q): from the centre
@@ -681,7 +670,7 @@ _FUN_HAIR = [(64, 104, 208), (222, 98, 168), (76, 166, 106), (136, 82, 188), (22
 _IRIS = [(96, 60, 32), (58, 38, 24), (66, 122, 198), (68, 138, 86), (138, 108, 52), (108, 124, 140)]
 _HAIR_STYLES = ("bald", "buzz", "short", "side", "bangs", "long", "spiky", "curly", "bun")
 HAIR_GROUPS = ("dark", "brown", "blond", "grey", "colourful")   # labels: _HAIR's 9 colours in 4 groups, _FUN_HAIR
-_HAIR_GROUP = {c: g for g, cs in enumerate([_HAIR[0:2], _HAIR[2:5], _HAIR[5:7], _HAIR[7:9]]) for c in cs}
+_HAIR_GROUP = dict(zip(_HAIR + _FUN_HAIR, [0, 0, 1, 1, 1, 2, 2, 3, 3] + [4] * len(_FUN_HAIR)))   # colour -> group
 SYNTHETIC_LABELS = {"hair": list(HAIR_GROUPS), "glasses": ["no", "yes"], "beard": ["no", "yes"]}
 def _mix(c1, c2, t): return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))
 def _hsv(h, s, v): return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h, s, v))
