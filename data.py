@@ -25,13 +25,10 @@ _RESAMPLE = Image.Resampling.BILINEAR   # on downscaling pillow widens the filte
 class UsageError(Exception):
     """A problem the user must fix: printed as one line `error: ...`, exit code 2."""
 
-def load_images(source, size, *, n_synthetic=10000, seed=0, cache_dir=None, verbose=True):
-    """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped."""
-    return _load(source, size, n_synthetic, seed, cache_dir, verbose)[0]
-
-def _load(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose=False):
-    """-> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None, fingerprint: a
-    short id of the data, the cache key, which changes when a file is added, removed or touched)."""
+def load_images(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose=True, full=False):
+    """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped.
+    full: -> (images, meta {n, skipped [[name, why]], synthetic: factors}, file names by row or None, fingerprint:
+    a short id of the data, the cache key, which changes when a file is added, removed or touched)."""
     H, W = size = parse_size(size)
     kind, path, names, skipped, key = _identify(source, size, n_synthetic, seed)
     src = f"synthetic faces (seed {seed})" if path is None else _show(path)
@@ -52,7 +49,7 @@ def _load(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose=False
     if verbose:
         print(f"loaded {len(x)} images ({len(meta['skipped'])} skipped) from {src}{'' if miss else ' [cache hit]'}", flush=True)
     gone = {n for n, _ in meta["skipped"]}
-    return x, meta, None if names is None else [n for n in names if n not in gone], key[:16]
+    return (x, meta, None if names is None else [n for n in names if n not in gone], key[:16]) if full else x
 
 def split_indices(n, test_fraction=0.2, seed=0):
     """Deterministic train/test split of range(n) -> (train_idx, test_idx), sorted LongTensors."""
@@ -67,7 +64,7 @@ def run_data(cfg, verbose=False):
     info) for a conditional run, else None. verbose: say what was loaded. A fresh run records the data's
     fingerprint in cfg; later, a warning if the data changed since."""
     size, src, n, seed = tuple(cfg["image_size"]), cfg["data"], cfg["n_synthetic"], cfg["seed"]
-    images, meta, names, now = _load(src, size, n, seed, None, verbose)
+    images, meta, names, now = load_images(src, size, n, seed, None, verbose, full=True)
     if cfg.setdefault("data_fingerprint", now) != now:   # the same split of other images: "test" may have trained
         print(f"warning: the data at {_show(src or 'synthetic faces')} changed since this run trained on it (fingerprint "
               f"{now}, the run has {cfg['data_fingerprint']}): its test split is no longer held out", file=sys.stderr)
@@ -86,8 +83,6 @@ class Batches:
 
     def __init__(self, images_uint8, batch_size, *, seed=0, flip=False, jitter=0.0,
                  device="cpu", rank=0, world_size=1, drop_last=True, labels=None, weights=None):
-        if batch_size < 1 or batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(f"batch size {batch_size} must be a positive multiple of world size {world_size} (rank {rank})")
         self.images, self.labels = images_uint8.to(device), None if labels is None else labels.to(device)
         self.batch_size, self.seed, self.flip, self.jitter, self.weights = batch_size, seed, flip, jitter, weights
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last

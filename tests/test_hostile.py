@@ -235,7 +235,7 @@ def test_the_run_records_its_data_and_warns_when_it_changed(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--model", "dcgan", "--data", str(folder), *TINY, "--out", str(out), "--max-steps", "1"]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["data_fingerprint"] == data._load(str(folder), (32, 32), cfg["n_synthetic"], cfg["seed"])[3]
+    assert cfg["data_fingerprint"] == data.load_images(str(folder), (32, 32), cfg["n_synthetic"], cfg["seed"], full=True)[3]
     data.run_data(cfg)
     assert "changed since" not in capsys.readouterr().err
     shutil.copy(folder / "0.png", folder / "added.png")

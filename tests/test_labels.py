@@ -18,7 +18,7 @@ def _tmp_cache(tmp_path, monkeypatch):
 
 
 def load_labels(source, size, attr_file=None, attrs=None, **kw):   # each image's labels, as a run reads them
-    return data._labels(*data._load(source, size, **kw)[1:3], attr_file, attrs)
+    return data._labels(*data.load_images(source, size, verbose=False, full=True, **kw)[1:3], attr_file, attrs)
 
 
 def _put(path, value):
