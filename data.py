@@ -7,7 +7,7 @@
 Batch order and augmentation (seed report 001: h-flip; 003: h-flip + ColorJitter) depend only on
 (seed, epoch, batch index), so a resumed run sees the same batches.
 """
-import argparse, colorsys, contextlib, csv, hashlib, io, json, math, numbers, os, random, re, stat, sys
+import argparse, colorsys, contextlib, hashlib, io, json, math, numbers, os, random, re, stat, sys
 import warnings, zipfile
 from pathlib import Path
 
@@ -289,55 +289,28 @@ def parse_size(s):
         raise UsageError(f"image size must be N or HxW with positive integers (e.g. 64 or 64x48); got {s!r}")
     return int(parts[0]), int(parts[-1])
 
-def read_csv(path):
-    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Damaged lines are skipped, with one warning."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            text = f.read()
-        rows = list(csv.DictReader(io.StringIO(text)))
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        warnings.warn(f"could not read {_show(path)} ({_why(e)}); going on without it", stacklevel=2)
-        return []
-    good = [r for r in (rows if text.endswith("\n") else rows[:-1]) if _log_row(r)]   # no line end: cut short
-    if len(good) < len(rows):
-        warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {_show(path)}", stacklevel=2)
-    return good
-
-def _log_row(r):
-    try:
-        int(r["epoch"]), int(r["step"]), [float(v) for v in r.values() if v != ""]   # None: a missing field
-        return True
-    except (KeyError, TypeError, ValueError):
-        return False
-
-def write_csv(path, rows, append=False):   # the header: the union of the rows' keys; append: one log line, no rewrite
-    with _atomic(path, append=append) as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        if not append:
-            w.writeheader()
-        w.writerows(rows)
-
 def write_json(path, obj):   # atomically (config.json, evaluate.json...)
-    with _atomic(path) as f:
+    with atomic(path) as f:
         json.dump(obj, f, indent=2)
 
 @contextlib.contextmanager
-def _atomic(path, mode="w", append=False):
-    """Written whole or not at all: a temp file renamed over path, or an append cut back; no temp file left behind."""
-    tmp = path if append else f"{path}.{os.getpid()}.tmp"
+def atomic(path, mode="w", append=False):
+    """Written whole or not at all: a temp file synced and renamed over path, or an append cut back; no temp file left
+    behind. An OSError (also one torch.save wraps in a RuntimeError) is one line naming the file."""
+    tmp = path if append else os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}.{os.getpid()}")
     end = os.path.getsize(path) if append and os.path.exists(path) else 0       # where a failed append is cut
     try:
         with open(tmp, "a" if append else mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())    # on disk before the rename makes it the file
         if not append:
             os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.truncate(path, end) if append else os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _WriteError(e.errno, e.strerror or str(e), str(path)) from None
+        if isinstance(cause := e if isinstance(e, OSError) else e.__context__, OSError):
+            raise _WriteError(cause.errno, cause.strerror or str(cause), str(path)) from None
         raise
 
 class _WriteError(OSError):
@@ -486,7 +459,7 @@ def _read_cache(npy, size):
 def _write_cache(npy, arr, meta):
     try:
         npy.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic(npy, "wb") as f:
+        with atomic(npy, "wb") as f:
             np.save(f, arr)
         write_json(npy.with_suffix(".json"), meta)
     except OSError as e:

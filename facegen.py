@@ -301,7 +301,7 @@ def explorer_about(run, cfg, n_train, latent_size):
     folder, step, (H, W) = models.run_folder(run), cfg.get("trained_steps"), cfg["image_size"]
     epoch = "?"
     with contextlib.suppress(UsageError, KeyError, TypeError, ValueError):  # the epoch of the step: its metrics.csv row
-        rows = data.read_csv(os.path.join(folder, "metrics.csv"))
+        rows = models.read_csv(os.path.join(folder, "metrics.csv"))
         epoch = ([r["epoch"] for r in rows if int(r["step"]) <= step] or ["0"])[-1]
     basis = (f"This GAN has no encoder, so the components are those of 4096 draws z ~ N(0, I), an isotropic cloud in "
              f"{latent_size} dimensions: random orthogonal directions whose order means little." if n_train is None else

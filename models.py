@@ -1,8 +1,8 @@
 """Every facegen network, in reading order: reparameterize, init_weights, the VAE -> conv_stack -> the autoencoders
--> the GAN G and D -> build_model / from_config, G's weight average -> the device and its speed switches -> checkpoints.
-Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every size is computed with the conv
-arithmetic."""
-import contextlib, copy, math, os, pickle, re, sys, tempfile, zipfile
+-> the GAN G and D -> build_model / from_config, G's weight average -> the device and its speed switches -> a run
+folder's checkpoints and logs. Shape comments are C x H x W of one sample for a 64x64 input (64x48 for vae-in); every
+size is computed with the conv arithmetic."""
+import copy, csv, io, math, os, pickle, re, sys, warnings, zipfile
 
 import torch
 from torch import nn
@@ -394,35 +394,6 @@ class Classifier(nn.Module):
     def forward(self, x):
         return self.head(self.body(x)).split(self.classes, 1)
 
-FORMAT = 2   # checkpoints: atomic, weights-only, versioned; load_checkpoint refuses any other FORMAT
-
-def save_checkpoint(state, path):
-    """torch.save({**state, "format": FORMAT}) to a temp file beside `path`, fsync, os.replace,
-    fsync the folder: a kill at any moment leaves the old checkpoint or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**state, "format": FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the mode any other output file gets
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        cause = e if isinstance(e, OSError) else e.__context__  # torch's zip writer wraps an OSError in a RuntimeError
-        if isinstance(cause, OSError):
-            raise OSError(f"could not write the checkpoint {path} ({cause.strerror or cause}); "
-                          f"the previous one is unchanged") from e
-        raise
-    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # make the rename itself durable
-    with contextlib.suppress(OSError):
-        os.fsync(dfd)
-    os.close(dfd)
-
 def pick_device(name):   # 'auto' (CUDA when available) | 'cpu' | 'cuda' -> torch.device
     if name == "cuda" and not torch.cuda.is_available():
         raise data.UsageError("--device cuda asked for, but no CUDA device is available")
@@ -434,16 +405,52 @@ def settle_speed(cfg, device, say=True):
     cpu = device.type == "cpu"
     native = (torch.ops.mkldnn._is_mkldnn_bf16_supported() and any(torch.cpu.get_capabilities().get(k) for k in
               ("avx512_bf16", "amx_bf16", "bf16"))) if cpu else torch.cuda.is_bf16_supported(including_emulation=False)
-    if cfg["amp"] and not native:
-        if say:
-            print(f"note: --amp ignored: this {'CPU' if cpu else 'GPU'} has no native bf16, where bf16 autocast runs "
-                  f"~25x slower than fp32; training in fp32 (config.json records amp: false)", file=sys.stderr)
-        cfg["amp"] = False
+    if cfg["amp"] and not native and say:
+        print(f"note: --amp ignored: this {'CPU' if cpu else 'GPU'} has no native bf16, where bf16 autocast runs "
+              f"~25x slower than fp32; training in fp32 (config.json records amp: false)", file=sys.stderr)
+    cfg["amp"] = cfg["amp"] and native
     cfg["channels_last"] = cpu if cfg["channels_last"] is None else cfg["channels_last"]
     cfg["fused_adam"] = cfg["optimizer"] == "adam" if cfg["fused_adam"] is None else cfg["fused_adam"]
 
+FORMAT = 2   # checkpoints: atomic, weights-only, versioned; load_checkpoint refuses any other FORMAT
+
+def save_checkpoint(state, path):
+    """torch.save({**state, "format": FORMAT}) with data.atomic: a kill at any moment leaves the old file or the new."""
+    with data.atomic(path, "wb") as f:
+        torch.save({**state, "format": FORMAT}, f)
+
 def run_folder(path):   # a run folder itself, or the folder of a checkpoint file in it
     return path if os.path.isdir(path) else os.path.dirname(path) or "."
+
+def read_csv(path):
+    """metrics.csv / steps.csv rows (dicts of strings); [] if missing. Damaged lines are skipped, with one warning."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        warnings.warn(f"could not read {str(path)!r} ({type(e).__name__}: {e}); going on without it", stacklevel=2)
+        return []
+    good = [r for r in (rows if text.endswith("\n") else rows[:-1]) if _log_row(r)]   # no line end: cut short
+    if len(good) < len(rows):
+        warnings.warn(f"skipped {len(rows) - len(good)} damaged line(s) in {str(path)!r}", stacklevel=2)
+    return good
+
+def _log_row(r):
+    try:
+        int(r["epoch"]), int(r["step"]), [float(v) for v in r.values() if v != ""]   # None: a missing field
+        return True
+    except (KeyError, TypeError, ValueError):
+        return False
+
+def write_csv(path, rows, append=False):   # the header: the union of the rows' keys; append: one log line, no rewrite
+    with data.atomic(path, append=append) as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        if not append:
+            w.writeheader()
+        w.writerows(rows)
 
 def load_checkpoint(path, map_location="cpu"):
     """The one checkpoint loader: `path` is a checkpoint or a run folder (its last.pt). weights_only:

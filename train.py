@@ -196,7 +196,7 @@ def train(run):
     """Batches -> the family's step -> meters -> progress, metrics, pictures, checkpoints. An epoch
     starts at batch run.pos: a run stopped mid-epoch goes on with the very next batch (exact resume)."""
     cfg, step_fn, per_step = run.cfg, STEPS[run.cfg["family"]], run.cfg["n_critic"]   # a GAN step: n_critic batches
-    rows = [r for r in data.read_csv(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
+    rows = [r for r in models.read_csv(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
     progress = Progress(run)
     while run.epoch < cfg["epochs"]:
         fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
@@ -232,7 +232,7 @@ def end_epoch(run, rows, completes, seconds, n_images, points=()):
            "images_per_s": n_images / max(seconds, 1e-9), "seconds": seconds}
     if run.main:
         rows.append(row)
-        data.write_csv(os.path.join(run.out, "metrics.csv"), rows)
+        models.write_csv(os.path.join(run.out, "metrics.csv"), rows)
         data.plot_losses(rows, os.path.join(run.out, "loss.png"), points)
         write_pictures(run, run.epoch + 1)
         print(f"epoch {run.epoch + 1}/{run.cfg['epochs']} {fmt(row, skip=1)}", flush=True)
@@ -279,9 +279,9 @@ class Progress:
     def __init__(self, run):
         self.path, self.last, self.quiet = os.path.join(run.out, "steps.csv"), 0.0, run.cfg["quiet"] or not run.main
         old = os.path.join(os.path.dirname(run.rows_path), "steps.csv")  # the resumed run's
-        self.points = [p for p in data.read_csv(old) if int(p["step"]) <= run.step]
+        self.points = [p for p in models.read_csv(old) if int(p["step"]) <= run.step]
         if run.main and (self.points or os.path.exists(self.path)):  # a resume keeps the points up to its step
-            data.write_csv(self.path, self.points)
+            models.write_csv(self.path, self.points)
         self.prev = (run.epoch, run.means(), run.meter_n)  # the sums at a point: the next one averages the steps after it
 
     def update(self, run, rate):
@@ -292,7 +292,7 @@ class Progress:
             self.points.append({"epoch": run.epoch + 1, "step": run.step,
                                 **{k: (v * n - prev.get(k, 0.0) * prev_n) / (n - prev_n) for k, v in means.items()}})
             if run.main:
-                data.write_csv(self.path, self.points[-1:], append=len(self.points) > 1)
+                models.write_csv(self.path, self.points[-1:], append=len(self.points) > 1)
         eta = (run.total - run.step) * run.cfg["n_critic"] * run.cfg["batch_size"] / max(rate, 1e-9)
         if not self.quiet and (sys.stdout.isatty() or time.time() - self.last >= 30):
             self.last = time.time()
@@ -474,7 +474,7 @@ def claim_folder(out, fresh):
         raise e if isinstance(e, UsageError) else UsageError(
             f"{out} is in use: another train.py holds its lock; wait for it to end, or train into another --out")
     for name in os.listdir(out):  # under the lock: no running process owns these
-        if name.startswith(".tmp-") and name.endswith(".pt"):
+        if name.startswith(".tmp-"):  # a write a kill cut short
             os.remove(os.path.join(out, name))
     return fd
 

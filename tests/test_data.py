@@ -24,6 +24,7 @@ import torch
 from PIL import Image, features
 
 import data
+import models
 
 SIZE = (8, 8)
 
@@ -731,14 +732,14 @@ def test_checked_flag_types_accept_and_refuse():
 
 def test_csv_round_trip_is_atomic(tmp_path):
     path = str(tmp_path / "metrics.csv")
-    assert data.read_csv(path) == []
+    assert models.read_csv(path) == []
     rows = [{"epoch": 1, "step": 10, "loss": 0.5}, {"epoch": 2, "step": 20, "loss": 0.25, "test_loss": 0.3}]
-    data.write_csv(path, rows)
-    back = data.read_csv(path)
+    models.write_csv(path, rows)
+    back = models.read_csv(path)
     assert [list(r) for r in back] == [["epoch", "step", "loss", "test_loss"]] * 2
     assert back[1]["test_loss"] == "0.3" and back[0]["test_loss"] == "" and os.listdir(tmp_path) == ["metrics.csv"]
-    data.write_csv(path, [{"epoch": 3, "step": 30, "loss": 0.125, "test_loss": "nan"}], append=True)
-    assert [r["loss"] for r in data.read_csv(path)] == ["0.5", "0.25", "0.125"]
+    models.write_csv(path, [{"epoch": 3, "step": 30, "loss": 0.125, "test_loss": "nan"}], append=True)
+    assert [r["loss"] for r in models.read_csv(path)] == ["0.5", "0.25", "0.125"]
 
 
 def test_damaged_log_lines_are_skipped_with_one_warning(tmp_path):
@@ -751,21 +752,21 @@ def test_damaged_log_lines_are_skipped_with_one_warning(tmp_path):
                     ("3,30,oops,0.2\r\n3,30,1,2,3\r\n", 2)):    # not a number; a field too many
         path.write_text(good + tail)
         with pytest.warns(UserWarning) as rec:
-            rows = data.read_csv(path)
+            rows = models.read_csv(path)
         assert [str(w.message) for w in rec] == [f"skipped {n} damaged line(s) in {str(path)!r}"]
         assert [(r["epoch"], r["test_loss"]) for r in rows] == [("1", "0.6"), ("2", "")]
     path.write_text("step,loss\n1,2\n")                          # no epoch column
     with pytest.warns(UserWarning, match="skipped 1 damaged"):
-        assert data.read_csv(path) == []
+        assert models.read_csv(path) == []
     for bad in (b"epoch,step\n\xff\xfe,oops\n", None):           # not UTF-8; a folder
         path.unlink(missing_ok=True)
         path.write_bytes(bad) if bad else path.mkdir()
         with pytest.warns(UserWarning, match="could not read") as rec:
-            assert data.read_csv(path) == []
+            assert models.read_csv(path) == []
         assert len(rec) == 1 and "\n" not in str(rec[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert data.read_csv(tmp_path / "missing.csv") == []     # silently
+        assert models.read_csv(tmp_path / "missing.csv") == []     # silently
 
 
 def _no_space(*args, **kwargs):
@@ -790,7 +791,7 @@ def test_a_file_size_limit_cuts_no_log_in_half(tmp_path):
     """A real short write (the file size limit: EFBIG, as a full disk would stop it): an append leaves the log
     as it was, a rewrite leaves no temp file."""
     path = tmp_path / "steps.csv"
-    data.write_csv(path, [{"epoch": 1, "step": 2, "loss": 0.5}])
+    models.write_csv(path, [{"epoch": 1, "step": 2, "loss": 0.5}])
     before = path.read_bytes()
     old_handler, limits = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
@@ -798,7 +799,7 @@ def test_a_file_size_limit_cuts_no_log_in_half(tmp_path):
         row = {"epoch": 1, "step": 4, "loss": 0.123456789012345}
         for append in (True, False):
             with pytest.raises(OSError, match="could not write .*steps.csv.* \\(File too large\\)"):
-                data.write_csv(path, [row] * (1 if append else 2), append=append)
+                models.write_csv(path, [row] * (1 if append else 2), append=append)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)

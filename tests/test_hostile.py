@@ -71,7 +71,7 @@ def test_resume_into_a_new_folder_continues_there(run_a, tmp_path):
     assert train.main(["--resume", str(run_a), "--out", str(tmp_path / "b"), "--max-steps", "2", "--quiet"]) == 0
     assert digest(run_a / "last.pt") == before
     assert torch.load(tmp_path / "b" / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
-    rows = data.read_csv(tmp_path / "b" / "metrics.csv")
+    rows = models.read_csv(tmp_path / "b" / "metrics.csv")
     assert [r["step"] for r in rows] == ["2"]  # the resumed epoch's row, completed once
 
 
@@ -219,7 +219,7 @@ def test_damaged_logs_are_skipped_never_a_reason_to_stop(run_a, tmp_path, capsys
     with pytest.warns(UserWarning, match="damaged line|could not read"):
         assert train.main(["--resume", str(out), "--max-steps", "2", "--quiet"]) == 0
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["step"] == 2
-    assert (out / "loss.png").is_file() and data.read_csv(out / "metrics.csv")[-1]["step"] == "2"
+    assert (out / "loss.png").is_file() and models.read_csv(out / "metrics.csv")[-1]["step"] == "2"
 
 
 # --- held-out numbers stay held out -------------------------------------------------------

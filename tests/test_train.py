@@ -568,14 +568,14 @@ def test_loss_points_every_log_every_steps_survive_a_resume_bitwise(tmp_path):
     argv = ["--model", "ae", "--epochs", "2", "--log-every", "2", "--image-size", "32", "--n-synthetic", "64",
             "--batch-size", "16", "--quiet"]                                  # 51 train images: 3 steps/epoch
     assert train.main([*argv, "--out", str(tmp_path / "straight")]) == 0
-    straight = data.read_csv(tmp_path / "straight" / "steps.csv")
+    straight = models.read_csv(tmp_path / "straight" / "steps.csv")
     assert [int(p["step"]) for p in straight] == [2, 4, 6] and [int(p["epoch"]) for p in straight] == [1, 2, 2]
     assert set(straight[0]) == {"epoch", "step", "loss", "recon", "kl", "mse_px", "grad_norm_vae"}
-    rows = data.read_csv(tmp_path / "straight" / "metrics.csv")              # epoch 1 = steps 1-3
+    rows = models.read_csv(tmp_path / "straight" / "metrics.csv")              # epoch 1 = steps 1-3
     assert float(rows[0]["recon"]) != pytest.approx(float(straight[0]["recon"]), rel=1e-6)  # a window, not the epoch
     cut = tmp_path / "cut"
     assert train.main([*argv, "--out", str(cut), "--max-steps", "4"]) == 0
-    assert [int(p["step"]) for p in data.read_csv(cut / "steps.csv")] == [2, 4]
+    assert [int(p["step"]) for p in models.read_csv(cut / "steps.csv")] == [2, 4]
     with open(cut / "steps.csv", "a") as f:                                  # a point written after the checkpoint
         f.write("2,5,1,1,0,1\n")
     assert train.main(["--resume", str(cut), "--max-steps", "6", "--quiet"]) == 0
