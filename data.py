@@ -5,8 +5,7 @@
     (conditional models: _labels gives each image's attributes, int64 N x K, split alike)
 
 Batch order and augmentation (seed report 001: h-flip; 003: h-flip + ColorJitter) depend only on
-(seed, epoch, batch index), so a resumed run sees the same batches.
-"""
+(seed, epoch, batch index), so a resumed run sees the same batches."""
 import argparse, colorsys, contextlib, hashlib, io, json, math, numbers, os, random, re, stat, sys
 import warnings, zipfile
 from pathlib import Path
@@ -22,8 +21,7 @@ _MAX_FILE_BYTES = 64 << 20   # one zip member, decompressed: no face photo needs
 _CACHE_VERSION = 2     # bump when decoding or the synthetic faces change: old caches go stale
 _RESAMPLE = Image.Resampling.BILINEAR   # on downscaling pillow widens the filter: antialiased
 
-class UsageError(Exception):
-    """A problem the user must fix: printed as one line `error: ...`, exit code 2."""
+class UsageError(Exception): """A problem the user must fix: printed as one line `error: ...`, exit code 2."""
 
 def load_images(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose=True, full=False):
     """None | 'synthetic' | a folder (recursive) | a .zip -> uint8 N x 3 x H x W (CPU), cached; bad files skipped.
@@ -60,9 +58,8 @@ def split_indices(n, test_fraction=0.2, seed=0):
     return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 def run_data(cfg, verbose=False):
-    """A run's uint8 images split as it trained, read once -> (train, test, labels): labels = (train_y, test_y,
-    info) for a conditional run, else None. verbose: say what was loaded. A fresh run records the data's
-    fingerprint in cfg; later, a warning if the data changed since."""
+    """A run's uint8 images split as it trained, read once -> (train, test, labels (train_y, test_y, info) or None).
+    A fresh run records the data's fingerprint in cfg; later, a warning if the data changed since."""
     size, src, n, seed = tuple(cfg["image_size"]), cfg["data"], cfg["n_synthetic"], cfg["seed"]
     images, meta, names, now = load_images(src, size, n, seed, None, verbose, full=True)
     if cfg.setdefault("data_fingerprint", now) != now:   # the same split of other images: "test" may have trained
@@ -91,8 +88,7 @@ class Batches:
         return len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
 
     def epoch(self, epoch, start=0):
-        """Batches start, start+1, ... of pass `epoch` (exact resume): (x, y), x float [-1, 1] rows of this rank,
-        y their labels (None without)."""
+        """Batches start, start+1, ... of pass `epoch` (exact resume): (x, y), this rank's rows, y None if unlabelled."""
         rng = _rng(self.seed, "order", epoch)
         perm = (torch.randperm(len(self.images), generator=rng) if self.weights is None else
                 torch.multinomial(self.weights, len(self.images), replacement=True, generator=rng))
@@ -105,8 +101,7 @@ class Batches:
                 x = augment(x, _rng(self.seed, "aug", epoch, i), self.flip, self.jitter, rows=(lo, len(idx)))
             yield x, None if self.labels is None else self.labels.index_select(0, idx[lo:hi])
 
-def to_device(t, device):
-    """A host tensor to `device`; to a GPU pinned and non-blocking (a pageable copy syncs with the GPU each batch)."""
+def to_device(t, device):   # to a GPU pinned and non-blocking (a pageable copy syncs with the GPU each batch)
     return t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
 
 def augment(x, generator, flip=True, jitter=0.0, *, rows=None):
@@ -171,8 +166,7 @@ def _attr_labels(path, names, attrs):
             lines = [c for c in map(str.split, f.read().decode("utf-8").splitlines()) if c]
     except (OSError, UnicodeDecodeError, UsageError) as e:
         raise UsageError(f"cannot read the attribute file {_show(path)} ({_why(e)})") from None
-    if lines and len(lines[0]) == 1 and lines[0][0].isdigit():
-        lines = lines[1:]                 # the row count, unused: a file may as well start with the names
+    lines = lines[1:] if lines and len(lines[0]) == 1 and lines[0][0].isdigit() else lines   # the row count: unused
     if not lines:
         raise UsageError(f"the attribute file {_show(path)} has no line of attribute names (CelebA's line 2)")
     header, rows = lines[0], {}
@@ -222,8 +216,7 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
         if s := max(per, key=len):
             terms[k] = s
     x1, left, right, f = max([x for s in terms.values() for x, _ in s] + [1.0]), 64, width - 12, ImageFont.load_default(11)
-    img = Image.new("RGB", (width, max(1, len(terms)) * panel_h + 30), "white")
-    d = ImageDraw.Draw(img)
+    d = ImageDraw.Draw(img := Image.new("RGB", (width, max(1, len(terms)) * panel_h + 30), "white"))
     for i, (k, s) in enumerate(terms.items()):
         top, bottom, vals = i * panel_h + 20, (i + 1) * panel_h - 4, [v for _, v in s]
         ty = math.log10 if min(vals) > 0 and max(vals) / min(vals) > 30 else float   # a VAE's NLL falls 100x
@@ -237,30 +230,27 @@ def plot_losses(rows, path, points=(), width=720, panel_h=140):
     d.text((left, img.height - 4), f"optimizer step 0 .. {x1:.0f}", fill="black", font=f, anchor="ld")
     img.save(path)
 
-def _num(v): return math.nan if v in ("", None) else float(v)   # a logged value (read_csv checked it is a number)
+def _num(v): return math.nan if v in ("", None) else float(v)   # a logged value (models.read_csv checked it is a number)
 
-def epoch_frames(folder):
-    """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order; [] if it is missing."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    frames = sorted((int(m[1]), n) for n in names if (m := re.fullmatch(r"epoch_([0-9]+)\.png", n)))
-    return [p for _, n in frames if os.path.isfile(p := os.path.join(folder, n))]
-
-def save_gif(frames, path, duration_ms=200, loop=0):
-    """An animated GIF of image files (duration_ms: one, or one per frame) -> frames written; bad ones skipped."""
-    imgs, bad = {}, []
-    for i, f in enumerate(frames):
+def save_gif(folder, path, duration_ms=200, hold_last_ms=None):
+    """The sample grids epoch_NNN.png (regular files) in `folder`, in epoch order, as an animated GIF whose last frame
+    stays hold_last_ms -> frames written; unreadable ones skipped with one warning; none: a UsageError."""
+    names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if os.path.isfile(os.path.join(folder, n))]
+    epochs = sorted((int(m[1]), n) for n in names if (m := re.fullmatch(r"epoch_([0-9]+)\.png", n)))
+    imgs, bad = [], []
+    for f in (os.path.join(folder, n) for _, n in epochs):
         try:
             with _open_image(f) as im:
-                imgs[i] = im.convert("RGB")
+                imgs.append(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 -- a bad frame costs one frame, never the GIF
-            bad.append((str(f), _why(e)))
-    _warn_skipped(bad, len(frames), f"the frames for {_show(path)}")
+            bad.append((f, _why(e)))
+    _warn_skipped(bad, len(epochs), f"the frames for {_show(path)}")
     if not imgs:
-        raise UsageError(f"no readable frames to write {_show(path)}")
-    first, *rest = (im.resize(next(iter(imgs.values())).size, _RESAMPLE) for im in imgs.values())
+        raise UsageError(f"no readable sample grids epoch_NNN.png in {_show(folder)}")
+    first, *rest = (im.resize(imgs[0].size, _RESAMPLE) for im in imgs)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    first.save(path, save_all=True, append_images=rest, loop=loop,
-               duration=[duration_ms[i] for i in imgs] if isinstance(duration_ms, (list, tuple)) else duration_ms)
+    first.save(path, save_all=True, append_images=rest, loop=0,
+               duration=[duration_ms] * len(rest) + [hold_last_ms or duration_ms])
     return len(imgs)
 
 # --- Command-line helpers shared by train.py and facegen.py ---------------------------------
@@ -407,9 +397,8 @@ def _read_member(zf, name):
 def _decode_files(kind, root, names, size):
     """-> (uint8 N x 3 x H x W of the files that decode, [[name, why]] of the others)."""
     out, ok, bad = np.empty((len(names), 3, *size), np.uint8), np.ones(len(names), bool), []
-    # Pillow only warns about images over its decompression-bomb limit: here that skips the file
     with _open_zip(root) if kind == "zip" else contextlib.nullcontext() as zf, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)   # Pillow only warns; here the file is skipped
         for i, name in enumerate(names):
             try:
                 out[i] = decode_image(io.BytesIO(_read_member(zf, name)) if zf else root / name, size).transpose(2, 0, 1)

@@ -235,12 +235,8 @@ def cmd_interpolate(args):
 
 def cmd_gif(args):
     """progress.gif from samples/epoch_*.png (train.py's same noise every epoch), the last frame held --hold-last-ms."""
-    folder = models.run_folder(args.run)
-    frames = data.epoch_frames(os.path.join(folder, "samples"))  # by epoch number; strays ignored
-    if not frames:
-        raise UsageError(f"no samples/epoch_NNN.png in {folder}")
     path = out_path(args, "progress.gif")
-    kept = data.save_gif(frames, path, duration_ms=[args.duration_ms] * (len(frames) - 1) + [args.hold_last_ms])
+    kept = data.save_gif(os.path.join(models.run_folder(args.run), "samples"), path, args.duration_ms, args.hold_last_ms)
     print(f"wrote {path} ({kept} frames)")
     return path
 

@@ -6,8 +6,7 @@
 
 Read it top to bottom: the models' hyperparameters -> the data -> one update -> the step of each
 family (VAE, GAN, VAE-GAN) -> the loop, which wraps each step (autocast, the weight average, meters,
-the NaN watch, signals) -> setup (data parallelism, the update hooks) -> the command line.
-"""
+the NaN watch, signals) -> setup (data parallelism, the update hooks) -> the command line."""
 import argparse, fcntl, itertools, json, math, os, signal, sys, threading, time, warnings
 
 import torch
@@ -164,12 +163,11 @@ def score_stats(cfg, d_real, d_fake):
 
 # --- VAE-GAN (LFW report): the VAE's decoder is also a GAN generator.
 def vaegan_step(nets, opts, batches, cfg, noise):
-    """D learns real x (half of its batch) against reconstructions x̂ and decoded noise x_p (a
-    quarter each: the report scores three equal batches, which one BCE over all would weigh a third
-    each; we keep the GAN loss's real/fake halves); then the VAE minimises w·L_adv on the same x̂
-    and x_p plus its own −ELBO.
-    Scales: L_adv is of order 1 (log 2 when D is undecided), a summed MSE of order 10²-10³ per
-    image: at w = 1 (the report's) the VAE barely hears D; w ~ 10²-10³ gives both equal say."""
+    """D learns real x (half of its batch) against reconstructions x̂ and decoded noise x_p (a quarter each: the
+    report scores three equal batches, which one BCE over all would weigh a third each; we keep the GAN loss's
+    real/fake halves); then the VAE minimises w·L_adv on the same x̂ and x_p plus its own −ELBO. Scales: L_adv is of
+    order 1 (log 2 when D is undecided), a summed MSE of order 10²-10³ per image: at w = 1 (the report's) the VAE
+    barely hears D; w ~ 10²-10³ gives both equal say."""
     ((x, y),) = batches
     vae, D = nets["vae"], nets["D"]
     z_p = noise(len(x))                                            # z_p ~ N(0, I)
@@ -196,7 +194,7 @@ def train(run):
     """Batches -> the family's step -> meters -> progress, metrics, pictures, checkpoints. An epoch
     starts at batch run.pos: a run stopped mid-epoch goes on with the very next batch (exact resume)."""
     cfg, step_fn, per_step = run.cfg, STEPS[run.cfg["family"]], run.cfg["n_critic"]   # a GAN step: n_critic batches
-    rows = [r for r in models.read_csv(run.rows_path) if int(r["epoch"]) <= run.epoch]  # later rows: redone
+    rows = [r for r in models.read_csv(os.path.join(run.logs, "metrics.csv")) if int(r["epoch"]) <= run.epoch]  # later: redone
     progress = Progress(run)
     while run.epoch < cfg["epochs"]:
         fits = (len(run.batches) - run.pos) // per_step          # whole steps left in this epoch
@@ -221,9 +219,8 @@ def train(run):
             if cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
                 run.checkpoint()
         end_epoch(run, rows, n == fits, time.time() - t0, n * per_step * cfg["batch_size"], progress.points)
-    frames = data.epoch_frames(os.path.join(run.out, "samples")) if run.main else None
-    if frames:
-        data.save_gif(frames, os.path.join(run.out, "progress.gif"))
+    if run.main and os.path.isdir(samples := os.path.join(run.out, "samples")):
+        data.save_gif(samples, os.path.join(run.out, "progress.gif"))
 
 def end_epoch(run, rows, completes, seconds, n_images, points=()):
     """metrics.csv's row, loss.png, the pictures, best.pt (lowest test loss) and last.pt."""
@@ -273,13 +270,12 @@ def fmt(d, skip=0):
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(d.items())[skip:])
 
 class Progress:
-    """Every --log-every steps: a loss-curve point (each term's mean since the last one) added to
-    steps.csv, and a progress line with images/s (on a terminal each time, else every 30 s)."""
+    """Every --log-every steps: a point in steps.csv (each term's mean since the last one) and a progress line with
+    images/s (on a terminal each time, else every 30 s)."""
 
     def __init__(self, run):
         self.path, self.last, self.quiet = os.path.join(run.out, "steps.csv"), 0.0, run.cfg["quiet"] or not run.main
-        old = os.path.join(os.path.dirname(run.rows_path), "steps.csv")  # the resumed run's
-        self.points = [p for p in models.read_csv(old) if int(p["step"]) <= run.step]
+        self.points = [p for p in models.read_csv(os.path.join(run.logs, "steps.csv")) if int(p["step"]) <= run.step]
         if run.main and (self.points or os.path.exists(self.path)):  # a resume keeps the points up to its step
             models.write_csv(self.path, self.points)
         self.prev = (run.epoch, run.means(), run.meter_n)  # the sums at a point: the next one averages the steps after it
@@ -308,8 +304,7 @@ class Run:
 
     def __init__(self, cfg, state=None):
         self.cfg, self.out = cfg, cfg["out"]
-        self.rows_path = os.path.join(models.run_folder(cfg["resume"]) if cfg.get("resume") else self.out,
-                                      "metrics.csv")  # the rows so far: the resumed run's (--out may be another folder)
+        self.logs = models.run_folder(cfg["resume"]) if cfg.get("resume") else self.out  # the logs so far (--out may differ)
         # under torchrun (RANK, WORLD_SIZE set) each process trains its share of every global batch
         self.device = models.pick_device(cfg["device"])
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -338,9 +333,8 @@ class Run:
         adam = dict(betas=tuple(cfg["betas"]), fused=cfg["fused_adam"] or None)
         self.opts = {k: torch.optim.RMSprop(m.parameters(), lr=cfg["lr"]) if cfg["optimizer"] == "rmsprop" else
                      torch.optim.Adam(m.parameters(), lr=cfg["lr"], **adam) for k, m in trained.items()}
-        # --compile: not D under a gradient penalty (torch.compile has no double backward)
-        self.fwd = {k: torch.compile(m) if cfg["compile"] and not (k == "D" and cfg["gp_weight"]) else m
-                    for k, m in trained.items()}
+        self.fwd = {k: torch.compile(m) if cfg["compile"] and not (k == "D" and cfg["gp_weight"]) else m  # --compile:
+                    for k, m in trained.items()}   # not D under a gradient penalty (torch.compile: no double backward)
         self.norms = add_update_hooks(self)
         # the pictures: a fixed z, 8 test images; conditional: the first 64 test images' labels
         z_gen = torch.Generator().manual_seed(cfg["seed"] + 1)  # private: the training RNG is left alone
@@ -484,7 +478,7 @@ RESUMABLE = {"epochs", "max_steps", "out", "device", "quiet", "log_every", "chec
 # The flags of these groups belong to these families; giving one to another family is refused.
 FAMILIES = {"autoencoders": {"autoencoder", "vaegan"}, "vaegan": {"vaegan"}, "GANs": {"adversarial", "wasserstein"}}
 ON_OFF, SWITCH, M = argparse.BooleanOptionalAction, "store_true", "(default: per model, below)"
-NARGS = {"--betas": dict(nargs=2, metavar=("B1", "B2"))}
+EXTRA = {"--betas": dict(nargs=2, metavar=("B1", "B2")), "--device": dict(default="auto")}  # else default None: unset
 FLAGS = [  # (group, flag, type | choices | action, help)
     ("run", "--model", sorted(SEED_DEFAULTS), "what to train (required unless --resume)"),
     ("run", "--data", str, "folder or .zip of face images (default: the built-in synthetic faces)"),
@@ -540,12 +534,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"per-model defaults (the reports' values; a flag given wins):\n{table}\n"
                                        f"  unless given above: {every}")
-    groups = {}
+    groups = {g: p.add_argument_group(g) for g in dict.fromkeys(group for group, *_ in FLAGS)}
     for group, flag, kind, text in FLAGS:
-        g = groups.setdefault(group, p.add_argument_group(group))
         how = dict(choices=kind) if isinstance(kind, list) else dict(action=kind) if kind in (ON_OFF, SWITCH) \
             else dict(type=kind)
-        g.add_argument(flag, **how, help=text, default="auto" if flag == "--device" else None, **NARGS.get(flag, {}))
+        groups[group].add_argument(flag, **how, help=text, **{"default": None, **EXTRA.get(flag, {})})
     return p.parse_args(argv)
 
 def resolve(args):

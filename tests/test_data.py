@@ -1,6 +1,6 @@
 """data.py: decoding any image mode, folder == zip, cache, split, augmentation, batches, faces,
 hostile input (FIFOs, unlisted formats, slivers, zip bombs, unreadable entries, odd names),
-and the helpers epoch_frames, save_gif and fingerprint."""
+and the helpers save_gif and the data fingerprint."""
 import contextlib
 import errno
 import io
@@ -321,11 +321,9 @@ def test_grid_and_gif_files(tmp_path):
     data.save_grid(x, tmp_path / "sub" / "grid.png", nrow=4)
     with Image.open(tmp_path / "sub" / "grid.png") as im:
         assert im.size == (42, 32) and np.array_equal(np.asarray(im.convert("RGB")), g)
-    frames = [tmp_path / f"f{i}.png" for i in range(3)]
-    for i, f in enumerate(frames):
-        Image.new("RGB", (20, 10), (40 * i, 0, 0)).save(f)
-    frames[1] = str(frames[1])                                 # str and Path both accepted
-    data.save_gif(frames, tmp_path / "a.gif", duration_ms=100)
+    for i in range(3):
+        Image.new("RGB", (20, 10), (40 * i, 0, 0)).save(tmp_path / f"epoch_{i + 1:03d}.png")
+    assert data.save_gif(str(tmp_path), tmp_path / "a.gif", duration_ms=100) == 3
     with Image.open(tmp_path / "a.gif") as im:
         assert im.size == (20, 10) and im.n_frames == 3 and im.info["loop"] == 0
 
@@ -370,8 +368,9 @@ def _good(path, rgb=(200, 30, 60), size=(12, 10)):
 def test_only_regular_files_are_opened(tmp_path, monkeypatch):
     root = tmp_path / "faces"
     _good(root / "good.png")
-    fifos = [root / "x.png", root / "sub" / "y.jpg", tmp_path / "x.zip", tmp_path / "frame.png"]
+    fifos = [root / "x.png", root / "sub" / "y.jpg", tmp_path / "x.zip", tmp_path / "samples" / "epoch_002.png"]
     (root / "sub").mkdir()
+    _good(tmp_path / "samples" / "epoch_001.png")
     for p in fifos:
         os.mkfifo(p)
     os.symlink("/dev/zero", root / "zero.png")              # a device: reading never ends
@@ -387,9 +386,8 @@ def test_only_regular_files_are_opened(tmp_path, monkeypatch):
         _within(60, lambda: data.load_images(tmp_path / "x.zip", SIZE), fifos)
     with pytest.raises(data.UsageError, match="not a regular file"):
         _within(60, lambda: data.decode_image(root / "x.png", SIZE), fifos)
-    frames = [_good(tmp_path / "f1.png"), tmp_path / "frame.png"]
-    _, msgs = _within(60, lambda: data.save_gif(frames, tmp_path / "a.gif"), fifos)
-    assert "skipped 1 of 2" in msgs[0] and "frame.png" in msgs[0]
+    kept, _ = _within(60, lambda: data.save_gif(tmp_path / "samples", tmp_path / "a.gif"), fifos)
+    assert kept == 1                                         # a FIFO named like a frame is passed over, never opened
 
 
 _PS_MARK = "ghostscript-was-started"
@@ -643,36 +641,40 @@ def test_a_damaged_cache_is_a_cache_miss(tmp_path):
 # fingerprint of the data a run trained on
 # ---------------------------------------------------------------------------------------------
 
-def test_epoch_frames_in_epoch_order_ignoring_strays(tmp_path):
-    for e in ("1", "099", "100", "101", "999", "1000", "10000"):
-        _good(tmp_path / f"epoch_{e}.png")
-    strays = ("epoch_abc.png", "notes.txt", "epoch_5.png.tmp", "epoch_\u0663.png", ".epoch_2.png")
-    for stray in strays:
+def test_gif_frames_in_epoch_order_ignoring_strays(tmp_path):
+    epochs = ("1", "099", "100", "101", "999", "1000", "10000")
+    for i, e in enumerate(epochs):
+        _good(tmp_path / f"epoch_{e}.png", (30 * i, 0, 0), (20, 10))
+    for stray in ("epoch_abc.png", "notes.txt", "epoch_5.png.tmp", "epoch_\u0663.png", ".epoch_2.png"):
         (tmp_path / stray).write_text("x")
     (tmp_path / "epoch_7.png").mkdir()
-    names = [os.path.basename(p) for p in data.epoch_frames(tmp_path)]
-    assert names == [f"epoch_{e}.png" for e in ("1", "099", "100", "101", "999", "1000", "10000")]
-    assert data.epoch_frames(tmp_path / "missing") == []
+    assert data.save_gif(tmp_path, tmp_path / "a.gif") == len(epochs)
+    with Image.open(tmp_path / "a.gif") as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            assert im.convert("RGB").getpixel((0, 0))[0] == pytest.approx(30 * i, abs=8)
+    with pytest.raises(data.UsageError, match="no readable sample grids"):
+        data.save_gif(tmp_path / "missing", tmp_path / "b.gif")
 
 
-def test_save_gif_skips_bad_frames_and_keeps_durations(tmp_path):
-    frames = [_good(tmp_path / f"f{i}.png", (60 * i, 0, 0), (20, 10)) for i in range(3)]
-    (tmp_path / "corrupt.png").write_bytes(frames[0].read_bytes()[:40])
-    odd = tmp_path / "odd\nname\x1b.png"
-    odd.write_text("nope")
-    paths = [frames[0], tmp_path / "corrupt.png", frames[1], odd, frames[2]]
+def test_save_gif_skips_bad_frames_and_holds_the_last(tmp_path):
+    frames = [_good(tmp_path / f"epoch_{2 * i}.png", (60 * i, 0, 0), (20, 10)) for i in range(3)]
+    (tmp_path / "epoch_1.png").write_bytes(frames[0].read_bytes()[:40])     # cut short
+    (tmp_path / "epoch_3.png").write_text("nope")
     with pytest.warns(UserWarning, match="skipped 2 of 5") as rec:
-        data.save_gif(paths, tmp_path / "a.gif", duration_ms=[100, 999, 200, 999, 300])
-    assert "\n" not in str(rec[0].message)
+        assert data.save_gif(tmp_path, tmp_path / "a.gif", duration_ms=100, hold_last_ms=300) == 3
+    assert "\n" not in str(rec[0].message) and "epoch_1.png" in str(rec[0].message)
     with Image.open(tmp_path / "a.gif") as im:
         durations = []
         for i in range(im.n_frames):
             im.seek(i)
             durations.append(im.info["duration"])
             assert im.convert("RGB").getpixel((0, 0))[0] == pytest.approx(60 * i, abs=8)
-    assert durations == [100, 200, 300]
-    with pytest.raises(data.UsageError, match="no readable frames"), pytest.warns(UserWarning):
-        data.save_gif([odd], tmp_path / "b.gif")
+    assert durations == [100, 100, 300]
+    for f in frames:
+        f.unlink()
+    with pytest.raises(data.UsageError, match="no readable"), pytest.warns(UserWarning):
+        data.save_gif(tmp_path, tmp_path / "b.gif")
 
 
 def test_fingerprint_tracks_the_file_list(tmp_path):
