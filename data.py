@@ -38,10 +38,11 @@ def load_images(source, size, n_synthetic=10000, seed=0, cache_dir=None, verbose
             meta = {"n": len(x), "skipped": [], "factors": factors.tolist()}
         else:
             x, bad = _decode_files(kind, path, names, size)
+            bad = sorted(skipped + bad)                  # with the folders that could not be listed
             if not len(x):
                 raise UsageError(f"none of the {len(bad)} image files in {src} could be read "
                                  f"(first: {_show(bad[0][0])}: {_show(bad[0][1])[1:-1]})")
-            meta = {"n": len(x), "skipped": sorted(skipped + bad)}
+            meta = {"n": len(x), "skipped": bad}
         _write_cache(npy, x.numpy(), meta)
     _warn_skipped(meta["skipped"], len(x) + len(meta["skipped"]), src)
     if verbose:
@@ -292,8 +293,9 @@ def atomic(path, mode="w", append=False):
     try:
         with open(tmp, "a" if append else mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())    # on disk before the rename makes it the file
+            if not append:   # on disk before the rename makes it the file (a log line needs no fsync of its own)
+                f.flush()
+                os.fsync(f.fileno())
         if not append:
             os.replace(tmp, path)
     except BaseException as e:

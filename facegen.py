@@ -743,7 +743,8 @@ def control(nets, cfg, n=256, epochs=5, seed=0):
     and the share of n faces generated with y_k = v (others: random test labels) it reads as v; 'balanced': mean."""
     if not cfg.get("labels"):
         raise UsageError("control needs a conditional run (train.py --conditional)")
-    train_x, test_x, (train_y, test_y, info) = data.run_data(cfg)
+    train_x, test_x, train_y, test_y = run_split(cfg, "control")
+    info = cfg["labels"]
     clf = train_classifier(train_x, train_y, models.label_classes(info), epochs, seed)
     read, g = predict(clf, to_float(test_x)), torch.Generator().manual_seed(seed)
     share = lambda b: b.float().mean().item()  # noqa: E731  of True in a bool tensor

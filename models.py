@@ -464,9 +464,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise data.UsageError(f"no checkpoint at {path}{why}")
     damaged = f"cannot read the checkpoint {path}: damaged, truncated or not a PyTorch checkpoint"
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        if describe_file(path) == "it is a zip archive":
+        if (what := describe_file(path)) == "it is a zip archive":
             raise data.UsageError(f"{damaged} (its zip archive is incomplete)")
-        raise data.UsageError(f"{path} is not a PyTorch checkpoint: {describe_file(path)}")
+        raise data.UsageError(f"{path} is not a PyTorch checkpoint: {what}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # the weights-only unpickler met a global (code or a class)

@@ -564,8 +564,7 @@ def resolve(args):
                                   attr_file=cond, balance_labels=cond, attrs=("--attr-file", cfg["attr_file"]),
                                   kl_weight=("a variational model (ae has no KL term)", args.model != "ae")).items():
         if flag in given and not ok:
-            raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs}; this run has --model "
-                             f"{args.model} --optimizer {cfg['optimizer']} --recon {cfg['recon']}")
+            raise UsageError(f"--{flag.replace('_', '-')} only applies with {needs} (this run: --model {args.model})")
     return cfg
 
 def config_from(args):
@@ -573,12 +572,13 @@ def config_from(args):
     if not args.resume:
         if not args.model:
             raise UsageError("--model is required (or --resume a run)")
-        cfg, base = resolve(args), os.path.join("runs", args.model)
+        cfg = resolve(args)
         if not args.out:  # a fresh run never stops on an earlier run's default folder: runs/vae, runs/vae-2, ...
+            base = cfg["out"]   # runs/MODEL
             cfg["out"] = next(o for i in itertools.count(1) if not any(os.path.exists(os.path.join(
                 o := base + (f"-{i}" if i > 1 else ""), f)) for f in ("last.pt", "config.json")))
-        if cfg["out"] != base and not args.out:
-            print(f"note: {base} holds a run; this one trains into {cfg['out']}")
+            if cfg["out"] != base:
+                print(f"note: {base} holds a run; this one trains into {cfg['out']}")
         return cfg, None
     state = models.load_checkpoint(args.resume)
     saved = state["config"]

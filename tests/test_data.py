@@ -365,6 +365,19 @@ def _good(path, rgb=(200, 30, 60), size=(12, 10)):
     return path
 
 
+def test_a_folder_whose_only_subfolder_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "faces" / "locked").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(data.UsageError, match=r"none of the 1 image files .* could be read \(first: 'locked/': "):
+        data.load_images(tmp_path / "faces", SIZE)
+
+
 def test_only_regular_files_are_opened(tmp_path, monkeypatch):
     root = tmp_path / "faces"
     _good(root / "good.png")

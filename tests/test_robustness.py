@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import data
+import facegen
 import losses
 import models
 import train
@@ -681,6 +682,8 @@ def test_relative_data_paths_are_stored_absolute(tmp_path, monkeypatch):
 
 def test_gans_may_hold_out_nothing_and_autoencoders_may_not(tmp_path, capsys):
     assert run_train(tmp_path / "gan", "--model", "sngan", "--test-fraction", "0", "--conditional", "--max-steps", "1") == 0
+    assert facegen.main(["control", str(tmp_path / "gan"), "--n", "4", "--epochs", "1"]) == 2    # it holds no test faces
+    assert "control needs held-out test images" in the_error(capsys.readouterr().err)
     assert run_train(tmp_path / "ae", "--model", "ae", "--test-fraction", "0") == 2
     assert "needs held-out images (its test loss, best.pt, the reconstructions): --test-fraction 0.0 of 50" \
            in the_error(capsys.readouterr().err)
